@@ -1,0 +1,31 @@
+"""The contract between the two stages: what a feature cache holds and how to trust it.
+
+`precompute` writes through `CacheWriter`; `trainer` reads through `SplitReader`; both agree on
+`FeatureSpec` (what made a feature) and `CommitRecord` (proof that a shard is complete).
+"""
+
+from cache_schema.commit import CommitRecord, keys_digest
+from cache_schema.layout import SCHEMA_VERSION, CacheError, CacheLayout
+from cache_schema.reader import FeatureReader, SplitReader, list_splits
+from cache_schema.spec import ArraySpec, FeatureSpec, SpecMismatchError, config_hash
+from cache_schema.validate import ShardProblem, validate_cache
+from cache_schema.writer import CacheWriter, SplitPlan
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArraySpec",
+    "CacheError",
+    "CacheLayout",
+    "CacheWriter",
+    "CommitRecord",
+    "FeatureReader",
+    "FeatureSpec",
+    "ShardProblem",
+    "SpecMismatchError",
+    "SplitPlan",
+    "SplitReader",
+    "config_hash",
+    "keys_digest",
+    "list_splits",
+    "validate_cache",
+]

@@ -1,0 +1,85 @@
+"""Commit records: the only proof that a shard is done.
+
+A shard's arrays may exist half-written after a crash; only a record that matches the cache's
+spec and the shard's keys counts. It is written last, atomically, by the one writer of the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache_schema.layout import SCHEMA_VERSION, CacheError, read_json, write_json_atomic
+
+
+def keys_digest(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def content_checksum(arrays: dict[str, np.ndarray], valid: np.ndarray) -> str:
+    """sha256 over every array's bytes (in name order) and the validity mask."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(name.encode())
+        digest.update(str(array.dtype).encode())
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    digest.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class CommitRecord:
+    feature: str
+    shard: int
+    start: int
+    stop: int
+    num_samples: int
+    num_valid: int
+    keys_digest: str
+    checksum: str
+    expert: str
+    model_id: str
+    revision: str
+    preprocess_hash: str
+    dtypes: dict[str, str]
+    shapes: dict[str, list[int]]
+    code_version: str
+    seconds: float
+    samples_per_s: float
+    host: str
+    device: str
+    invalid: dict[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def write(self, path: Path) -> None:
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def read(cls, path: Path) -> CommitRecord:
+        data = read_json(path)
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise CacheError(f"{path}: not a commit record ({e})") from e
+
+    def mismatch(self, spec_dict: dict[str, Any], keys: list[str]) -> str | None:
+        """Why this record does not vouch for the shard as the cache now defines it, or None."""
+        if self.schema_version != SCHEMA_VERSION:
+            return f"schema version {self.schema_version} != {SCHEMA_VERSION}"
+        for name in ("expert", "model_id", "revision", "preprocess_hash"):
+            if getattr(self, name) != spec_dict[name]:
+                return f"{name} {getattr(self, name)!r} != spec {spec_dict[name]!r}"
+        expected = {a["name"]: a["dtype"] for a in spec_dict["arrays"]}
+        if self.dtypes != expected:
+            return f"dtypes {self.dtypes} != spec {expected}"
+        if self.num_samples != len(keys) or self.stop - self.start != len(keys):
+            return f"{self.num_samples} samples recorded, the plan has {len(keys)}"
+        if self.keys_digest != keys_digest(keys):
+            return "keys digest differs from the samples table"
+        return None

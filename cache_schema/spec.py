@@ -1,0 +1,93 @@
+"""Feature specs: the identity of a cached feature.
+
+Two runs may write into the same feature only if they would produce the same thing, so a spec
+names everything that changes the bytes: the expert, the model and its revision, a hash of the
+preprocessing, and the dtype and per-sample shape of every array the expert emits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class SpecMismatchError(Exception):
+    """A run's spec differs from the one a feature was created with."""
+
+
+def config_hash(config: Any) -> str:
+    """A short stable hash of a JSON-serialisable config (key order does not matter)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One output of an expert: `shape` is per sample (the cache adds the sample axis)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything that determines a feature's content.
+
+    `params` carries expert-specific facts a reader needs to check compatibility (e.g. which
+    encoder layers a [CLS] stack came from, the label resolution); it is part of the identity.
+    """
+
+    name: str
+    expert: str
+    model_id: str
+    revision: str
+    preprocess_hash: str
+    arrays: tuple[ArraySpec, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def array(self, name: str) -> ArraySpec:
+        for array in self.arrays:
+            if array.name == name:
+                return array
+        raise KeyError(f"feature {self.name!r} has no array {name!r} (has {[a.name for a in self.arrays]})")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["arrays"] = [{"name": a.name, "dtype": a.dtype, "shape": list(a.shape)} for a in self.arrays]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
+        arrays = tuple(ArraySpec(a["name"], a["dtype"], tuple(a["shape"])) for a in data["arrays"])
+        return cls(
+            name=data["name"],
+            expert=data["expert"],
+            model_id=data["model_id"],
+            revision=data["revision"],
+            preprocess_hash=data["preprocess_hash"],
+            arrays=arrays,
+            params=dict(data.get("params", {})),
+        )
+
+    def differences(self, other: FeatureSpec) -> list[str]:
+        """Human-readable list of what differs, `self` being the cached spec."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [
+            f"{key}: cache has {json.dumps(mine[key])}, this run has {json.dumps(theirs[key])}"
+            for key in mine
+            if mine[key] != theirs[key]
+        ]
+
+    def require_same(self, other: FeatureSpec) -> None:
+        diffs = self.differences(other)
+        if diffs:
+            raise SpecMismatchError(
+                f"feature {self.name!r} was made with a different spec; refusing to mix them "
+                f"(pass --overwrite to replace it):\n  " + "\n  ".join(diffs)
+            )

@@ -1,0 +1,232 @@
+"""Writing a cache: the shard plan, feature arrays, and one committed shard at a time.
+
+The driver calls `prepare_split` and `prepare_feature` once per run (cheap metadata); workers call
+`write_shard`, each for shards it alone owns. Because a precompute shard is exactly one Zarr
+storage shard of every array, two workers can never touch the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from cache_schema.commit import CommitRecord, content_checksum, keys_digest
+from cache_schema.layout import CacheError, CacheLayout, read_json, write_json_atomic
+from cache_schema.spec import FeatureSpec
+
+VALID_ARRAY = "valid"
+
+
+def code_version() -> str:
+    try:
+        return metadata.version("expertcache")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class SplitPlan:
+    """Which keys go in which shard: shard i holds keys[i*shard_size:(i+1)*shard_size], always."""
+
+    source: str
+    split: str
+    keys: list[str]
+    annotations: list[dict[str, Any]]
+    shard_size: int
+    source_info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"shard size must be >= 1, got {self.shard_size}")
+        if len(set(self.keys)) != len(self.keys):
+            raise CacheError(f"{self.source}/{self.split}: sample keys are not unique")
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_samples)
+
+    def shard_keys(self, shard: int) -> list[str]:
+        start, stop = self.shard_range(shard)
+        return self.keys[start:stop]
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "split": self.split,
+            "num_samples": self.num_samples,
+            "shard_size": self.shard_size,
+            "num_shards": self.num_shards,
+            "keys_digest": keys_digest(self.keys),
+            "source_info": self.source_info,
+        }
+
+
+class CacheWriter:
+    def __init__(self, root: str | Path):
+        self.layout = CacheLayout(root)
+
+    def prepare_split(self, plan: SplitPlan, overwrite: bool = False) -> None:
+        """Write the samples table, or check that the existing one is the same plan."""
+        split_dir = self.layout.split_dir(plan.source, plan.split)
+        header_path = split_dir / "split.json"
+        header = plan.header()
+        if header_path.exists():
+            existing = read_json(header_path)
+            same = all(existing.get(k) == header[k] for k in ("num_samples", "shard_size", "keys_digest"))
+            if same:
+                return
+            if not overwrite:
+                raise CacheError(
+                    f"{split_dir} holds a different shard plan ({existing.get('num_samples')} samples, "
+                    f"shard size {existing.get('shard_size')}) than this run ({plan.num_samples} samples, "
+                    f"shard size {plan.shard_size}); use the same --limit/--shard-size, another --cache, "
+                    f"or --overwrite to discard it"
+                )
+            shutil.rmtree(split_dir)
+            manifest = self.layout.read_manifest()
+            prefix = f"{plan.source}/{plan.split}/"
+            manifest["features"] = {k: v for k, v in manifest["features"].items() if not k.startswith(prefix)}
+            self.layout.write_manifest(manifest)
+        split_dir.mkdir(parents=True, exist_ok=True)
+        samples_path = split_dir / "samples.jsonl"
+        tmp = samples_path.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            for key, annotations in zip(plan.keys, plan.annotations):
+                f.write(json.dumps({"key": key, "annotations": annotations}, sort_keys=True) + "\n")
+        tmp.replace(samples_path)
+        write_json_atomic(header_path, header)
+        manifest = self.layout.read_manifest()
+        manifest["splits"][f"{plan.source}/{plan.split}"] = {
+            "num_samples": plan.num_samples,
+            "shard_size": plan.shard_size,
+        }
+        self.layout.write_manifest(manifest)
+
+    def prepare_feature(self, plan: SplitPlan, spec: FeatureSpec, overwrite: bool = False) -> None:
+        """Register the feature's spec and create its arrays; refuse a different spec."""
+        manifest = self.layout.read_manifest()
+        entry = f"{plan.source}/{plan.split}/{spec.name}"
+        existing = manifest["features"].get(entry)
+        feature_dir = self.layout.feature_dir(plan.source, plan.split, spec.name)
+        if existing is not None:
+            if not FeatureSpec.from_dict(existing).differences(spec):
+                return
+            if not overwrite:
+                FeatureSpec.from_dict(existing).require_same(spec)
+            split_dir = self.layout.split_dir(plan.source, plan.split)
+            for path in (feature_dir, split_dir / "_commits" / spec.name, split_dir / "_failures" / spec.name):
+                shutil.rmtree(path, ignore_errors=True)
+        group = zarr.open_group(str(feature_dir), mode="w")
+        n, s = plan.num_samples, plan.shard_size
+        for array in spec.arrays:
+            group.create_array(
+                array.name,
+                shape=(n, *array.shape),
+                dtype=array.dtype,
+                chunks=(1, *array.shape),
+                shards=(s, *array.shape),
+                compressors=ZstdCodec(level=3),
+                fill_value=0,
+            )
+        group.create_array(VALID_ARRAY, shape=(n,), dtype="uint8", chunks=(s,), fill_value=0)
+        manifest = self.layout.read_manifest()
+        manifest["features"][entry] = spec.to_dict()
+        self.layout.write_manifest(manifest)
+
+    def committed_shards(self, plan: SplitPlan, spec: FeatureSpec) -> set[int]:
+        """Shards whose commit record matches the spec and the plan's keys (cheap: no data read)."""
+        done = set()
+        spec_dict = spec.to_dict()
+        for shard in range(plan.num_shards):
+            path = self.layout.commit_path(plan.source, plan.split, spec.name, shard)
+            if not path.exists():
+                continue
+            try:
+                record = CommitRecord.read(path)
+            except CacheError:
+                continue
+            if record.mismatch(spec_dict, plan.shard_keys(shard)) is None:
+                done.add(shard)
+        return done
+
+    def write_shard(
+        self,
+        source: str,
+        split: str,
+        spec: FeatureSpec,
+        shard: int,
+        start: int,
+        keys: list[str],
+        arrays: dict[str, np.ndarray],
+        valid: np.ndarray,
+        invalid: dict[str, str],
+        seconds: float,
+        device: str,
+    ) -> CommitRecord:
+        """Write one shard's arrays, then its commit record. Invalid samples must be zero-filled.
+
+        Takes the shard's own keys rather than the plan so a worker is sent only its shard.
+        """
+        stop = start + len(keys)
+        if set(arrays) != {a.name for a in spec.arrays}:
+            raise CacheError(f"{spec.name}: expert produced arrays {sorted(arrays)}, spec says {[a.name for a in spec.arrays]}")
+        for array_spec in spec.arrays:
+            data = arrays[array_spec.name]
+            expected = (stop - start, *array_spec.shape)
+            if data.shape != expected or str(data.dtype) != array_spec.dtype:
+                raise CacheError(
+                    f"{spec.name}.{array_spec.name} shard {shard}: got {data.dtype}{list(data.shape)}, "
+                    f"spec says {array_spec.dtype}{list(expected)}"
+                )
+        group = zarr.open_group(str(self.layout.feature_dir(source, split, spec.name)), mode="r+")
+        for name, data in arrays.items():
+            group[name][start:stop] = data
+        group[VALID_ARRAY][start:stop] = valid.astype(np.uint8)
+        record = CommitRecord(
+            feature=spec.name,
+            shard=shard,
+            start=start,
+            stop=stop,
+            num_samples=stop - start,
+            num_valid=int(valid.sum()),
+            keys_digest=keys_digest(keys),
+            checksum=content_checksum(arrays, valid),
+            expert=spec.expert,
+            model_id=spec.model_id,
+            revision=spec.revision,
+            preprocess_hash=spec.preprocess_hash,
+            dtypes={a.name: a.dtype for a in spec.arrays},
+            shapes={a.name: list(a.shape) for a in spec.arrays},
+            code_version=code_version(),
+            seconds=round(seconds, 4),
+            samples_per_s=round((stop - start) / max(seconds, 1e-9), 3),
+            host=socket.gethostname(),
+            device=device,
+            invalid=invalid,
+        )
+        self.layout.failure_path(source, split, spec.name, shard).unlink(missing_ok=True)
+        record.write(self.layout.commit_path(source, split, spec.name, shard))
+        return record
+
+    def record_failure(self, plan: SplitPlan, feature: str, shard: int, error: str, attempts: int) -> None:
+        write_json_atomic(
+            self.layout.failure_path(plan.source, plan.split, feature, shard),
+            {"shard": shard, "error": error, "attempts": attempts, "host": socket.gethostname()},
+        )

@@ -1,0 +1,163 @@
+"""`precompute`: run frozen experts over a dataset into a feature cache, and inspect the cache.
+
+Exit codes: 0 success; 1 some shards failed (the rest are committed; run again to retry them);
+2 bad input (unknown expert/source, missing data root, malformed annotations, spec mismatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cache_schema import CacheError, CommitRecord, CacheLayout, SpecMismatchError, SplitReader, list_splits, validate_cache
+from precompute.engine import ExpertSummary, RunConfig, run
+from precompute.experts import EXPERTS, ExpertError
+from precompute.sources import SOURCES, SourceError
+
+USER_ERRORS = (SourceError, ExpertError, CacheError, SpecMismatchError)
+
+
+def parse_options(pairs: list[str], flag: str) -> dict[str, Any]:
+    """KEY=VALUE pairs; values parse as YAML scalars so `num=200` is an int."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SourceError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="precompute", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("run", help="run experts over a source split into the cache (resumes: only uncommitted shards run)")
+    p.add_argument("--expert", required=True, help="expert name(s), comma-separated; see `precompute experts`")
+    p.add_argument("--shards", required=True, metavar="SOURCE", help="source to read; see `precompute sources`")
+    p.add_argument("--data-root", help="dataset directory in the source's published layout (not needed for `shapes`)")
+    p.add_argument("--split", default="train", help="source split (default: train)")
+    p.add_argument("--cache", default="./cache", help="cache directory (default: ./cache)")
+    p.add_argument("--model", help="hub id, timm name or local directory (default: the expert's default)")
+    p.add_argument("--format", choices=["zarr"], default="zarr", help="cache format (default: zarr)")
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard = per Zarr storage shard (default: 256)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default: 32)")
+    p.add_argument("--limit", type=int, help="only the first N samples of the split")
+    p.add_argument("--address", help="Ray cluster to join: `auto` or HOST:PORT (default: start Ray locally on 127.0.0.1)")
+    p.add_argument("--workers", type=int, help="actors; default one per GPU, else one using all CPUs")
+    p.add_argument("--retries", type=int, default=2, help="extra attempts for a failed shard (default: 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace a feature (or shard plan) made with a different spec")
+    p.add_argument("--source-opt", action="append", default=[], metavar="KEY=VALUE", help="source option, e.g. num=500 (repeatable)")
+    p.add_argument("--expert-opt", action="append", default=[], metavar="KEY=VALUE", help="expert option, e.g. levels=6 (repeatable; applies to every --expert)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = commands.add_parser("status", help="what is done, pending and failed per split and feature; samples/s")
+    p.add_argument("--cache", default="./cache")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = commands.add_parser("validate", help="re-check every committed shard's checksum; exit 0 only if all check out")
+    p.add_argument("--cache", default="./cache")
+
+    commands.add_parser("experts", help="registered experts with their default models and options")
+    commands.add_parser("sources", help="registered sources with their splits and whether they need --data-root")
+    return parser
+
+
+def print_summary(summaries: list[ExpertSummary]) -> None:
+    print(f"\n{'expert':<14}{'shards':>8}{'skipped':>9}{'done':>6}{'failed':>8}{'samples':>9}{'invalid':>9}{'samples/s':>11}")
+    for s in summaries:
+        print(f"{s.expert:<14}{s.shards_total:>8}{s.shards_skipped:>9}{s.shards_done:>6}{len(s.shards_failed):>8}"
+              f"{s.samples:>9}{s.invalid:>9}{s.samples_per_s:>11.1f}")
+    for s in summaries:
+        if s.shards_failed:
+            print(f"{s.expert}: failed shards {s.shards_failed}; see _failures/ in the cache and run again to retry", file=sys.stderr)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    experts = [e.strip() for e in args.expert.split(",") if e.strip()]
+    expert_options = parse_options(args.expert_opt, "--expert-opt")
+    config = RunConfig(
+        experts=experts, source=args.shards, data_root=args.data_root, split=args.split, cache=args.cache,
+        model=args.model, shard_size=args.shard_size, batch_size=args.batch_size, limit=args.limit,
+        address=args.address, overwrite=args.overwrite, workers=args.workers, retries=args.retries,
+        source_options=parse_options(args.source_opt, "--source-opt"),
+        expert_options={name: expert_options for name in experts},
+    )
+    summaries = run(config, progress=not args.no_progress)
+    print_summary(summaries)
+    return 1 if any(s.shards_failed for s in summaries) else 0
+
+
+def cache_status(cache: str) -> list[dict[str, Any]]:
+    rows = []
+    for source, split in list_splits(cache):
+        reader = SplitReader(cache, source, split)
+        for feature in reader.feature_names:
+            committed = reader.feature(feature).committed_shards()
+            records = [CommitRecord.read(reader.layout.commit_path(source, split, feature, s)) for s in committed]
+            failed = sorted(int(p.stem) for p in (reader.dir / "_failures" / feature).glob("*.json"))
+            seconds = sum(r.seconds for r in records)
+            samples = sum(r.num_samples for r in records)
+            rows.append({
+                "split": f"{source}/{split}", "feature": feature, "shards": reader.num_shards,
+                "done": len(committed), "pending": reader.num_shards - len(committed), "failed": failed,
+                "samples": samples, "invalid": sum(r.num_samples - r.num_valid for r in records),
+                "samples_per_s": round(samples / seconds, 2) if seconds else 0.0,
+            })
+    return rows
+
+
+def command_status(args: argparse.Namespace) -> int:
+    rows = cache_status(args.cache)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'split':<20}{'feature':<14}{'shards':>7}{'done':>6}{'pending':>8}{'failed':>7}{'samples':>9}{'invalid':>8}{'samples/s':>10}")
+    for r in rows:
+        print(f"{r['split']:<20}{r['feature']:<14}{r['shards']:>7}{r['done']:>6}{r['pending']:>8}{len(r['failed']):>7}"
+              f"{r['samples']:>9}{r['invalid']:>8}{r['samples_per_s']:>10.1f}")
+    return 0
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    checked, problems = validate_cache(args.cache)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{checked} committed shards checked, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def command_experts(_: argparse.Namespace) -> int:
+    for name, cls in sorted(EXPERTS.items()):
+        options = ", ".join(f"{k}={v}" for k, v in cls.options.items()) or "none"
+        print(f"{name:<12} {cls.description}\n{'':<12} default model: {cls.default_model}; options: {options}")
+    return 0
+
+
+def command_sources(_: argparse.Namespace) -> int:
+    for name, cls in sorted(SOURCES.items()):
+        root = "needs --data-root" if cls.needs_data_root else "no data root"
+        print(f"{name:<10} {cls.description}\n{'':<10} splits: {', '.join(cls.splits)}; {root}")
+    return 0
+
+
+COMMANDS = {"run": command_run, "status": command_status, "validate": command_validate,
+            "experts": command_experts, "sources": command_sources}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"precompute {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The precompute engine: plan shards, run experts on a Ray actor pool, commit each shard.
+
+    Source.samples() ──► SplitPlan ──► pending shards (no valid commit record)
+                                          │  one task per (expert, shard)
+                                          ▼
+        ShardWorker actor (model resident): decode threads ─► preprocess ─► batched predict
+                                          │
+                                          ▼
+                     CacheWriter.write_shard: arrays, then the commit record (last)
+
+Every shard is written by exactly one actor, into exactly one Zarr storage shard, so no two
+writers ever share a file. A killed driver loses nothing committed: the same command plans again
+and only shards without a valid record run. A failed shard is retried on a fresh attempt; one
+that keeps failing is recorded under `_failures/` while the others finish.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from cache_schema import CacheWriter, FeatureSpec, SplitPlan
+from precompute.experts import ExpertError, get_expert
+from precompute.sources import MediaError, Sample, Source, get_source
+
+
+@dataclass
+class RunConfig:
+    experts: list[str]
+    source: str
+    data_root: str | None = None
+    split: str = "train"
+    cache: str = "./cache"
+    model: str | None = None
+    shard_size: int = 256
+    batch_size: int = 32
+    limit: int | None = None
+    address: str | None = None
+    overwrite: bool = False
+    workers: int | None = None
+    retries: int = 2
+    decode_threads: int = 2
+    source_options: dict[str, Any] = field(default_factory=dict)
+    expert_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExpertSummary:
+    expert: str
+    shards_total: int
+    shards_skipped: int = 0
+    shards_done: int = 0
+    shards_failed: list[int] = field(default_factory=list)
+    samples: int = 0
+    invalid: int = 0
+    seconds: float = 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+
+def plan_split(source: Source, source_name: str, shard_size: int, limit: int | None) -> tuple[SplitPlan, list[Sample]]:
+    samples = source.samples()
+    if limit is not None:
+        samples = samples[:limit]
+    plan = SplitPlan(
+        source=source_name,
+        split=source.split,
+        keys=[s.key for s in samples],
+        annotations=[s.annotations for s in samples],
+        shard_size=shard_size,
+        source_info=source.info(),
+    )
+    return plan, samples
+
+
+class ShardWorker:
+    """Keeps one expert loaded; turns one shard of samples into one committed cache shard.
+
+    Decoding and preprocessing run in a small thread pool that stays a bounded number of batches
+    ahead of the forward pass (PIL and torch release the GIL), so CPU decode overlaps compute.
+    """
+
+    def __init__(self, expert: str, model: str | None, expert_options: dict[str, Any], source_name: str,
+                 source: Source, cache: str, threads: int, decode_threads: int):
+        torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.expert = get_expert(expert, model=model, device=device, **expert_options)
+        self.expert.load()
+        self.source_name, self.source = source_name, source
+        self.writer = CacheWriter(cache)
+        self.decoder = ThreadPoolExecutor(max_workers=decode_threads)
+        self.device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{threads} threads"
+
+    def spec(self, feature: str) -> FeatureSpec:
+        return self.expert.spec(feature)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _decode(self, sample: Sample) -> torch.Tensor | str:
+        """The preprocessed tensor, or the reason this sample is a gap."""
+        try:
+            return self.expert.preprocess(self.source.load_image(sample))
+        except MediaError as e:
+            return str(e)
+        except Exception as e:  # a preprocessing crash on one odd input is that input's gap too
+            return f"preprocess failed: {type(e).__name__}: {e}"
+
+    def run_shard(self, spec: FeatureSpec, shard: int, start: int, samples: list[Sample], batch_size: int) -> dict[str, Any]:
+        began = time.perf_counter()
+        pending = deque(self.decoder.submit(self._decode, s) for s in samples[: 2 * batch_size])
+        next_submit = len(pending)
+        outputs: list[dict[str, np.ndarray]] = []
+        valid = np.zeros(len(samples), dtype=bool)
+        invalid: dict[str, str] = {}
+        index = 0
+        while index < len(samples):
+            batch_tensors, batch_positions = [], []
+            for position in range(index, min(index + batch_size, len(samples))):
+                result = pending.popleft().result()
+                if next_submit < len(samples):
+                    pending.append(self.decoder.submit(self._decode, samples[next_submit]))
+                    next_submit += 1
+                if isinstance(result, str):
+                    invalid[samples[position].key] = result
+                else:
+                    batch_tensors.append(result)
+                    batch_positions.append(position)
+            count = min(batch_size, len(samples) - index)
+            block = {a.name: np.zeros((count, *a.shape), dtype=a.dtype) for a in spec.arrays}
+            if batch_tensors:
+                predicted = self.expert.predict(torch.stack(batch_tensors))
+                rows = [p - index for p in batch_positions]
+                for name, values in predicted.items():
+                    block[name][rows] = values
+                valid[batch_positions] = True
+            outputs.append(block)
+            index += count
+        arrays = {a.name: np.concatenate([o[a.name] for o in outputs]) for a in spec.arrays}
+        record = self.writer.write_shard(
+            self.source_name, self.source.split, spec, shard, start, [s.key for s in samples],
+            arrays, valid, invalid, time.perf_counter() - began, self.device_name,
+        )
+        return {"shard": shard, "samples": record.num_samples, "invalid": len(invalid), "seconds": record.seconds}
+
+
+def init_ray(address: str | None) -> None:
+    """Join a cluster (`auto` or HOST:PORT), or start a private local one on loopback.
+
+    A local instance binds to 127.0.0.1 and runs no dashboard: an exposed Ray endpoint runs
+    arbitrary code for whoever reaches it.
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
+
+
+def worker_layout(workers: int | None) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor) from what the cluster offers.
+
+    One actor per GPU when there are GPUs. On CPU, `workers` actors split the CPUs evenly and
+    each uses its share as torch threads (Ray sets OMP_NUM_THREADS from num_cpus).
+    """
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    if gpus:
+        count = workers or gpus
+        return count, max(1.0, cpus // count), 1.0
+    count = workers or 1
+    return count, max(1, cpus // count), 0.0
+
+
+def run(config: RunConfig, progress: bool = True) -> list[ExpertSummary]:
+    """Run every requested expert over one source split. Raises on bad input before any work."""
+    source = get_source(config.source, config.data_root, config.split, **config.source_options)
+    for name in config.experts:
+        get_expert(name, model=config.model, **config.expert_options.get(name, {}))  # fail fast on options
+    plan, samples = plan_split(source, config.source, config.shard_size, config.limit)
+    writer = CacheWriter(config.cache)
+    writer.prepare_split(plan, overwrite=config.overwrite)
+    init_ray(config.address)
+    count, cpus, gpus = worker_layout(config.workers)
+    summaries = []
+    for name in config.experts:
+        summaries.append(_run_expert(name, config, source, plan, samples, writer, count, cpus, gpus, progress))
+    return summaries
+
+
+def _run_expert(name: str, config: RunConfig, source: Source, plan: SplitPlan, samples: list[Sample],
+                writer: CacheWriter, count: int, cpus: float, gpus: float, progress: bool) -> ExpertSummary:
+    worker_cls = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=0)
+    cache = str(Path(config.cache).absolute())
+    actors = [
+        worker_cls.remote(name, config.model, config.expert_options.get(name, {}), config.source, source,
+                          cache, int(cpus), config.decode_threads)
+        for _ in range(count)
+    ]
+    try:
+        spec = ray.get(actors[0].spec.remote(name))
+    except ray.exceptions.RayError as e:
+        for actor in actors:
+            ray.kill(actor)
+        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+        raise ExpertError(f"expert {name!r} could not load model {config.model or 'default'}: {cause}") from e
+    writer.prepare_feature(plan, spec, overwrite=config.overwrite)
+    done = writer.committed_shards(plan, spec)
+    pending = [s for s in range(plan.num_shards) if s not in done]
+    summary = ExpertSummary(name, plan.num_shards, shards_skipped=len(done))
+    attempts = {shard: 0 for shard in pending}
+    queue = deque(pending)
+    running: dict[ray.ObjectRef, tuple[int, Any]] = {}
+    idle = list(actors)
+    bar = tqdm(total=sum(len(plan.shard_keys(s)) for s in pending), unit="sample", desc=name,
+               disable=not progress, dynamic_ncols=True)
+    began = time.perf_counter()
+
+    def submit(actor: Any) -> None:
+        shard = queue.popleft()
+        start, stop = plan.shard_range(shard)
+        attempts[shard] += 1
+        running[actor.run_shard.remote(spec, shard, start, samples[start:stop], config.batch_size)] = (shard, actor)
+
+    while queue or running:
+        while queue and idle:
+            submit(idle.pop())
+        ready, _ = ray.wait(list(running), num_returns=1)
+        shard, actor = running.pop(ready[0])
+        idle.append(actor)
+        try:
+            result = ray.get(ready[0])
+        except Exception as e:
+            if attempts[shard] <= config.retries:
+                queue.append(shard)
+            else:
+                writer.record_failure(plan, spec.name, shard, f"{type(e).__name__}: {e}"[-2000:], attempts[shard])
+                summary.shards_failed.append(shard)
+                bar.write(f"{name}: shard {shard} failed after {attempts[shard]} attempts: {type(e).__name__}")
+            continue
+        summary.shards_done += 1
+        summary.samples += result["samples"]
+        summary.invalid += result["invalid"]
+        bar.update(result["samples"])
+    bar.close()
+    summary.seconds = time.perf_counter() - began
+    for actor in actors:
+        ray.kill(actor)
+    return summary
+

@@ -1,0 +1,80 @@
+"""The interface every frozen expert implements, and what they share.
+
+An expert is constructed cheaply (no weights) on the driver to validate options, then loaded
+once per Ray actor, which keeps it resident for every shard it processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cache_schema import FeatureSpec
+
+
+class ExpertError(Exception):
+    """Bad expert name, option or model reference."""
+
+
+def model_revision(model: str, revision: str | None = None) -> tuple[str, str]:
+    """(model id, revision) for provenance.
+
+    A local directory is identified by its absolute path and a digest of its weight files, so
+    retraining a stand-in model in place changes the revision and the cache notices.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        weights = sorted(p for p in path.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".h5", ".onnx"})
+        if not weights:
+            raise ExpertError(f"{path}: no weight files (*.safetensors, *.bin, *.pt, *.pth, *.h5, *.onnx)")
+        digest = hashlib.sha256()
+        for weight in weights:
+            with weight.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        return str(path.resolve()), "sha256:" + digest.hexdigest()[:16]
+    return model, revision or "main"
+
+
+class Expert(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    default_model: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise ExpertError(
+                f"expert {self.name!r} has no option(s) {sorted(unknown)}; it takes {sorted(self.options) or 'none'}"
+            )
+        self.model_ref = model or self.default_model
+        self.device = torch.device(device)
+        self.config = {**self.options, **{k: type(self.options[k])(v) for k, v in options.items()}}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Half precision on GPU (the frozen forward is the expensive part); float32 on CPU."""
+        return torch.float16 if self.device.type == "cuda" else torch.float32
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights (once per actor)."""
+
+    @abstractmethod
+    def spec(self, feature: str) -> FeatureSpec:
+        """The feature spec this loaded expert writes."""
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """CPU work for one decoded image; runs in decode threads, overlapping `predict`."""
+
+    @abstractmethod
+    def predict(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        """Batched frozen forward + postprocess to the spec's arrays (sample axis first)."""

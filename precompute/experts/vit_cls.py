@@ -1,0 +1,76 @@
+"""`vit-cls`: eP-ALM's image side, the [CLS] token of each of the last K blocks of a frozen ViT.
+
+eP-ALM feeds the [CLS] of encoder levels 7-12 of ViT-B into a frozen OPT. Each token is taken
+after the encoder's final LayerNorm (as the authors do), so every level lives in the same
+normalised space as the encoder's own output. Stored float16 as [N, K, D].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
+from cache_schema import ArraySpec, FeatureSpec, config_hash
+from precompute.experts.base import Expert, ExpertError, model_revision
+
+
+def load_timm_model(model: str) -> torch.nn.Module:
+    """A timm model by name (hub weights) or from a local directory written by `save_for_hf`."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ExpertError(f"{path}: not a timm model directory (no config.json; write it with timm.models.save_for_hf)")
+        return timm.create_model(f"local-dir:{path.resolve()}", pretrained=True)
+    if model.startswith(("/", ".", "~")):
+        raise ExpertError(f"{model}: no such model directory")
+    return timm.create_model(model, pretrained=True)
+
+
+class VitClsExpert(Expert):
+    name = "vit-cls"
+    description = "per-layer [CLS] of a frozen timm ViT after its final LayerNorm, float16 [N, K, D] (eP-ALM)"
+    default_model = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    options = {"levels": 6}
+
+    def load(self) -> None:
+        self.model = load_timm_model(self.model_ref).eval().to(self.device, self.dtype)
+        self.model.requires_grad_(False)
+        self.model_id, self.revision = model_revision(self.model_ref)
+        depth = len(self.model.blocks)
+        levels = self.config["levels"]
+        if not 1 <= levels <= depth:
+            raise ExpertError(f"vit-cls: levels={levels} but {self.model_ref} has {depth} blocks")
+        self.layers = list(range(depth - levels, depth))
+        self.data_config = resolve_data_config({}, model=self.model)
+        self.transform = create_transform(**self.data_config, is_training=False)
+
+    def spec(self, feature: str) -> FeatureSpec:
+        width = self.model.embed_dim
+        return FeatureSpec(
+            name=feature,
+            expert=self.name,
+            model_id=self.model_id,
+            revision=self.revision,
+            preprocess_hash=config_hash({"data_config": self.data_config}),
+            arrays=(ArraySpec("cls", "float16", (len(self.layers), width)),),
+            params={"layers": self.layers, "width": width, "num_blocks": len(self.model.blocks)},
+        )
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+    @torch.inference_mode()
+    def predict(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        model = self.model
+        hidden_states = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(batch.to(self.device, self.dtype)))))
+        cls_per_level = []
+        for index, block in enumerate(model.blocks):
+            hidden_states = block(hidden_states)
+            if index in self.layers:
+                cls_per_level.append(model.norm(hidden_states[:, 0]))
+        return {"cls": torch.stack(cls_per_level, dim=1).to(torch.float16).cpu().numpy()}

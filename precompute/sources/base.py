@@ -1,0 +1,135 @@
+"""What a source is: a dataset on disk, in its published layout, seen as a list of samples.
+
+A source does two cheap things and one expensive one. Planning (`samples()`) reads only the
+annotation files and returns `Sample`s: small, picklable records that the engine can shard and
+ship to Ray actors. Decoding (`load_image()`) happens later, inside the actor, one sample at a
+time, so that a broken image becomes a recorded gap (`MediaError`) rather than a failed run.
+A wrong data root, split or annotation file is a user error and fails planning (`SourceError`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from PIL import Image
+
+
+class SourceError(Exception):
+    """Bad data root / malformed annotation file / unknown split: message names the path."""
+
+
+class MediaError(Exception):
+    """One sample's media cannot be decoded; str(e) is the reason recorded in the cache."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A planned sample: cheap and picklable (sent to Ray actors), no decoded pixels."""
+
+    key: str  # unique within source+split, stable across runs
+    media: str  # absolute file path, or for `shapes` a string the world re-renders from ("train/17")
+    annotations: dict  # JSON-serialisable text side: captions / questions+answers / labels
+
+
+class Source(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    needs_data_root: ClassVar[bool]
+    splits: ClassVar[tuple[str, ...]]
+
+    def __init__(self, data_root: Path | str | None, split: str, **options: Any):
+        """Check the root and split up front, so a typo fails before any work is scheduled.
+
+        Subclasses take their options as keyword-only parameters and pass the rest here; whatever
+        reaches this point is an option nobody understood.
+        """
+        if options:
+            known = sorted(
+                p.name
+                for p in inspect.signature(type(self).__init__).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY
+            )
+            raise SourceError(
+                f"source '{self.name}' has no option(s) {', '.join(sorted(options))}; "
+                f"known options: {', '.join(known) or 'none'}"
+            )
+        if split not in self.splits:
+            raise SourceError(
+                f"source '{self.name}' has no split '{split}'; splits: {', '.join(self.splits)}"
+            )
+        self.split = split
+        if not self.needs_data_root:
+            if data_root is not None:
+                raise SourceError(
+                    f"source '{self.name}' makes its own data and takes no data root "
+                    f"(got {data_root})"
+                )
+            self.data_root: Path | None = None
+            return
+        if data_root is None:
+            raise SourceError(f"source '{self.name}' needs a data root (--data-root DIR)")
+        root = Path(data_root).expanduser().absolute()
+        if not root.is_dir():
+            raise SourceError(f"data root {root} does not exist or is not a directory")
+        self.data_root = root
+
+    @abstractmethod
+    def samples(self) -> list[Sample]:
+        """Every sample of the split, sorted by key, read from the annotation files only."""
+
+    @abstractmethod
+    def load_image(self, sample: Sample) -> Image.Image:
+        """The sample's image as RGB; raises MediaError(reason) when it cannot be decoded."""
+
+    def info(self) -> dict:
+        """What was read, for the cache's provenance record (JSON-serialisable)."""
+        return {
+            "source": self.name,
+            "split": self.split,
+            "data_root": None if self.data_root is None else str(self.data_root),
+        }
+
+
+def read_json(path: Path) -> Any:
+    """Parse an annotation file; a missing or malformed file is a SourceError naming it."""
+    if not path.is_file():
+        raise SourceError(f"annotation file {path} not found")
+    try:
+        with path.open("rb") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"annotation file {path} is not valid JSON: {e}") from e
+
+
+def require_list(document: Any, field: str, path: Path) -> list:
+    """`document[field]`, which the published format says is a list; anything else names the file."""
+    if not isinstance(document, dict) or not isinstance(document.get(field), list):
+        raise SourceError(f"annotation file {path} has no '{field}' list")
+    return document[field]
+
+
+@contextmanager
+def entries_of(path: Path) -> Iterator[None]:
+    """Turn a missing field or wrong type met while reading `path`'s entries into a SourceError."""
+    try:
+        yield
+    except KeyError as e:
+        raise SourceError(f"annotation file {path}: an entry has no field {e}") from e
+    except (TypeError, ValueError, AttributeError) as e:
+        raise SourceError(f"annotation file {path}: an entry is malformed: {e}") from e
+
+
+def sorted_by_key(samples: list[Sample], path: Path) -> list[Sample]:
+    """Samples in key order; a key listed twice in `path` would make two cache rows ambiguous."""
+    ordered = sorted(samples, key=lambda s: s.key)
+    for before, after in zip(ordered, ordered[1:]):
+        if before.key == after.key:
+            raise SourceError(f"annotation file {path} lists sample '{after.key}' twice")
+    return ordered

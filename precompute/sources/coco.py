@@ -1,0 +1,190 @@
+"""`coco`: MS-COCO images with their captions, in the layout cocodataset.org publishes.
+
+    DATA_ROOT/
+      annotations/captions_train2017.json    (or captions_train2014.json, ...)
+      annotations/captions_val2017.json
+      train2017/000000391895.jpg             (2014: train2014/COCO_train2014_000000391895.jpg)
+      val2017/...
+      dataset_coco.json                      optional: Karpathy's split file
+
+Official splits are `train` and `val`; the year is found on disk (2017 first, then 2014) unless
+`year=` says which. Captioning papers (Prismer, eP-ALM) instead report on Karpathy's split of the
+2014 images (113k train+restval / 5k val / 5k test). When `dataset_coco.json` is at DATA_ROOT or
+given as `karpathy=PATH`, the splits are Karpathy's `train`/`val`/`test`/`restval`, with the raw
+text of its sentences as captions; `karpathy=False` ignores a file found at DATA_ROOT. Karpathy's
+file names the 2014 folders; when only the 2017 folders are on disk the same images are found
+there (2017 train+val is exactly 2014 train+val, renamed and regrouped).
+
+Key: the COCO image id, zero-padded to 12 digits as in the 2017 file names ("000000391895").
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import ClassVar
+
+from PIL import Image
+
+from precompute.decode import decode_image
+from precompute.sources.base import (
+    Sample,
+    Source,
+    SourceError,
+    entries_of,
+    read_json,
+    require_list,
+    sorted_by_key,
+)
+
+YEARS = ("2017", "2014")
+OFFICIAL_SPLITS = ("train", "val")
+
+
+class CocoSource(Source):
+    name: ClassVar[str] = "coco"
+    description: ClassVar[str] = (
+        "MS-COCO captions: DATA_ROOT/annotations/captions_{split}{year}.json + DATA_ROOT/{split}{year}/; "
+        "Karpathy splits (train/val/test/restval) when DATA_ROOT/dataset_coco.json or karpathy=PATH"
+    )
+    needs_data_root: ClassVar[bool] = True
+    splits: ClassVar[tuple[str, ...]] = ("train", "val", "test", "restval")
+
+    def __init__(
+        self,
+        data_root: Path | str | None,
+        split: str,
+        *,
+        year: int | str | None = None,
+        karpathy: Path | str | bool | None = None,
+        **options,
+    ):
+        super().__init__(data_root, split, **options)
+        if year is not None and str(year) not in YEARS:
+            raise SourceError(f"coco: year must be one of {', '.join(YEARS)}, got {year!r}")
+        self.karpathy_file = self._find_karpathy_file(karpathy)
+        if self.karpathy_file is None:
+            if split not in OFFICIAL_SPLITS:
+                raise SourceError(
+                    f"coco: split '{split}' exists only in Karpathy's split file; put "
+                    f"dataset_coco.json in {self.data_root} or pass karpathy=PATH"
+                )
+            self.year = self._find_official_year(year)
+            self.annotation_file = self.data_root / "annotations" / f"captions_{split}{self.year}.json"
+            self.image_dir = self._require_dir(self.data_root / f"{split}{self.year}")
+        else:
+            self.year = str(year) if year is not None else self._find_karpathy_year()
+            self.annotation_file = self.karpathy_file
+
+    def _find_karpathy_file(self, karpathy: Path | str | bool | None) -> Path | None:
+        if karpathy is False:
+            return None
+        if karpathy is None or karpathy is True:
+            candidate = self.data_root / "dataset_coco.json"
+            if candidate.is_file():
+                return candidate
+            if karpathy is True:
+                raise SourceError(f"coco: Karpathy split file {candidate} not found")
+            return None
+        path = Path(karpathy).expanduser().absolute()
+        if not path.is_file():
+            raise SourceError(f"coco: Karpathy split file {path} not found")
+        return path
+
+    def _find_official_year(self, year: int | str | None) -> str:
+        candidates = YEARS if year is None else (str(year),)
+        tried = []
+        for candidate in candidates:
+            path = self.data_root / "annotations" / f"captions_{self.split}{candidate}.json"
+            if path.is_file():
+                return candidate
+            tried.append(str(path))
+        raise SourceError(f"coco: no caption file for split '{self.split}'; looked for {', '.join(tried)}")
+
+    def _find_karpathy_year(self) -> str:
+        for candidate in ("2014", "2017"):
+            if any((self.data_root / f"{s}{candidate}").is_dir() for s in OFFICIAL_SPLITS):
+                return candidate
+        raise SourceError(
+            f"coco: no image folder in {self.data_root}; expected train2014/ and val2014/ "
+            "(or train2017/ and val2017/)"
+        )
+
+    def _require_dir(self, path: Path) -> Path:
+        if not path.is_dir():
+            raise SourceError(f"coco: image folder {path} not found")
+        return path
+
+    def samples(self) -> list[Sample]:
+        if self.karpathy_file is None:
+            return self._official_samples()
+        return self._karpathy_samples()
+
+    def _official_samples(self) -> list[Sample]:
+        path = self.annotation_file
+        document = read_json(path)
+        images = require_list(document, "images", path)
+        annotations = require_list(document, "annotations", path)
+        captions: dict[int, list[str]] = defaultdict(list)
+        samples = []
+        with entries_of(path):
+            for annotation in sorted(annotations, key=lambda a: a["id"]):
+                captions[annotation["image_id"]].append(annotation["caption"].strip())
+            for image in images:
+                image_id = int(image["id"])
+                samples.append(
+                    Sample(
+                        key=f"{image_id:012d}",
+                        media=str(self.image_dir / image["file_name"]),
+                        annotations={"captions": captions.get(image_id, []), "image_id": image_id},
+                    )
+                )
+        return sorted_by_key(samples, path)
+
+    def _karpathy_samples(self) -> list[Sample]:
+        path = self.karpathy_file
+        images = require_list(read_json(path), "images", path)
+        image_path = self._karpathy_image_locator()
+        samples = []
+        with entries_of(path):
+            for image in images:
+                if image["split"] != self.split:
+                    continue
+                image_id = int(image["cocoid"])
+                samples.append(
+                    Sample(
+                        key=f"{image_id:012d}",
+                        media=str(image_path(image)),
+                        annotations={
+                            "captions": [s["raw"].strip() for s in image["sentences"]],
+                            "image_id": image_id,
+                        },
+                    )
+                )
+        return sorted_by_key(samples, path)
+
+    def _karpathy_image_locator(self):
+        """Where an entry of Karpathy's file lives on this disk (its own 2014 path, or 2017's)."""
+        if self.year == "2014":
+            return lambda image: self.data_root / image["filepath"] / image["filename"]
+        train_dir = self._require_dir(self.data_root / "train2017")
+        val_dir = self._require_dir(self.data_root / "val2017")
+        in_val = set(os.listdir(val_dir))
+
+        def locate(image: dict) -> Path:
+            file_name = f"{int(image['cocoid']):012d}.jpg"
+            return (val_dir if file_name in in_val else train_dir) / file_name
+
+        return locate
+
+    def load_image(self, sample: Sample) -> Image.Image:
+        return decode_image(Path(sample.media))
+
+    def info(self) -> dict:
+        return {
+            **super().info(),
+            "annotation_file": str(self.annotation_file),
+            "karpathy": self.karpathy_file is not None,
+            "year": self.year,
+        }

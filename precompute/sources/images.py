@@ -1,0 +1,68 @@
+"""`images`: every image under a folder, recursively, with no annotations.
+
+For feature extraction over an arbitrary collection (web crawl, a dataset whose annotations
+live elsewhere). Prismer's label scripts globbed `*.jpg`/`*.JPEG` one folder deep and silently
+skipped `.png`/`.jpeg`; here every `.jpg .jpeg .png .webp` at any depth counts, in any letter case.
+
+The key is the path relative to the data root, without its extension, in posix form
+(`birds/0001.JPG` -> `birds/0001`), so keys match across machines and operating systems. Two
+files differing only in extension would share a key; that is refused rather than guessed.
+Hidden entries (names starting with '.') are skipped: they are macOS resource forks (`._x.jpg`),
+thumbnail caches and version-control folders, never dataset images.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from PIL import Image
+
+from precompute.decode import decode_image
+from precompute.sources.base import Sample, Source, SourceError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class ImagesSource(Source):
+    name: ClassVar[str] = "images"
+    description: ClassVar[str] = "every .jpg/.jpeg/.png/.webp under DATA_ROOT, recursively; no annotations"
+    needs_data_root: ClassVar[bool] = True
+    splits: ClassVar[tuple[str, ...]] = ("all",)
+
+    def samples(self) -> list[Sample]:
+        path_by_key: dict[str, Path] = {}
+        for path in find_images(self.data_root):
+            key = path.relative_to(self.data_root).with_suffix("").as_posix()
+            if key in path_by_key:
+                raise SourceError(
+                    f"{path_by_key[key]} and {path} would share the sample key '{key}'; "
+                    "rename one of them"
+                )
+            path_by_key[key] = path
+        if not path_by_key:
+            raise SourceError(f"no {'/'.join(IMAGE_EXTENSIONS)} files under {self.data_root}")
+        return [Sample(key, str(path_by_key[key]), {}) for key in sorted(path_by_key)]
+
+    def load_image(self, sample: Sample) -> Image.Image:
+        return decode_image(Path(sample.media))
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under `root`, following symlinked folders but never around a loop."""
+    found = []
+    visited = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders.clear()
+            continue
+        visited.add(real)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        found.extend(
+            Path(folder) / f
+            for f in files
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    return found

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny real models saved to disk and loaded back by path, a local Ray."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def save_tiny_vit(path: Path, depth: int = 6, embed_dim: int = 32, img_size: int = 32, seed: int = 0) -> Path:
+    """A real timm VisionTransformer at toy size, written as `timm.models.save_for_hf` writes it."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    model = timm.models.VisionTransformer(img_size=img_size, patch_size=8, embed_dim=embed_dim, depth=depth,
+                                          num_heads=2, num_classes=4)
+    model.pretrained_cfg = {
+        "input_size": (3, img_size, img_size), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+        "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", "num_classes": 4,
+        "architecture": "vit_tiny_patch16_224",
+    }
+    timm.models.save_for_hf(model, str(path), safe_serialization=True,
+                            model_args={"img_size": img_size, "patch_size": 8, "embed_dim": embed_dim,
+                                        "depth": depth, "num_heads": 2})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_vit(tmp_path_factory.mktemp("models") / "tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test session (starting Ray costs seconds)."""
+    import ray
+
+    from precompute.engine import init_ray
+
+    init_ray(None)
+    yield ray
+    ray.shutdown()
+
+
+def write_images(root: Path, count: int, size: int = 40, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = root / f"img{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths

@@ -83,3 +83,16 @@ class CommitRecord:
         if self.keys_digest != keys_digest(keys):
             return "keys digest differs from the samples table"
         return None
+
+
+def vouching_record(path: Path, spec_dict: dict[str, Any], keys: list[str]) -> CommitRecord | None:
+    """The record at `path` if it vouches for a shard with these keys under this spec, else None.
+
+    Anything unreadable (missing, torn, a directory in its place, another schema) is "not done":
+    the shard is simply run again.
+    """
+    try:
+        record = CommitRecord.read(path)
+    except (CacheError, OSError):
+        return None
+    return record if record.mismatch(spec_dict, keys) is None else None

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache_schema.commit import CommitRecord
+from cache_schema.commit import vouching_record
 from cache_schema.layout import CacheError, CacheLayout, read_json
 from cache_schema.spec import FeatureSpec
 from cache_schema.writer import VALID_ARRAY
@@ -106,13 +106,12 @@ class FeatureReader:
         return self._group
 
     def committed_shards(self) -> list[int]:
-        spec_dict = self.spec.to_dict()
-        done = []
-        for shard in range(self.split.num_shards):
-            path = self.split.layout.commit_path(self.split.source, self.split.split, self.spec.name, shard)
-            if path.exists() and CommitRecord.read(path).mismatch(spec_dict, self.split.shard_keys(shard)) is None:
-                done.append(shard)
-        return done
+        split, spec_dict = self.split, self.spec.to_dict()
+        return [
+            shard
+            for shard in range(split.num_shards)
+            if vouching_record(split.layout.commit_path(split.source, split.split, self.spec.name, shard), spec_dict, split.shard_keys(shard))
+        ]
 
     @cached_property
     def usable(self) -> np.ndarray:

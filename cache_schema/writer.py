@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from cache_schema.commit import CommitRecord, content_checksum, keys_digest
+from cache_schema.commit import CommitRecord, content_checksum, keys_digest, vouching_record
 from cache_schema.layout import CacheError, CacheLayout, read_json, write_json_atomic
 from cache_schema.spec import FeatureSpec
 
@@ -152,19 +152,12 @@ class CacheWriter:
 
     def committed_shards(self, plan: SplitPlan, spec: FeatureSpec) -> set[int]:
         """Shards whose commit record matches the spec and the plan's keys (cheap: no data read)."""
-        done = set()
         spec_dict = spec.to_dict()
-        for shard in range(plan.num_shards):
-            path = self.layout.commit_path(plan.source, plan.split, spec.name, shard)
-            if not path.exists():
-                continue
-            try:
-                record = CommitRecord.read(path)
-            except CacheError:
-                continue
-            if record.mismatch(spec_dict, plan.shard_keys(shard)) is None:
-                done.add(shard)
-        return done
+        return {
+            shard
+            for shard in range(plan.num_shards)
+            if vouching_record(self.layout.commit_path(plan.source, plan.split, spec.name, shard), spec_dict, plan.shard_keys(shard))
+        }
 
     def write_shard(
         self,

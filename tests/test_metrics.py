@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trainer.eval.caption import _ptb_like_tokenize, caption_metrics, java_available
 from trainer.eval.classification import accuracy, f1_scores
@@ -48,7 +45,7 @@ def test_one_match_in_ten_scores_three_tenths() -> None:
 
 
 def test_number_word_prediction_matching_three_of_ten() -> None:
-    # 3 annotators said "2": leaving one of them out leaves 2 matches (2/3), the other 7 leave 3 (1).
+    # 3 annotators said "2": leaving one of them out leaves 2 matches (2/3); the other 7 leave 3.
     assert vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
 
 
@@ -61,7 +58,8 @@ def test_full_credit_needs_four_matches_out_of_ten() -> None:
 
 def test_fewer_than_ten_answers_leave_one_out_over_what_there_is() -> None:
     # 5 answers, 2 match: leaving a match out leaves 1 (1/3), leaving another out leaves 2 (2/3).
-    assert vqa_accuracy("yes", ["yes", "yes", "no", "no", "no"]) == pytest.approx((2 / 3 + 3 * 2 / 3) / 5)
+    answers = ["yes", "yes", "no", "no", "no"]
+    assert vqa_accuracy("yes", answers) == pytest.approx((2 * 1 / 3 + 3 * 2 / 3) / 5)
     with pytest.raises(ValueError, match="at least 2"):
         vqa_accuracy("yes", ["yes"])
 
@@ -101,9 +99,9 @@ def test_exact_match_normalizes_both_sides() -> None:
 # --- captions ----------------------------------------------------------------------------------
 
 REFERENCES = {
-    "1": ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave in the ocean."],
+    "1": ["A man riding a wave on top of a surfboard.", "A surfer rides a big wave."],
     "2": ["A plate of food with broccoli and rice.", "Rice and vegetables on a white plate."],
-    "3": ["Two dogs playing with a frisbee in the park.", "A pair of dogs chase a frisbee on the grass."],
+    "3": ["Two dogs playing with a frisbee in the park.", "Dogs chase a frisbee on the grass."],
 }
 PERFECT = {key: captions[0] for key, captions in REFERENCES.items()}
 WRONG = {"1": "A cat sitting on a couch.", "2": "A plate of rice.", "3": "Dogs in a park."}
@@ -132,7 +130,9 @@ def test_wrong_captions_score_lower() -> None:
 @needs_java
 def test_concurrent_runs_do_not_share_tokenizer_files() -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = list(pool.map(lambda p: caption_metrics(p, REFERENCES, meteor=False), [PERFECT, WRONG] * 2))
+        runs = list(
+            pool.map(lambda p: caption_metrics(p, REFERENCES, meteor=False), [PERFECT, WRONG] * 2)
+        )
     assert runs[0] == runs[2] and runs[1] == runs[3]
     assert runs[0] != runs[1]
 
@@ -151,7 +151,8 @@ def test_python_tokenizer_agrees_with_ptb_tokenizer() -> None:
         "Mr. Smith's 1,000 dollar bill, a 10-year-old boy, e.g. this.",
     ]
     official = PTBTokenizer().tokenize({str(i): [{"caption": c}] for i, c in enumerate(captions)})
-    assert [_ptb_like_tokenize(c) for c in captions] == [official[str(i)][0] for i in range(len(captions))]
+    for i, caption in enumerate(captions):
+        assert _ptb_like_tokenize(caption) == official[str(i)][0]
 
 
 def test_without_java_meteor_is_skipped_and_python_tokenizer_used(monkeypatch, tmp_path) -> None:
@@ -195,7 +196,9 @@ def test_f1_macro_and_micro_by_hand() -> None:
     scores = f1_scores(probabilities, targets)
     assert scores["f1_macro"] == pytest.approx(100 * (0.5 + 1.0 + 0.0) / 3)
     assert scores["f1_micro"] == pytest.approx(75.0)
-    assert f1_scores(probabilities, targets, threshold=0.45)["f1_micro"] == pytest.approx(100 * 6 / 9)
+    lower_threshold = f1_scores(probabilities, targets, threshold=0.45)
+    # At 0.45 the 0.5 on label 2 becomes a false positive: micro 6 / (6 + 2 + 1).
+    assert lower_threshold["f1_micro"] == pytest.approx(100 * 6 / 9)
 
 
 def test_f1_rejects_bad_targets() -> None:

@@ -34,7 +34,7 @@ class Sample:
     """A planned sample: cheap and picklable (sent to Ray actors), no decoded pixels."""
 
     key: str  # unique within source+split, stable across runs
-    media: str  # absolute file path, or for `shapes` a string the world re-renders from ("train/17")
+    media: str  # absolute file path; for `shapes` what the world re-renders from ("train/17")
     annotations: dict  # JSON-serialisable text side: captions / questions+answers / labels
 
 
@@ -109,7 +109,7 @@ def read_json(path: Path) -> Any:
 
 
 def require_list(document: Any, field: str, path: Path) -> list:
-    """`document[field]`, which the published format says is a list; anything else names the file."""
+    """`document[field]`, a list in the published format; anything else names the file."""
     if not isinstance(document, dict) or not isinstance(document.get(field), list):
         raise SourceError(f"annotation file {path} has no '{field}' list")
     return document[field]

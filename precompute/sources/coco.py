@@ -27,7 +27,7 @@ from typing import ClassVar
 
 from PIL import Image
 
-from precompute.decode import decode_image
+from precompute import decode
 from precompute.sources.base import (
     Sample,
     Source,
@@ -45,8 +45,9 @@ OFFICIAL_SPLITS = ("train", "val")
 class CocoSource(Source):
     name: ClassVar[str] = "coco"
     description: ClassVar[str] = (
-        "MS-COCO captions: DATA_ROOT/annotations/captions_{split}{year}.json + DATA_ROOT/{split}{year}/; "
-        "Karpathy splits (train/val/test/restval) when DATA_ROOT/dataset_coco.json or karpathy=PATH"
+        "MS-COCO captions: DATA_ROOT/annotations/captions_{split}{year}.json + "
+        "DATA_ROOT/{split}{year}/; Karpathy splits (train/val/test/restval) with "
+        "DATA_ROOT/dataset_coco.json or karpathy=PATH"
     )
     needs_data_root: ClassVar[bool] = True
     splits: ClassVar[tuple[str, ...]] = ("train", "val", "test", "restval")
@@ -71,7 +72,9 @@ class CocoSource(Source):
                     f"dataset_coco.json in {self.data_root} or pass karpathy=PATH"
                 )
             self.year = self._find_official_year(year)
-            self.annotation_file = self.data_root / "annotations" / f"captions_{split}{self.year}.json"
+            self.annotation_file = (
+                self.data_root / "annotations" / f"captions_{split}{self.year}.json"
+            )
             self.image_dir = self._require_dir(self.data_root / f"{split}{self.year}")
         else:
             self.year = str(year) if year is not None else self._find_karpathy_year()
@@ -100,7 +103,9 @@ class CocoSource(Source):
             if path.is_file():
                 return candidate
             tried.append(str(path))
-        raise SourceError(f"coco: no caption file for split '{self.split}'; looked for {', '.join(tried)}")
+        raise SourceError(
+            f"coco: no caption file for split '{self.split}'; looked for {', '.join(tried)}"
+        )
 
     def _find_karpathy_year(self) -> str:
         for candidate in ("2014", "2017"):
@@ -179,7 +184,7 @@ class CocoSource(Source):
         return locate
 
     def load_image(self, sample: Sample) -> Image.Image:
-        return decode_image(Path(sample.media))
+        return decode.decode_image(Path(sample.media))
 
     def info(self) -> dict:
         return {

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from PIL import Image
 
-from precompute.decode import decode_image
+from precompute import decode
 from precompute.sources.base import Sample, Source, SourceError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -27,7 +27,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 class ImagesSource(Source):
     name: ClassVar[str] = "images"
-    description: ClassVar[str] = "every .jpg/.jpeg/.png/.webp under DATA_ROOT, recursively; no annotations"
+    description: ClassVar[str] = (
+        "every .jpg/.jpeg/.png/.webp under DATA_ROOT, recursively; no annotations"
+    )
     needs_data_root: ClassVar[bool] = True
     splits: ClassVar[tuple[str, ...]] = ("all",)
 
@@ -46,7 +48,7 @@ class ImagesSource(Source):
         return [Sample(key, str(path_by_key[key]), {}) for key in sorted(path_by_key)]
 
     def load_image(self, sample: Sample) -> Image.Image:
-        return decode_image(Path(sample.media))
+        return decode.decode_image(Path(sample.media))
 
 
 def find_images(root: Path) -> list[Path]:

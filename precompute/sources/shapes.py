@@ -42,13 +42,13 @@ PAINT = {
 BACKGROUND_GREY = 232
 BACKGROUND_NOISE = 6  # +- grey levels per pixel: images are not byte-identical flat canvases
 
+MAX_OBJECTS = 3
 MIN_SIZE, MAX_SIZE = 0.22, 0.34  # object width as a fraction of the image (14-22 px at 64 px)
 MIDLINE_CLEARANCE = 0.06  # |x - 0.5| at least this: each object is clearly left or right
 MIN_HORIZONTAL_GAP = 0.1  # between centres: "left of" is clear for every pair
-MAX_OVERLAP = 0.1  # centres at least (1 - this) x the sum of the radii apart
 PLACEMENT_TRIES = 100
 
-COUNT_WORDS = ("zero", "one", "two", "three")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 SIDES = ("left", "right")
 YES_NO = ("yes", "no")
 QUESTIONS_PER_SCENE = 5
@@ -56,8 +56,8 @@ ANSWERS_PER_QUESTION = 10  # VQA accuracy compares against ten human answers
 
 # Every fixed word of the captions and questions below; `vocabulary()` adds the slot fillers.
 TEMPLATE_WORDS = (
-    "a and on the gray background from to of side image single is which there are "
-    "what color shape how many object where leftmost rightmost"
+    "a an and on the gray background from to of side image single is which there are "
+    "what color shape shapes how many object where leftmost rightmost"
 )
 
 
@@ -91,7 +91,7 @@ class ShapesWorld:
         if index < 0:
             raise ValueError(f"scene index must be >= 0, got {index}")
         rng = self._rng(split, index, "scene")
-        count = int(rng.integers(1, 4))
+        count = int(rng.integers(1, MAX_OBJECTS + 1))
         colors = [COLORS[i] for i in rng.choice(len(COLORS), size=count, replace=False)]
         shapes = [SHAPES[i] for i in rng.integers(0, len(SHAPES), size=count)]
         while True:  # a layout that cannot fit its last object starts over, still from `rng`
@@ -140,14 +140,12 @@ class ShapesWorld:
         by_x = sorted(objects, key=lambda o: o.x)
         count = len(objects)
         shapes_word = "shape" if count == 1 else "shapes"
-        first = (
-            f"{enumerate_phrases([noun_phrase(o) for o in objects])} on a gray background"
-        )
+        first = f"{enumerate_phrases([noun_phrase(o) for o in objects])} on a gray background"
         sides = f"{COUNT_WORDS[count]} {shapes_word}, " + enumerate_phrases(
             [f"{noun_phrase(o)} on the {side(o)}" for o in by_x]
         )
         if count == 1:
-            order = f"a single {objects[0].color} {objects[0].shape}"
+            order = f"a single {name(objects[0])}"
             relation = f"the {name(objects[0])} is on the {side(objects[0])} side of the image"
         else:
             order = f"from left to right, {enumerate_phrases([noun_phrase(o) for o in by_x])}"
@@ -159,7 +157,7 @@ class ShapesWorld:
             for shape in SHAPES
             if (n := sum(o.shape == shape for o in objects))
         ]
-        verb = "is" if count == 1 else "are"
+        verb = "is" if shape_counts[0].startswith("one ") else "are"  # agrees with what follows
         tally = f"there {verb} {enumerate_phrases(shape_counts)}"
         return [first, sides, order, relation, tally]
 
@@ -190,7 +188,7 @@ class ShapesWorld:
             absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
             color, shape = absent[int(rng.integers(len(absent)))]
             answer = "no"
-        return f"is there a {color} {shape}?", answer, "yes/no"
+        return f"is there {article(color)} {color} {shape}?", answer, "yes/no"
 
     @staticmethod
     def _color_question(objects, rng) -> tuple[str, str, str]:
@@ -241,8 +239,8 @@ class ShapesWorld:
     def vocabulary(self) -> list[str]:
         """Every word the captions, questions and answers can contain, sorted."""
         words = set(TEMPLATE_WORDS.split())
-        words.update(COLORS, SHAPES, (s + "s" for s in SHAPES), COUNT_WORDS, SIDES, YES_NO)
-        words.update(str(n) for n in range(1, 4))
+        words.update(COLORS, SHAPES, (s + "s" for s in SHAPES), COUNT_WORDS.values(), SIDES, YES_NO)
+        words.update(str(n) for n in COUNT_WORDS)
         return sorted(words)
 
 
@@ -253,8 +251,10 @@ def fits(candidate: ShapeObject, placed: list[ShapeObject]) -> bool:
     for other in placed:
         if abs(candidate.x - other.x) < MIN_HORIZONTAL_GAP:
             return False
+        # Circles of 0.6 x size around each centre stay disjoint; a square's corners reach 0.71,
+        # so at most the tips of two shapes meet.
         distance = np.hypot(candidate.x - other.x, candidate.y - other.y)
-        if distance < (1 - MAX_OVERLAP) * (candidate.size + other.size) / 2:
+        if distance < 0.6 * (candidate.size + other.size):
             return False
     return True
 
@@ -268,7 +268,11 @@ def name(obj: ShapeObject) -> str:
 
 
 def noun_phrase(obj: ShapeObject) -> str:
-    return f"a {name(obj)}"
+    return f"{article(obj.color)} {name(obj)}"
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def enumerate_phrases(phrases: list[str]) -> str:

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from PIL import Image
 
-from precompute.decode import decode_image
+from precompute import decode
 from precompute.sources.base import (
     Sample,
     Source,
@@ -49,7 +49,8 @@ class Vqav2Source(Source):
     name: ClassVar[str] = "vqav2"
     description: ClassVar[str] = (
         "VQA v2: DATA_ROOT/v2_OpenEnded_mscoco_{split}2014_questions.json + "
-        "v2_mscoco_{split}2014_annotations.json over DATA_ROOT/{split}2014/ COCO images; one sample per image"
+        "v2_mscoco_{split}2014_annotations.json over DATA_ROOT/{split}2014/ COCO images; "
+        "one sample per image"
     )
     needs_data_root: ClassVar[bool] = True
     splits: ClassVar[tuple[str, ...]] = tuple(SPLIT_FILES)
@@ -124,12 +125,14 @@ class Vqav2Source(Source):
             }
 
     def load_image(self, sample: Sample) -> Image.Image:
-        return decode_image(Path(sample.media))
+        return decode.decode_image(Path(sample.media))
 
     def info(self) -> dict:
         return {
             **super().info(),
             "questions_file": str(self.questions_file),
-            "annotations_file": None if self.annotations_file is None else str(self.annotations_file),
+            "annotations_file": (
+                None if self.annotations_file is None else str(self.annotations_file)
+            ),
             "image_dir": str(self.image_dir),
         }

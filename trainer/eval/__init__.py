@@ -1,4 +1,4 @@
-"""Metrics as the papers report them: official VQA accuracy, COCO caption scores, accuracy and F1."""
+"""Metrics as the papers report them: official VQA accuracy, COCO caption scores, accuracy, F1."""
 
 from trainer.eval.caption import caption_metrics, java_available
 from trainer.eval.classification import accuracy, f1_scores

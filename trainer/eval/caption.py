@@ -35,7 +35,10 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 _TOKEN = re.compile(r"[a-z0-9]+(?:(?:[-.']|(?<=\d),(?=\d))[a-z0-9]+)*\.?|\S")
 _CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
 _SPLIT_WORDS = {
-    "cannot": ["can", "not"], "gonna": ["gon", "na"], "wanna": ["wan", "na"], "gotta": ["got", "ta"],
+    "cannot": ["can", "not"],
+    "gonna": ["gon", "na"],
+    "wanna": ["wan", "na"],
+    "gotta": ["got", "ta"],
 }
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "mt", "inc", "co"}
 _SYMBOLS = {
@@ -95,7 +98,9 @@ def caption_metrics(
         raise ValueError("no predicted captions to score")
     missing = [key for key in predictions if key not in references]
     if missing:
-        raise KeyError(f"{len(missing)} predicted image ids have no reference captions, e.g. {missing[:5]}")
+        raise KeyError(
+            f"{len(missing)} predicted image ids have no reference captions, e.g. {missing[:5]}"
+        )
     empty = [key for key in predictions if not references[key]]
     if empty:
         raise ValueError(f"{len(empty)} images have an empty reference list, e.g. {empty[:5]}")

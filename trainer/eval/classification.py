@@ -31,7 +31,9 @@ def accuracy(logits_or_pred: np.ndarray, labels: np.ndarray) -> float:
     return 100.0 * float(np.mean(predicted == labels))
 
 
-def f1_scores(probabilities: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+def f1_scores(
+    probabilities: np.ndarray, targets: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
     """Macro and micro F1 in percent for multi-label predictions `probabilities > threshold`.
 
     `probabilities` are per-label sigmoid outputs [N, C]; `targets` is the multi-hot truth [N, C].
@@ -57,8 +59,9 @@ def f1_scores(probabilities: np.ndarray, targets: np.ndarray, threshold: float =
 
     def f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
         denominator = 2 * tp + fp + fn
-        return np.divide(2 * tp, denominator, out=np.zeros(denominator.shape), where=denominator > 0)
+        zero = np.zeros(denominator.shape)
+        return np.divide(2 * tp, denominator, out=zero, where=denominator > 0)
 
     per_label = f1(true_pos, false_pos, false_neg)
-    pooled = f1(true_pos.sum(keepdims=True), false_pos.sum(keepdims=True), false_neg.sum(keepdims=True))
+    pooled = f1(*(count.sum(keepdims=True) for count in (true_pos, false_pos, false_neg)))
     return {"f1_macro": 100.0 * float(per_label.mean()), "f1_micro": 100.0 * float(pooled[0])}

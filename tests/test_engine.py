@@ -1,0 +1,179 @@
+"""The precompute engine on a real local Ray: gaps, resume, refusals, failures, kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cache_schema import SpecMismatchError, SplitReader, validate_cache
+from conftest import save_tiny_vit, write_images
+from precompute.engine import RunConfig, run
+
+CLI = [sys.executable, "-m", "precompute.cli"]
+
+
+def image_folder(root: Path) -> Path:
+    write_images(root / "a", 5)
+    Image.new("L", (30, 20), 128).save(root / "a" / "gray.png")
+    Image.new("RGBA", (30, 20), (10, 20, 30, 0)).save(root / "b.WEBP")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "empty.png").write_bytes(b"")
+    return root
+
+
+def test_bad_images_become_recorded_gaps_and_rerun_skips(tmp_path, tiny_vit_dir, ray_local):
+    root = image_folder(tmp_path / "images")
+    config = RunConfig(experts=["vit-cls"], source="images", data_root=str(root), split="all",
+                       cache=str(tmp_path / "cache"), model=str(tiny_vit_dir), shard_size=4, batch_size=3)
+    [summary] = run(config, progress=False)
+    assert (summary.shards_done, summary.samples, summary.invalid, summary.shards_failed) == (3, 9, 2, [])
+    reader = SplitReader(tmp_path / "cache", "images", "all")
+    feature = reader.feature("vit-cls")
+    usable = dict(zip(reader.keys, feature.usable))
+    assert not usable["broken"] and not usable["empty"] and usable["a/gray"] and usable["b"]
+    assert not feature.get_by_key("broken")["cls"].any()
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "cache/images/all/_commits/vit-cls").glob("*.json"))]
+    reasons = {k: v for r in records for k, v in r["invalid"].items()}
+    assert set(reasons) == {"broken", "empty"} and all(reasons.values())
+    cls = feature.get_by_key("a/img000")["cls"]
+    assert cls.dtype == np.float16 and cls.shape == (6, 32) and np.isfinite(cls).all() and cls.any()
+    assert validate_cache(tmp_path / "cache") == (3, [])
+
+    [again] = run(config, progress=False)
+    assert (again.shards_skipped, again.shards_done) == (3, 0)
+
+
+def test_other_model_into_same_feature_is_refused(tmp_path, tiny_vit_dir, ray_local):
+    root = image_folder(tmp_path / "images")
+    config = RunConfig(experts=["vit-cls"], source="images", data_root=str(root), split="all",
+                       cache=str(tmp_path / "cache"), model=str(tiny_vit_dir), shard_size=8)
+    run(config, progress=False)
+    other = save_tiny_vit(tmp_path / "other-vit", embed_dim=16, seed=1)
+    config.model = str(other)
+    with pytest.raises(SpecMismatchError, match="model_id"):
+        run(config, progress=False)
+    config.overwrite = True
+    [summary] = run(config, progress=False)
+    assert summary.shards_done == 2
+    assert SplitReader(tmp_path / "cache", "images", "all").feature("vit-cls").spec.array("cls").shape == (6, 16)
+
+
+def test_a_shard_that_keeps_failing_is_reported_and_the_rest_finish(tmp_path, tiny_vit_dir, ray_local):
+    cache = tmp_path / "cache"
+    # A directory where shard 1's commit record must go: a real storage fault, on every attempt.
+    (cache / "shapes/train/_commits/vit-cls/00001.json").mkdir(parents=True)
+    config = RunConfig(experts=["vit-cls"], source="shapes", cache=str(cache), model=str(tiny_vit_dir),
+                       shard_size=5, limit=15, retries=1, source_options={"num": 15})
+    [summary] = run(config, progress=False)
+    assert summary.shards_failed == [1] and summary.shards_done == 2
+    failure = json.loads((cache / "shapes/train/_failures/vit-cls/00001.json").read_text())
+    assert failure["attempts"] == 2 and "IsADirectoryError" in failure["error"]
+    status = subprocess.run(CLI + ["status", "--cache", str(cache), "--json"], capture_output=True, text=True, check=True)
+    [row] = json.loads(status.stdout)
+    assert (row["done"], row["pending"], row["failed"]) == (2, 1, [1])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--expert", "no-such-expert", "--shards", "shapes"], "unknown expert 'no-such-expert'"),
+        (["--expert", "vit-cls", "--shards", "nowhere"], "nowhere"),
+        (["--expert", "vit-cls", "--shards", "coco"], "--data-root"),
+        (["--expert", "vit-cls", "--shards", "coco", "--data-root", "/no/such/dir"], "/no/such/dir"),
+        (["--expert", "vit-cls", "--shards", "shapes", "--source-opt", "colour=red"], "colour"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+    cache = tmp_path / "cache"
+    result = subprocess.run(CLI + ["run", "--cache", str(cache), *args], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not cache.exists()
+
+
+def test_malformed_annotation_json_names_the_file(tmp_path):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    (root / "annotations" / "captions_train2017.json").write_text("{ not json")
+    result = subprocess.run(CLI + ["run", "--expert", "vit-cls", "--shards", "coco", "--data-root", str(root),
+                                   "--cache", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert result.returncode == 2 and "captions_train2017.json" in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "status", "validate", "experts", "sources"])
+def test_help_tells_the_truth(command):
+    result = subprocess.run(CLI + [command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: precompute " + command in result.stdout
+
+
+def test_listing_commands():
+    experts = subprocess.run(CLI + ["experts"], capture_output=True, text=True, check=True).stdout
+    assert "vit-cls" in experts and "vit_base_patch16_224.augreg_in21k_ft_in1k" in experts
+    sources = subprocess.run(CLI + ["sources"], capture_output=True, text=True, check=True).stdout
+    for name in ("shapes", "coco", "vqav2", "images"):
+        assert name in sources
+
+
+def run_args(cache: Path, model: Path) -> list[str]:
+    return CLI + ["run", "--expert", "vit-cls", "--shards", "shapes", "--model", str(model), "--cache", str(cache),
+                  "--limit", "600", "--shard-size", "20", "--batch-size", "2", "--source-opt", "num=600", "--no-progress"]
+
+
+def wait_for_commits(directory: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if directory.exists() and len(list(directory.glob("*.json"))) >= count:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"no {count} commits in {directory} after {timeout}s")
+
+
+@pytest.mark.slow
+def test_kill_9_driver_then_resume_equals_uninterrupted(tmp_path, tiny_vit_dir):
+    cache = tmp_path / "resumed"
+    process = subprocess.Popen(run_args(cache, tiny_vit_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    commits = cache / "shapes/train/_commits/vit-cls"
+    wait_for_commits(commits, 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed_before = len(list(commits.glob("*.json")))
+    assert committed_before < 30, "the run finished before it could be killed; make it longer"
+
+    resumed = subprocess.run(run_args(cache, tiny_vit_dir), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    skipped = int(resumed.stdout.strip().splitlines()[-1].split()[2])
+    assert skipped >= committed_before
+    subprocess.run(CLI + ["validate", "--cache", str(cache)], check=True, capture_output=True)
+
+    fresh = tmp_path / "fresh"
+    subprocess.run(run_args(fresh, tiny_vit_dir), check=True, capture_output=True)
+    for path in sorted((fresh / "shapes/train/vit-cls").rglob("*")):
+        if path.is_file():
+            assert path.read_bytes() == (cache / path.relative_to(fresh)).read_bytes(), path
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, tiny_vit_dir):
+    cache = tmp_path / "cache"
+    process = subprocess.Popen(run_args(cache, tiny_vit_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_commits(cache / "shapes/train/_commits/vit-cls", 2, process)
+    workers = subprocess.run(["pgrep", "-f", "ray::ShardWorker"], capture_output=True, text=True).stdout.split()
+    assert workers, "no ShardWorker process found"
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert out.strip().splitlines()[-1].split()[1:5] == ["30", "0", "30", "0"]
+    assert validate_cache(cache) == (30, [])

@@ -1,0 +1,1 @@
+"""Methods trained against the feature cache: one module per method."""

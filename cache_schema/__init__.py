@@ -7,7 +7,7 @@
 from cache_schema.commit import CommitRecord, keys_digest
 from cache_schema.layout import SCHEMA_VERSION, CacheError, CacheLayout
 from cache_schema.reader import FeatureReader, SplitReader, list_splits
-from cache_schema.spec import ArraySpec, FeatureSpec, SpecMismatchError, config_hash
+from cache_schema.spec import ArraySpec, FeatureSpec, SpecMismatchError, config_hash, model_revision
 from cache_schema.validate import ShardProblem, validate_cache
 from cache_schema.writer import CacheWriter, SplitPlan
 
@@ -27,5 +27,6 @@ __all__ = [
     "config_hash",
     "keys_digest",
     "list_splits",
+    "model_revision",
     "validate_cache",
 ]

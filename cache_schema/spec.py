@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -21,6 +22,26 @@ def config_hash(config: Any) -> str:
     """A short stable hash of a JSON-serialisable config (key order does not matter)."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def model_revision(model: str, revision: str | None = None) -> tuple[str, str]:
+    """(model id, revision) for provenance.
+
+    A local directory is identified by its absolute path and a digest of its weight files, so
+    retraining a stand-in model in place changes the revision and the cache notices.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        weights = sorted(p for p in path.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".h5", ".onnx"})
+        if not weights:
+            raise ValueError(f"{path}: no weight files (*.safetensors, *.bin, *.pt, *.pth, *.h5, *.onnx)")
+        digest = hashlib.sha256()
+        for weight in weights:
+            with weight.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        return str(path.resolve()), "sha256:" + digest.hexdigest()[:16]
+    return model, revision or "main"
 
 
 @dataclass(frozen=True)

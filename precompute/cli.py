@@ -15,8 +15,7 @@ from typing import Any
 import yaml
 
 from cache_schema import CacheError, CommitRecord, CacheLayout, SpecMismatchError, SplitReader, list_splits, validate_cache
-from precompute.engine import ExpertSummary, RunConfig, run
-from precompute.experts import EXPERTS, ExpertError
+from precompute.experts import EXPERTS, ExpertError, expert_class
 from precompute.sources import SOURCES, SourceError
 
 USER_ERRORS = (SourceError, ExpertError, CacheError, SpecMismatchError)
@@ -68,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_summary(summaries: list[ExpertSummary]) -> None:
+def print_summary(summaries: list) -> None:
     print(f"\n{'expert':<14}{'shards':>8}{'skipped':>9}{'done':>6}{'failed':>8}{'samples':>9}{'invalid':>9}{'samples/s':>11}")
     for s in summaries:
         print(f"{s.expert:<14}{s.shards_total:>8}{s.shards_skipped:>9}{s.shards_done:>6}{len(s.shards_failed):>8}"
@@ -79,6 +78,8 @@ def print_summary(summaries: list[ExpertSummary]) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from precompute.engine import RunConfig, run  # torch, timm and Ray: only when there is work
+
     experts = [e.strip() for e in args.expert.split(",") if e.strip()]
     expert_options = parse_options(args.expert_opt, "--expert-opt")
     config = RunConfig(
@@ -133,7 +134,8 @@ def command_validate(args: argparse.Namespace) -> int:
 
 
 def command_experts(_: argparse.Namespace) -> int:
-    for name, cls in sorted(EXPERTS.items()):
+    for name in sorted(EXPERTS):
+        cls = expert_class(name)
         options = ", ".join(f"{k}={v}" for k, v in cls.options.items()) or "none"
         print(f"{name:<12} {cls.description}\n{'':<12} default model: {cls.default_model}; options: {options}")
     return 0

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
-from precompute.sources.shapes import COLORS, SHAPES, ShapesWorld
+from PIL import Image
+
+from precompute.sources.shapes import COLORS, PAINT, SHAPES, ShapesWorld
 
 # The registered timm name whose class is built; every size is overridden and recorded by timm in
 # config.json's model_args, so `local-dir:` rebuilds this exact model.
@@ -169,7 +172,25 @@ def vit_transform(model: nn.Module) -> Callable:
     return create_transform(**resolve_data_config({}, model=model), is_training=False)
 
 
-def scene_targets(world: ShapesWorld, scene) -> dict[str, list[int]]:
+def patch_targets(image: Image.Image, scene, patch_size: int) -> list[int]:
+    """Per patch, the object most of its painted pixels belong to: 0 background, else 1 + flat index.
+
+    Dense supervision: every patch token learns which colour x shape it is part of, so the [CLS]
+    heads only have to aggregate. Read off the rendered pixels (each colour is painted in exactly
+    one RGB value and a scene's colours are distinct), so the label is exact at every edge.
+    """
+    pixels = np.asarray(image, dtype=np.int16)
+    painted = np.stack([(pixels == PAINT[color]).all(axis=-1) for color in COLORS])  # [colour, H, W]
+    grid = pixels.shape[0] // patch_size
+    per_patch = painted.reshape(len(COLORS), grid, patch_size, grid, patch_size).sum(axis=(2, 4))
+    label_of_color = [0] * len(COLORS)
+    for obj in scene.objects:
+        label_of_color[COLORS.index(obj.color)] = 1 + COLORS.index(obj.color) * len(SHAPES) + SHAPES.index(obj.shape)
+    dominant = per_patch.argmax(axis=0)
+    return [label_of_color[c] if per_patch[c, r, k] else 0 for (r, k), c in np.ndenumerate(dominant)]
+
+
+def scene_targets(world: ShapesWorld, scene, image: Image.Image, patch_size: int) -> dict[str, list[int]]:
     """`world.labels()` recast per colour, plus each colour's left-to-right rank.
 
     A scene's colours are distinct, so the 18-long presence multi-hot is, per colour, one of
@@ -191,18 +212,20 @@ def scene_targets(world: ShapesWorld, scene) -> dict[str, list[int]]:
         "count": [labels["count"]],
         "left_right": labels["left_right"],
         "order": order,
+        "patches": patch_targets(image, scene, patch_size),
     }
 
 
 def render_split(
-    world: ShapesWorld, split: str, num_scenes: int, transform: Callable
+    world: ShapesWorld, split: str, num_scenes: int, transform: Callable, patch_size: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Render `num_scenes` scenes once through the expert's own transform; targets as tensors."""
     pixels, targets = [], {}
     for index in tqdm(range(num_scenes), desc=f"render {split}", leave=False):
         scene = world.scene(split, index)
-        pixels.append(transform(world.render(scene)))
-        for name, values in scene_targets(world, scene).items():
+        image = world.render(scene)
+        pixels.append(transform(image))
+        for name, values in scene_targets(world, scene, image, patch_size).items():
             targets.setdefault(name, []).append(values)
     return torch.stack(pixels), {name: torch.tensor(v) for name, v in targets.items()}
 
@@ -216,17 +239,23 @@ class SceneHeads(nn.Module):
         super().__init__()
         self.per_color = nn.ModuleDict({name: nn.Linear(width, len(COLORS) * n) for name, n in self.sizes.items()})
         self.count = nn.Linear(width, 1 + MAX_OBJECTS)
+        self.patches = nn.Linear(width, 1 + len(COLORS) * len(SHAPES))
 
-    def forward(self, cls: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        cls = tokens[:, 0]
         logits = {name: head(cls).view(-1, len(COLORS), self.sizes[name]) for name, head in self.per_color.items()}
-        return {**logits, "count": self.count(cls)}
+        return {**logits, "count": self.count(cls), "patches": self.patches(tokens[:, 1:])}
 
     @staticmethod
     def loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
         per_color = sum(
             F.cross_entropy(logits[name].flatten(0, 1), targets[name].flatten()) for name in SceneHeads.sizes
         )
-        return per_color + F.cross_entropy(logits["count"], targets["count"][:, 0])
+        return (
+            per_color
+            + F.cross_entropy(logits["count"], targets["count"][:, 0])
+            + F.cross_entropy(logits["patches"].flatten(0, 1), targets["patches"].flatten())
+        )
 
 
 class VitWithHeads(nn.Module):
@@ -236,7 +265,7 @@ class VitWithHeads(nn.Module):
         self.heads = SceneHeads(vit.embed_dim)
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.heads(self.vit.forward_features(pixels)[:, 0])
+        return self.heads(self.vit.forward_features(pixels))
 
 
 @torch.no_grad()

@@ -59,3 +59,32 @@ def write_images(root: Path, count: int, size: int = 40, seed: int = 0) -> list[
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+def save_tiny_lm(path: Path, words: list[str], layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """A real OPTForCausalLM at toy size with a word-level tokenizer, saved by `save_pretrained`."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(words) | set("?.,:")))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", padding_side="left")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden,
+                       num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=hidden,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=1, dropout=0.0)
+    OPTForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from precompute.sources.shapes import ShapesWorld
+
+    return save_tiny_lm(tmp_path_factory.mktemp("models") / "tiny-opt", ShapesWorld().vocabulary() + ["question", "answer"])

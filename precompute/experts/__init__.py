@@ -1,19 +1,36 @@
-"""Registry of frozen experts, by the name `--expert` takes."""
+"""Registry of frozen experts, by the name `--expert` takes.
+
+Entries are import paths, so listing experts or asking for `--help` does not pay for importing
+every model library (timm alone takes seconds).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from precompute.experts.base import Expert, ExpertError
-from precompute.experts.vit_cls import VitClsExpert
+if TYPE_CHECKING:
+    from precompute.experts.base import Expert
 
-EXPERTS: dict[str, type[Expert]] = {cls.name: cls for cls in (VitClsExpert,)}
+
+class ExpertError(Exception):
+    """Bad expert name, option or model reference."""
+
+
+EXPERTS: dict[str, str] = {
+    "vit-cls": "precompute.experts.vit_cls:VitClsExpert",
+}
+
+
+def expert_class(name: str) -> type[Expert]:
+    if name not in EXPERTS:
+        raise ExpertError(f"unknown expert {name!r}; registered: {', '.join(sorted(EXPERTS))}")
+    module, _, attribute = EXPERTS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def get_expert(name: str, model: str | None = None, device: str = "cpu", **options: Any) -> Expert:
-    if name not in EXPERTS:
-        raise ExpertError(f"unknown expert {name!r}; registered: {', '.join(sorted(EXPERTS))}")
-    return EXPERTS[name](model=model, device=device, **options)
+    return expert_class(name)(model=model, device=device, **options)
 
 
-__all__ = ["EXPERTS", "Expert", "ExpertError", "get_expert"]
+__all__ = ["EXPERTS", "ExpertError", "expert_class", "get_expert"]

@@ -6,9 +6,7 @@ once per Ray actor, which keeps it resident for every shard it processes.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,30 +14,7 @@ import torch
 from PIL import Image
 
 from cache_schema import FeatureSpec
-
-
-class ExpertError(Exception):
-    """Bad expert name, option or model reference."""
-
-
-def model_revision(model: str, revision: str | None = None) -> tuple[str, str]:
-    """(model id, revision) for provenance.
-
-    A local directory is identified by its absolute path and a digest of its weight files, so
-    retraining a stand-in model in place changes the revision and the cache notices.
-    """
-    path = Path(model).expanduser()
-    if path.exists():
-        weights = sorted(p for p in path.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".h5", ".onnx"})
-        if not weights:
-            raise ExpertError(f"{path}: no weight files (*.safetensors, *.bin, *.pt, *.pth, *.h5, *.onnx)")
-        digest = hashlib.sha256()
-        for weight in weights:
-            with weight.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        return str(path.resolve()), "sha256:" + digest.hexdigest()[:16]
-    return model, revision or "main"
+from precompute.experts import ExpertError
 
 
 class Expert(ABC):

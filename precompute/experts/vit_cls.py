@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from cache_schema import ArraySpec, FeatureSpec, config_hash
-from precompute.experts.base import Expert, ExpertError, model_revision
+from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
+from precompute.experts import ExpertError
+from precompute.experts.base import Expert
 
 
 def load_timm_model(model: str) -> torch.nn.Module:

@@ -1,1 +1,22 @@
-"""Methods trained against the feature cache: one module per method."""
+"""Training methods by the name `trainer fit --method` takes (import paths: cheap to list)."""
+
+from __future__ import annotations
+
+import importlib
+
+from trainer.config import TrainConfig
+from trainer.methods.base import Method, MethodError
+
+METHODS: dict[str, str] = {
+    "epalm": "trainer.methods.epalm_task:EPALMMethod",
+}
+
+
+def get_method(config: TrainConfig) -> Method:
+    if config.method not in METHODS:
+        raise MethodError(f"unknown method {config.method!r}; registered: {', '.join(sorted(METHODS))}")
+    module, _, attribute = METHODS[config.method].partition(":")
+    return getattr(importlib.import_module(module), attribute)(config)
+
+
+__all__ = ["METHODS", "Method", "MethodError", "get_method"]

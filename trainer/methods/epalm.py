@@ -184,13 +184,16 @@ class EPALM(nn.Module):
         start = num_layers // 2 if config.injection_start is None else config.injection_start
         end = num_layers if config.injection_end is None else config.injection_end
         if not 0 <= start < end <= num_layers:
-            raise ValueError(f"injection layers [{start}, {end}) must be a non-empty range within the LM's {num_layers}")
+            raise ValueError(
+                f"injection layers [{start}, {end}) must be a non-empty range within the LM's {num_layers} layers"
+            )
         if config.num_levels > end - start:
             raise ValueError(
                 f"num_levels={config.num_levels} visual levels cannot each get a layer of the "
                 f"{end - start} injection layers [{start}, {end})"
             )
-        self.level_at_layer = {start + level * (end - start) // config.num_levels: level for level in range(config.num_levels)}
+        span = end - start
+        self.level_at_layer = {start + level * span // config.num_levels: level for level in range(config.num_levels)}
 
         d_model = lm.config.hidden_size
         num_connectors = 1 if config.uses_shared_connector else config.num_levels
@@ -231,7 +234,8 @@ class EPALM(nn.Module):
         batch_size, num_new = input_ids.shape
         if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < num_new:
             raise ValueError(
-                f"attention_mask {tuple(attention_mask.shape)} must be [batch, text so far] for input_ids {tuple(input_ids.shape)}"
+                f"attention_mask {tuple(attention_mask.shape)} must be [batch, text so far] "
+                f"for input_ids {tuple(input_ids.shape)}"
             )
         num_past = attention_mask.shape[1] - num_new
         prefilling = past_key_values is None or past_key_values.get_seq_length() == 0

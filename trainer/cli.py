@@ -1,0 +1,71 @@
+"""`trainer`: train the small parts of a method against a feature cache, and score them.
+
+    trainer fit  --cache DIR --method epalm [--config FILE] [--out DIR] [--max-steps N] [KEY=VALUE ...]
+    trainer eval --cache DIR --checkpoint DIR [--split S] [KEY=VALUE ...]
+    trainer predict --cache DIR --checkpoint DIR --split S
+
+Any config key can be overridden with KEY=VALUE (nested with dots: model.variant=lin).
+Runs read only the cache: no raw images, no encoder weights. Exit code 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cache_schema import CacheError
+from trainer.config import ConfigError
+from trainer.methods import METHODS, MethodError
+
+USER_ERRORS = (CacheError, ConfigError, MethodError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("fit", help="train; resumes from OUT/checkpoint when one exists")
+    p.add_argument("--cache", help="feature cache directory (default: ./cache)")
+    p.add_argument("--method", choices=sorted(METHODS), help="training method (default: epalm)")
+    p.add_argument("--config", help="YAML config file; KEY=VALUE arguments override it")
+    p.add_argument("--out", help="run directory: checkpoint/, log.jsonl (default: ./runs/run)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: `epochs` worth)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-4 model.variant=lin")
+    for name, help_text in (("eval", "score a checkpoint on a split; prints metrics, writes metrics.json"),
+                            ("predict", "write predictions for a split without scoring (e.g. an unlabelled test split)")):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("--cache", default="./cache", help="feature cache directory (default: ./cache)")
+        p.add_argument("--checkpoint", required=True, help="a run's checkpoint directory (OUT/checkpoint)")
+        p.add_argument("--split", help="split to use (default: the config's eval_split)")
+        p.add_argument("--out", help="where metrics.json / predictions go (default: the checkpoint directory)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.num_beams=1")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from trainer.config import load_config
+    from trainer.loop import evaluate_checkpoint, fit
+
+    try:
+        if args.command == "fit":
+            config = load_config(args.config, args.overrides, cache=args.cache, method=args.method, out=args.out,
+                                 max_steps=args.max_steps)
+            metrics = fit(config, progress=not args.no_progress)
+        else:
+            out = Path(args.out) if args.out else None
+            if out:
+                out.mkdir(parents=True, exist_ok=True)
+            metrics = evaluate_checkpoint(args.cache, Path(args.checkpoint), args.split, args.overrides, out,
+                                          score=args.command == "eval")
+    except USER_ERRORS as e:
+        print(f"trainer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""What a training method supplies to the shared loop.
+
+The loop (trainer/loop.py) owns optimisation, checkpoints, logging and resume; a method owns
+what is specific to it: which cached features it reads, how annotations become examples, how a
+batch becomes a loss, and how to score predictions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cache_schema import SplitReader
+from trainer.config import TrainConfig
+
+
+class MethodError(Exception):
+    """The cache or config does not fit the method (missing feature, wrong width, bad option)."""
+
+
+class Method(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    @abstractmethod
+    def feature_fields(self) -> dict[str, str]:
+        """Batch field -> `feature/array` in the cache, e.g. {"visual": "vit-cls/cls"}."""
+
+    @abstractmethod
+    def check_cache(self, reader: SplitReader) -> None:
+        """Raise MethodError, before any training, if the cached specs do not fit the config."""
+
+    @abstractmethod
+    def build_model(self, reader: SplitReader) -> nn.Module:
+        """Frozen backbone(s) + trainable parts; only trainable parameters require grad."""
+
+    @abstractmethod
+    def expand(self, annotations: dict[str, Any], train: bool) -> list[dict[str, Any]]:
+        """Training (or evaluation) examples from one cached sample's annotations."""
+
+    @abstractmethod
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Examples -> a batch (runs in DataLoader workers)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def predict(self, model: nn.Module, loader: DataLoader) -> list[dict[str, Any]]:
+        """One record per example: its key, what the model produced, and what it is scored against."""
+
+    @abstractmethod
+    def score(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
+        """The method's metrics over `predict`'s records."""
+
+    @abstractmethod
+    def backbones(self) -> dict[str, dict[str, str]]:
+        """Frozen models by role -> {"id", "revision"}: what a checkpoint is reloaded against."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer groups; override for per-group learning rates."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": self.config.lr}]

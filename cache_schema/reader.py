@@ -49,11 +49,11 @@ class SplitReader:
         with (self.dir / "samples.jsonl").open() as f:
             return [json.loads(line) for line in f]
 
-    @property
+    @cached_property
     def keys(self) -> list[str]:
         return [s["key"] for s in self._samples]
 
-    @property
+    @cached_property
     def annotations(self) -> list[dict[str, Any]]:
         return [s["annotations"] for s in self._samples]
 

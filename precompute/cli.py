@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("validate", help="re-check every committed shard's checksum; exit 0 only if all check out")
     p.add_argument("--cache", default="./cache")
 
+    p = commands.add_parser("pretrain-shapes", help="train the shapes world's tiny stand-in models (ViT, OPT) and save them to load by path")
+    p.add_argument("--out", required=True, help="directory for vit/, lm/ and pretrain.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64, help="the world's image size (default: 64)")
+    p.add_argument("--fast", action="store_true", help="a few seconds of training, for tests")
+
     commands.add_parser("experts", help="registered experts with their default models and options")
     commands.add_parser("sources", help="registered sources with their splits and whether they need --data-root")
     return parser
@@ -148,7 +154,15 @@ def command_sources(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "status": command_status, "validate": command_validate,
+def command_pretrain_shapes(args: argparse.Namespace) -> int:
+    from precompute.shapes_pretrain import pretrain_all
+
+    paths = pretrain_all(Path(args.out), seed=args.seed, image_size=args.image_size, fast=args.fast)
+    print(json.dumps(paths, indent=1))
+    return 0
+
+
+COMMANDS = {"run": command_run, "pretrain-shapes": command_pretrain_shapes, "status": command_status, "validate": command_validate,
             "experts": command_experts, "sources": command_sources}
 
 

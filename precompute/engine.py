@@ -122,13 +122,12 @@ class ShardWorker:
         began = time.perf_counter()
         pending = deque(self.decoder.submit(self._decode, s) for s in samples[: 2 * batch_size])
         next_submit = len(pending)
-        outputs: list[dict[str, np.ndarray]] = []
+        arrays = {a.name: np.zeros((len(samples), *a.shape), dtype=a.dtype) for a in spec.arrays}
         valid = np.zeros(len(samples), dtype=bool)
         invalid: dict[str, str] = {}
-        index = 0
-        while index < len(samples):
-            batch_tensors, batch_positions = [], []
-            for position in range(index, min(index + batch_size, len(samples))):
+        for batch_start in range(0, len(samples), batch_size):
+            tensors, positions = [], []
+            for position in range(batch_start, min(batch_start + batch_size, len(samples))):
                 result = pending.popleft().result()
                 if next_submit < len(samples):
                     pending.append(self.decoder.submit(self._decode, samples[next_submit]))
@@ -136,19 +135,12 @@ class ShardWorker:
                 if isinstance(result, str):
                     invalid[samples[position].key] = result
                 else:
-                    batch_tensors.append(result)
-                    batch_positions.append(position)
-            count = min(batch_size, len(samples) - index)
-            block = {a.name: np.zeros((count, *a.shape), dtype=a.dtype) for a in spec.arrays}
-            if batch_tensors:
-                predicted = self.expert.predict(torch.stack(batch_tensors))
-                rows = [p - index for p in batch_positions]
-                for name, values in predicted.items():
-                    block[name][rows] = values
-                valid[batch_positions] = True
-            outputs.append(block)
-            index += count
-        arrays = {a.name: np.concatenate([o[a.name] for o in outputs]) for a in spec.arrays}
+                    tensors.append(result)
+                    positions.append(position)
+            if tensors:
+                for name, values in self.expert.predict(torch.stack(tensors)).items():
+                    arrays[name][positions] = values
+                valid[positions] = True
         record = self.writer.write_shard(
             self.source_name, self.source.split, spec, shard, start, [s.key for s in samples],
             arrays, valid, invalid, time.perf_counter() - began, self.device_name,

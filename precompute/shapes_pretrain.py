@@ -34,6 +34,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import create_transform, resolve_data_config
+from timm.layers import build_sincos2d_pos_embed
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import nn
 from tqdm.auto import tqdm
@@ -150,6 +151,11 @@ def build_vit(image_size: int, config: VitConfig, seed: int = 0) -> nn.Module:
         num_heads=config.num_heads,
         num_classes=0,
     )
+    with torch.no_grad():  # 2-D sin-cos start (as MAE): random position embeddings learn slowly
+        model.pos_embed[0, : model.num_prefix_tokens] = 0
+        model.pos_embed[0, model.num_prefix_tokens :] = build_sincos2d_pos_embed(
+            list(model.patch_embed.grid_size), config.embed_dim
+        )
     model.pretrained_cfg = {
         "architecture": VIT_ARCHITECTURE,
         "tag": "shapes",

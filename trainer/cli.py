@@ -56,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
             metrics = fit(config, progress=not args.no_progress)
         else:
             out = Path(args.out) if args.out else None
-            if out:
-                out.mkdir(parents=True, exist_ok=True)
             metrics = evaluate_checkpoint(args.cache, Path(args.checkpoint), args.split, args.overrides, out,
                                           score=args.command == "eval")
     except USER_ERRORS as e:

@@ -183,6 +183,7 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, float]:
 
 
 def write_results(directory: Path, split: str, metrics: dict[str, float], predictions: list[dict[str, Any]]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "metrics.json").write_text(json.dumps({"split": split, **metrics}, indent=1))
     with (directory / f"predictions-{split}.jsonl").open("w") as f:
         for prediction in predictions:

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The main job: expertcache's whole story on the embedded `shapes` world, on CPU, local Ray.
+#
+#   bash jobs/demo.sh [--out DIR]        (default DIR: ./demo-out)
+#
+#  1. pretrain the world's frozen stand-ins: a tiny ViT (pixels only) and a tiny OPT (text only),
+#     saved as ordinary checkpoints and from then on loaded BY PATH, like any published model;
+#  2. `precompute run` the ViT's per-layer [CLS] tokens once, with local Ray, into DIR/cache;
+#  3. `trainer fit` eP-ALM against the cache (the ViT never runs again), and the blind baseline
+#     (same LM and soft prompt, no visual token);
+#  4. `trainer eval` both on held-out scenes and write DIR/summary.json (headline figures, percent).
+#
+# Uses the active Python environment when expertcache is installed there, else creates .venv.
+set -euo pipefail
+
+OUT=./demo-out
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --out=*) OUT="${1#*=}"; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "demo.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if ! python3 -c "import precompute, trainer" 2>/dev/null || ! command -v precompute >/dev/null; then
+  if [ ! -x "$ROOT/.venv/bin/python" ]; then
+    python3 -m venv "$ROOT/.venv"
+  fi
+  "$ROOT/.venv/bin/pip" install -e "$ROOT[dev]"
+  export PATH="$ROOT/.venv/bin:$PATH"
+fi
+export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+step() { printf '\n== %s\n' "$*"; }
+
+step "1/4 pretrain the shapes world's frozen stand-in models -> $OUT/models"
+if [ ! -f "$OUT/models/pretrain.json" ]; then
+  precompute pretrain-shapes --out "$OUT/models"
+fi
+
+step "2/4 precompute per-layer [CLS] tokens with local Ray -> $OUT/cache"
+for split in train val test; do
+  precompute run --expert vit-cls --shards shapes --split "$split" --model "$OUT/models/vit" \
+    --cache "$OUT/cache" --shard-size 250 --batch-size 50
+done
+precompute validate --cache "$OUT/cache"
+precompute status --cache "$OUT/cache"
+
+step "3/4 train eP-ALM and the blind baseline from the cache"
+CONFIG="$ROOT/jobs/configs/epalm_shapes.yaml"
+trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/epalm" "model.lm=$OUT/models/lm"
+trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/blind" "model.lm=$OUT/models/lm" model.blind=true
+
+step "4/4 evaluate on held-out scenes (test split)"
+for run in epalm blind; do
+  trainer eval --cache "$OUT/cache" --checkpoint "$OUT/runs/$run/checkpoint" --split test --out "$OUT/eval/$run"
+done
+
+python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+summary = {f"{run}_vqa_accuracy": round(json.loads((out / "eval" / run / "metrics.json").read_text())["vqa_accuracy"], 2)
+           for run in ("epalm", "blind")}
+(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+print(f"\nVQA accuracy on held-out shapes scenes: eP-ALM {summary['epalm_vqa_accuracy']:.1f}%  "
+      f"blind baseline {summary['blind_vqa_accuracy']:.1f}%  (summary: {out / 'summary.json'})")
+PY

@@ -1,0 +1,147 @@
+"""The shared trainer with eP-ALM on a real (small) cache: data, checkpoints, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from cache_schema import ArraySpec, CacheError, CacheWriter, FeatureSpec, SplitPlan, SplitReader
+from precompute.sources.shapes import ShapesSource
+from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.data import CacheExamples
+from trainer.loop import evaluate_checkpoint, fit
+from trainer.methods import MethodError, get_method
+
+LEVELS, WIDTH = 4, 16
+
+
+def write_shapes_cache(root: Path, split: str, num: int, invalid: set[int] = frozenset()) -> None:
+    """Shapes annotations + a `vit-cls` feature written straight through the cache contract (no Ray)."""
+    samples = ShapesSource(None, split, num=num).samples()
+    plan = SplitPlan("shapes", split, [s.key for s in samples], [s.annotations for s in samples], shard_size=16)
+    spec = FeatureSpec("vit-cls", "vit-cls", "test-vit", "r0", "p0", (ArraySpec("cls", "float16", (LEVELS, WIDTH)),),
+                       {"layers": [2, 3, 4, 5]})
+    writer = CacheWriter(root)
+    writer.prepare_split(plan)
+    writer.prepare_feature(plan, spec)
+    rng = np.random.default_rng(len(split))
+    for shard in range(plan.num_shards):
+        start, stop = plan.shard_range(shard)
+        cls = rng.standard_normal((stop - start, LEVELS, WIDTH)).astype(np.float16)
+        valid = np.array([i not in invalid for i in range(start, stop)])
+        cls[~valid] = 0
+        invalid_keys = {plan.keys[i]: "corrupt" for i in range(start, stop) if i in invalid}
+        writer.write_shard("shapes", split, spec, shard, start, plan.shard_keys(shard), {"cls": cls}, valid,
+                           invalid_keys, 0.1, "cpu")
+
+
+@pytest.fixture
+def cache(tmp_path):
+    root = tmp_path / "cache"
+    write_shapes_cache(root, "train", 40, invalid={3})
+    write_shapes_cache(root, "val", 8)
+    return root
+
+
+def make_config(cache: Path, out: Path, lm: Path, **changes) -> TrainConfig:
+    values = dict(method="epalm", cache=str(cache), out=str(out), batch_size=8, max_steps=4, warmup_steps=1, lr=1e-3,
+                  num_workers=0, save_every=2, log_every=1,
+                  model={"lm": str(lm), "num_levels": 2, "num_beams": 2, "max_new_tokens": 3})
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def test_examples_expand_per_question_and_skip_gaps(cache, tiny_lm_dir, tmp_path):
+    method = get_method(make_config(cache, tmp_path / "run", tiny_lm_dir))
+    reader = SplitReader(cache, "shapes", "train")
+    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True))
+    assert examples.skipped_samples == 1
+    assert len(examples) == sum(len(a["questions"]) for i, a in enumerate(reader.annotations) if i != 3)
+    item = examples[0]
+    assert item["visual"].shape == (LEVELS, WIDTH) and item["prompt"].startswith("question: ")
+    assert item["target"].startswith(" ") and item["key"] == reader.keys[0]
+    batch = method.collate([examples[i] for i in range(4)])
+    assert batch["visual"].shape == (4, LEVELS, WIDTH) and (batch["labels"] != -100).any()
+    captions = get_method(make_config(cache, tmp_path / "run", tiny_lm_dir, model={"lm": str(tiny_lm_dir), "task": "caption"}))
+    assert len(captions.expand(reader.annotations[0], train=True)) == 5
+    assert len(captions.expand(reader.annotations[0], train=False)) == 1
+
+
+def test_fit_checkpoint_holds_only_trained_tensors_and_eval_reproduces(cache, tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = fit(make_config(cache, out, tiny_lm_dir), progress=False)
+    checkpoint = out / "checkpoint"
+    tensors = load_file(checkpoint / "model.safetensors")
+    info = json.loads((checkpoint / "checkpoint.json").read_text())
+    assert set(tensors) and all(name.startswith(("connectors.", "soft_prompt.")) for name in tensors)
+    assert sum(t.numel() for t in tensors.values()) == info["trainable_parameters"]
+    assert info["backbones"]["lm"]["id"] == str(tiny_lm_dir.resolve()) and info["backbones"]["lm"]["revision"].startswith("sha256:")
+    assert info["step"] == 4 and (checkpoint / "config.yaml").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4] and "examples_per_s" in log[0]
+    assert "vqa_accuracy" in metrics and 0 <= metrics["vqa_accuracy"] <= 100
+    fit_predictions = (checkpoint / "predictions-val.jsonl").read_text()
+
+    again = evaluate_checkpoint(str(cache), checkpoint, None, [], out=tmp_path / "eval")
+    assert again == metrics
+    assert (tmp_path / "eval" / "predictions-val.jsonl").read_text() == fit_predictions
+
+
+def test_resume_after_kill_equals_uninterrupted(cache, tiny_lm_dir, tmp_path):
+    common = ["--cache", str(cache), "--method", "epalm", "--max-steps", "30", "--no-progress", f"model.lm={tiny_lm_dir}",
+              "model.num_levels=2", "batch_size=4", "num_workers=0", "save_every=3", "lr=1e-3", "eval_split=null"]
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--out", str(straight), *common], check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "trainer.cli", "fit", "--out", str(killed), *common],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoint" / "checkpoint.json").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step_at_kill = json.loads((killed / "checkpoint" / "checkpoint.json").read_text())["step"]
+    assert step_at_kill < 30
+    resumed = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--out", str(killed), *common],
+                             capture_output=True, text=True, check=True)
+    assert f"at step {step_at_kill}" in resumed.stdout
+    a, b = load_file(straight / "checkpoint" / "model.safetensors"), load_file(killed / "checkpoint" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_missing_feature_and_misfit_spec_fail_before_training(cache, tiny_lm_dir, tmp_path):
+    config = make_config(cache, tmp_path / "run", tiny_lm_dir, model={"lm": str(tiny_lm_dir), "feature": "clip-cls"})
+    with pytest.raises(CacheError, match="no feature 'clip-cls'.*vit-cls"):
+        fit(config, progress=False)
+    config = make_config(cache, tmp_path / "run", tiny_lm_dir, model={"lm": str(tiny_lm_dir), "visual_dim": 768})
+    with pytest.raises(MethodError, match="visual_dim=768 but the cached \\[CLS\\] tokens are 16-d"):
+        fit(config, progress=False)
+    config = make_config(cache, tmp_path / "run", tiny_lm_dir, model={"lm": str(tiny_lm_dir), "num_levels": 6})
+    with pytest.raises(MethodError, match="num_levels=6 but the cache holds 4 levels"):
+        fit(config, progress=False)
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--cache", str(tmp_path / "nowhere"),
+                             f"model.lm={tiny_lm_dir}"], capture_output=True, text=True)
+    assert result.returncode == 2 and "no cache.json" in result.stderr
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 3e-4\nbatch_size: 16\nmodel:\n  lm: facebook/opt-350m\n  variant: pt\n")
+    config = load_config(path, ["model.variant=lin", "lr=1e-3", "max_steps=7"], out="o", method=None)
+    assert (config.lr, config.batch_size, config.max_steps, config.out) == (1e-3, 16, 7, "o")
+    assert config.model == {"lm": "facebook/opt-350m", "variant": "lin"}
+    assert load_config(path, []).lr == 3e-4
+    with pytest.raises(ConfigError, match="unknown config key.*'lrr'"):
+        load_config(None, ["lrr=1"])
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        load_config(None, ["lr"])

@@ -7,9 +7,11 @@ embedded `shapes` world, random-initialised models would leave that glue nothing
 this module makes the world's own pretrained models, cheaply, on CPU:
 
 - **ViT** (timm `VisionTransformer`, 64 px, patch 8, 6 blocks): trained on rendered scenes to
-  predict which colour x shape pairs are present, how many objects there are, which half each
-  colour is in and the left-to-right order of the colours. That is what the VQA questions ask, so
-  its [CLS] tokens (eP-ALM reads the last 6 blocks') carry the answers.
+  predict, from its final [CLS], each colour's shape (or absence), how many objects there are,
+  which half each colour is in and the left-to-right order of the colours, and from each patch
+  token the object it is part of. That is what the VQA questions ask, so its [CLS] tokens (eP-ALM
+  reads the last 6 blocks') carry the answers. The read-out heads are scaffolding; only the
+  encoder is saved.
 - **LM** (`OPTForCausalLM`, 6 layers, word-level tokenizer): trained on captions and on
   `question: {q} answer: {a}` lines, the trainer's prompt format. It knows the vocabulary, the
   formats and the answer priors, but cannot see images, so it answers like a blind guesser.
@@ -37,12 +39,11 @@ from timm.data import create_transform, resolve_data_config
 from timm.layers import build_sincos2d_pos_embed
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import nn
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
-from PIL import Image
-
-from precompute.sources.shapes import COLORS, PAINT, SHAPES, ShapesWorld
+from precompute.sources.shapes import COLORS, PAINT, SHAPES, Scene, ShapesWorld
 
 # The registered timm name whose class is built; every size is overridden and recorded by timm in
 # config.json's model_args, so `local-dir:` rebuilds this exact model.
@@ -54,13 +55,14 @@ EVAL_RESULTS = "eval_results.json"  # written beside each model, as the HF Train
 @dataclass
 class VitConfig:
     patch_size: int = 8
-    embed_dim: int = 96
+    embed_dim: int = 64
     depth: int = 6
     num_heads: int = 4
-    batch_size: int = 64
-    learning_rate: float = 1e-3
+    mlp_ratio: float = 2.0  # half the usual MLP: ~1.3x more steps in the same CPU minutes
+    batch_size: int = 16  # small batches: more steps per image seen, shapes are learned sooner
+    learning_rate: float = 3e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 40
+    warmup_steps: int = 50
     val_scenes: int = 400
 
 
@@ -71,10 +73,10 @@ class LmConfig:
     num_heads: int = 4
     ffn_dim: int = 512
     max_positions: int = 128
-    batch_size: int = 64
+    batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 40
+    warmup_steps: int = 20
     val_scenes: int = 200
 
 
@@ -120,6 +122,11 @@ def train(
     return smoothed
 
 
+def check_budget(num_scenes: int, steps: int) -> None:
+    if num_scenes < 1 or steps < 1:
+        raise ValueError(f"pretraining needs num_scenes >= 1 and steps >= 1, got {num_scenes} and {steps}")
+
+
 def random_batches(num_items: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless shuffled epochs of indices, from a private generator (global RNG untouched)."""
     generator = torch.Generator().manual_seed(seed)
@@ -149,6 +156,7 @@ def build_vit(image_size: int, config: VitConfig, seed: int = 0) -> nn.Module:
         embed_dim=config.embed_dim,
         depth=config.depth,
         num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
         num_classes=0,
     )
     with torch.no_grad():  # 2-D sin-cos start (as MAE): random position embeddings learn slowly
@@ -178,7 +186,7 @@ def vit_transform(model: nn.Module) -> Callable:
     return create_transform(**resolve_data_config({}, model=model), is_training=False)
 
 
-def patch_targets(image: Image.Image, scene, patch_size: int) -> list[int]:
+def patch_targets(image: Image.Image, scene: Scene, patch_size: int) -> list[int]:
     """Per patch, the object most of its painted pixels belong to: 0 background, else 1 + flat index.
 
     Dense supervision: every patch token learns which colour x shape it is part of, so the [CLS]
@@ -196,7 +204,7 @@ def patch_targets(image: Image.Image, scene, patch_size: int) -> list[int]:
     return [label_of_color[c] if per_patch[c, r, k] else 0 for (r, k), c in np.ndenumerate(dominant)]
 
 
-def scene_targets(world: ShapesWorld, scene, image: Image.Image, patch_size: int) -> dict[str, list[int]]:
+def scene_targets(world: ShapesWorld, scene: Scene, image: Image.Image, patch_size: int) -> dict[str, list[int]]:
     """`world.labels()` recast per colour, plus each colour's left-to-right rank.
 
     A scene's colours are distinct, so the 18-long presence multi-hot is, per colour, one of
@@ -278,8 +286,9 @@ class VitWithHeads(nn.Module):
 def evaluate_vit(model: VitWithHeads, pixels: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
     """Accuracies next to the best input-blind guess, so "beats chance" is a number, not a feeling.
 
-    presence_* score the 18 colour x shape flags (read off the per-colour shape head); the
-    per-colour accuracies count only colours present in the scene.
+    presence_* score the 18 colour x shape flags (read off the per-colour shape head), against
+    always answering "absent" and, for the exact match, the commonest flag set; color_presence
+    scores which colours are there at all. shape / left_right / order count present colours only.
     """
     model.eval()
     batches = [model(pixels[start : start + 256]) for start in range(0, len(pixels), 256)]
@@ -293,6 +302,9 @@ def evaluate_vit(model: VitWithHeads, pixels: torch.Tensor, targets: dict[str, t
         "presence_accuracy": (predicted_presence == presence).float().mean().item(),
         "presence_chance": 1 - presence.float().mean().item(),  # always answer "absent"
         "presence_exact_match": (predicted_presence == presence).all(dim=1).float().mean().item(),
+        "presence_exact_match_chance": presence.unique(dim=0, return_counts=True)[1].max().item() / len(presence),
+        "color_presence_accuracy": ((shape > 0) == present_colors).float().mean().item(),
+        "color_presence_chance": 1 - present_colors.float().mean().item(),
         "count_accuracy": (logits["count"].argmax(-1) == count).float().mean().item(),
         "count_chance": count.bincount().max().item() / len(count),
     }
@@ -311,19 +323,20 @@ def save_vit(model: nn.Module, out_dir: Path) -> Path:
 def pretrain_vit(
     out_dir: Path,
     world: ShapesWorld,
-    num_scenes: int = 3000,
-    steps: int = 500,
+    num_scenes: int = 4000,
+    steps: int = 1800,
     seed: int = 0,
     config: VitConfig | None = None,
 ) -> Path:
     """Train a tiny ViT on the world's pixels, save it to `out_dir`, val metrics in eval_results.json."""
+    check_budget(num_scenes, steps)
     config = config or VitConfig()
     out_dir = Path(out_dir)
     started = time.perf_counter()
     vit = build_vit(world.image_size, config, seed)
     transform = vit_transform(vit)
-    train_pixels, train_targets = render_split(world, "train", num_scenes, transform)
-    val_pixels, val_targets = render_split(world, "val", config.val_scenes, transform)
+    train_pixels, train_targets = render_split(world, "train", num_scenes, transform, config.patch_size)
+    val_pixels, val_targets = render_split(world, "val", config.val_scenes, transform, config.patch_size)
     model = VitWithHeads(vit)
 
     def batch_loss(indices: torch.Tensor) -> torch.Tensor:
@@ -391,19 +404,27 @@ def build_tokenizer(world: ShapesWorld, max_length: int = 128) -> PreTrainedToke
 
 
 def world_texts(world: ShapesWorld, split: str, num_scenes: int) -> list[str]:
-    """Every caption and every `question: {q} answer: {a}` line (most common answer) of a split."""
+    """Every caption, and every `question: {q} answer: {a}` line (most common answer) of a split,
+    both on its own and after one of the scene's captions.
+
+    The grounded copies teach the LM what a real LM knows from its corpus: that an answer can be read
+    from earlier context. That circuit is what eP-ALM's injected visual token plugs into; an LM that
+    only ever saw context-free questions has no reason to look back at anything.
+    """
     texts = []
     for index in range(num_scenes):
         scene = world.scene(split, index)
-        texts.extend(world.captions(scene))
-        for question in world.questions(scene):
+        captions = world.captions(scene)
+        texts.extend(captions)
+        for number, question in enumerate(world.questions(scene)):
             answer = max(set(question["answers"]), key=question["answers"].count)
-            texts.append(f"question: {question['question']} answer: {answer}")
+            qa = f"question: {question['question']} answer: {answer}"
+            texts.extend([qa, f"{captions[number % len(captions)]} {qa}"])
     return texts
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """BOS text EOS, left-padded into one tensor, with labels -100 on the padding."""
+    """BOS text EOS, left-padded into one tensor, and its attention mask."""
     sequences = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
     width = max(len(ids) for ids in sequences)
     if width > tokenizer.model_max_length:
@@ -415,6 +436,7 @@ def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> tuple[
 
 
 def build_lm(tokenizer: PreTrainedTokenizerFast, config: LmConfig, seed: int = 0) -> OPTForCausalLM:
+    """OPT's own architecture at toy size: pre-LayerNorm, ReLU, learned positions, tied embeddings."""
     torch.manual_seed(seed)
     return OPTForCausalLM(
         OPTConfig(
@@ -454,12 +476,13 @@ def perplexity(model: OPTForCausalLM, input_ids: torch.Tensor, attention_mask: t
 def pretrain_lm(
     out_dir: Path,
     world: ShapesWorld,
-    num_scenes: int = 2000,
-    steps: int = 400,
+    num_scenes: int = 1000,
+    steps: int = 160,
     seed: int = 0,
     config: LmConfig | None = None,
 ) -> Path:
     """Train a tiny OPT on the world's text alone; tokenizer + model saved to `out_dir`."""
+    check_budget(num_scenes, steps)
     config = config or LmConfig()
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -504,20 +527,27 @@ def pretrain_lm(
 def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool = False) -> dict[str, str]:
     """out_dir/vit, out_dir/lm and out_dir/pretrain.json (both models' val metrics and seconds).
 
-    Default settings take about 2-3 minutes on a 2-core CPU; `fast` takes seconds (for tests)
-    and yields models that are only a little better than chance.
+    Default settings take about 2-3 minutes on a 2-core CPU; `fast` takes seconds (for tests) and
+    yields models only somewhat better than chance. Runs on one intra-op thread: these matrices
+    are too small for threads to pay much, and on a 2-core machine shared with any other process
+    two spinning OpenMP threads run 10x slower, not faster.
     """
     out_dir = Path(out_dir)
     world = ShapesWorld(seed=seed, image_size=image_size)
     started = time.perf_counter()
-    if fast:
-        vit_dir = pretrain_vit(out_dir / "vit", world, num_scenes=400, steps=60, seed=seed,
-                               config=VitConfig(val_scenes=100, warmup_steps=10))
-        lm_dir = pretrain_lm(out_dir / "lm", world, num_scenes=200, steps=60, seed=seed,
-                             config=LmConfig(val_scenes=50, warmup_steps=10))
-    else:
-        vit_dir = pretrain_vit(out_dir / "vit", world, seed=seed)
-        lm_dir = pretrain_lm(out_dir / "lm", world, seed=seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if fast:
+            vit_dir = pretrain_vit(out_dir / "vit", world, num_scenes=300, steps=150, seed=seed,
+                                   config=VitConfig(val_scenes=100, warmup_steps=15))
+            lm_dir = pretrain_lm(out_dir / "lm", world, num_scenes=100, steps=40, seed=seed,
+                                 config=LmConfig(val_scenes=20, warmup_steps=5))
+        else:
+            vit_dir = pretrain_vit(out_dir / "vit", world, seed=seed)
+            lm_dir = pretrain_lm(out_dir / "lm", world, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
     report = {
         "seed": seed,
         "image_size": image_size,

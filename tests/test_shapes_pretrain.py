@@ -1,0 +1,112 @@
+"""The shapes world's own pretrained models: trained briefly, saved, and loaded back by path."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from transformers import AutoTokenizer, OPTForCausalLM
+
+from precompute.shapes_pretrain import VitConfig, build_vit, pretrain_all, pretrain_lm, save_vit, vit_transform
+from precompute.sources.shapes import ShapesWorld
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out_dir = tmp_path_factory.mktemp("shapes-pretrain")
+    paths = pretrain_all(out_dir, seed=0, fast=True)
+    return {"vit": Path(paths["vit"]), "lm": Path(paths["lm"]), "report": out_dir / "pretrain.json"}
+
+
+def world_texts(num_scenes: int = 20) -> list[str]:
+    world = ShapesWorld(seed=0)
+    texts = []
+    for index in range(num_scenes):
+        scene = world.scene("val", index)
+        texts += world.captions(scene)
+        texts += [q["question"] for q in world.questions(scene)]
+    return texts
+
+
+def test_saved_vit_loads_by_path_with_its_preprocessing(tmp_path: Path) -> None:
+    world = ShapesWorld(seed=0, image_size=64)
+    model = build_vit(world.image_size, VitConfig(), seed=1).eval()
+    save_vit(model, tmp_path / "vit")
+
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'vit'}", pretrained=True).eval()
+
+    cfg = loaded.pretrained_cfg
+    assert tuple(cfg["input_size"]) == (3, 64, 64)
+    assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5) and tuple(cfg["std"]) == (0.5, 0.5, 0.5)
+    assert cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bicubic"
+    assert repr(vit_transform(loaded)) == repr(vit_transform(model))  # same resize, crop, normalise
+    assert (len(loaded.blocks), loaded.embed_dim, loaded.num_classes) == (6, VitConfig().embed_dim, 0)
+    transform = vit_transform(loaded)
+    pixels = torch.stack([transform(world.render(world.scene("val", i))) for i in range(4)])
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_features(pixels), model.forward_features(pixels))
+
+
+def test_bad_sizes_fail_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="image_size 60 is not a multiple of patch_size 8"):
+        build_vit(60, VitConfig())
+    with pytest.raises(ValueError, match="num_scenes >= 1"):
+        pretrain_lm(tmp_path / "lm", ShapesWorld(), num_scenes=0)
+    assert not (tmp_path / "lm").exists()
+
+
+def test_report_shows_both_models_learned(pretrained: dict[str, Path]) -> None:
+    report = json.loads(pretrained["report"].read_text())
+    vit, lm = report["vit"], report["lm"]
+    assert vit["color_presence_accuracy"] > vit["color_presence_chance"] + 0.05
+    assert vit["presence_exact_match"] > vit["presence_exact_match_chance"]
+    assert vit["count_accuracy"] > vit["count_chance"] + 0.2
+    vocab_size = len(AutoTokenizer.from_pretrained(pretrained["lm"]))
+    assert 1 < lm["val_perplexity"] < vocab_size / 4  # a uniform guesser scores vocab_size
+    assert report["seconds"] > 0 and math.isfinite(lm["train_loss"])
+
+
+def test_fast_trained_vit_loads_by_path(pretrained: dict[str, Path]) -> None:
+    model = timm.create_model(f"local-dir:{pretrained['vit']}", pretrained=True).eval()
+    world = ShapesWorld(seed=0)
+    transform = vit_transform(model)
+    pixels = torch.stack([transform(world.render(world.scene("test", i))) for i in range(2)])
+    with torch.no_grad():
+        cls = model.forward_features(pixels)[:, 0]
+    assert cls.shape == (2, 64) and torch.isfinite(cls).all()
+    assert not torch.allclose(cls[0], cls[1])  # different scenes, different [CLS]
+
+
+def test_tokenizer_round_trips_world_text_without_unknowns(pretrained: dict[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(pretrained["lm"])
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (
+        "</s>", "</s>", "<pad>", "<unk>"
+    )
+    assert tokenizer.padding_side == "left"
+    for text in world_texts():
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id
+        assert tokenizer.unk_token_id not in ids, text
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    prompt = tokenizer("Question: Is there a RED circle? answer: yes")["input_ids"]
+    assert prompt == tokenizer("question: is there a red circle? answer: yes")["input_ids"]
+    assert tokenizer.unk_token_id in tokenizer("a zebra")["input_ids"]
+
+
+def test_lm_loads_by_path_and_answers_with_a_world_answer(pretrained: dict[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(pretrained["lm"])
+    model = OPTForCausalLM.from_pretrained(pretrained["lm"]).eval()
+    world = ShapesWorld(seed=0)
+    questions = [q for i in range(4) for q in world.questions(world.scene("test", i))]
+    answer_words = {a for i in range(200) for q in world.questions(world.scene("train", i)) for a in q["answers"]}
+    batch = tokenizer([f"question: {q['question']} answer:" for q in questions], return_tensors="pt", padding=True)
+
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+    replies = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert all(reply.split()[0] in answer_words for reply in replies), replies

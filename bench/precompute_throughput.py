@@ -282,8 +282,8 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, help="samples per shard (default: a quarter of --samples)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/precompute_throughput.json"), help="JSON results")
     args = parser.parse_args()
-    samples = args.samples or (2048 if args.small else 256)
-    shard_size = args.shard_size or max(1, samples // 4)
+    samples = args.samples if args.samples is not None else 2048 if args.small else 256
+    shard_size = args.shard_size if args.shard_size is not None else max(1, samples // 4)
     if min(samples, args.batch_size, shard_size) < 1:
         parser.error("--samples, --batch-size and --shard-size must be >= 1")
 

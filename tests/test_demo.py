@@ -12,19 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_main_job_runs_end_to_end_and_reports_both_accuracies(tmp_path):
-    """The whole story runs from an empty directory and leaves a validated cache and summary.json.
-
-    The issue's bar (eP-ALM >= blind + 25 points) is not met yet with the tiny stand-in LM; the
-    measured figures are printed here and reported on the issue rather than asserted.
-    """
+def test_main_job_epalm_beats_blind_baseline_by_25_points(tmp_path):
+    """The whole story from an empty directory: validated cache, summary.json, and eP-ALM reading the
+    image (held-out scenes) at least 25 points better than the same LM and prompt without it."""
     out = tmp_path / "demo-out"
     result = subprocess.run(["bash", str(ROOT / "jobs" / "demo.sh"), "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     print(summary)
     assert set(summary) == {"epalm_vqa_accuracy", "blind_vqa_accuracy"}
-    assert all(0 <= value <= 100 for value in summary.values())
+    assert summary["epalm_vqa_accuracy"] - summary["blind_vqa_accuracy"] >= 25, summary
     validate = subprocess.run(["precompute", "validate", "--cache", str(out / "cache")], capture_output=True, text=True)
     assert validate.returncode == 0 and "10 committed shards checked, 0 problems" in validate.stdout
     assert "eP-ALM" in result.stdout and "blind baseline" in result.stdout

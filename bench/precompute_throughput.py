@@ -44,18 +44,11 @@ from cache_schema import CacheLayout, CommitRecord, SplitReader
 from precompute.engine import RunConfig, run, worker_layout
 from precompute.experts import get_expert
 from precompute.sources import get_source
+from vit_models import save_vit_base  # bench/ is on sys.path when a script here runs
 
 EXPERT, SOURCE, SPLIT = "vit-cls", "shapes", "train"
 GOAL = 0.85  # the pipeline should keep this share of the bare loop's rate
 SHARED_CORES = 0.2  # other processes using more than this, on average, make wall-clock ratios unreliable
-
-
-def save_vit_base(path: Path) -> str:
-    """ViT-B/16 at its published size with random weights: the same compute, no hub download."""
-    torch.manual_seed(0)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False)
-    timm.models.save_for_hf(model, str(path), safe_serialization=True)
-    return str(path)
 
 
 def save_tiny_vit(path: Path) -> str:

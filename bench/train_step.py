@@ -19,8 +19,10 @@ precompute writes them), so the online run must reproduce the cached inputs; it 
 Both models are built from their configs with random weights (no hub): timm
 `vit_base_patch16_224` and an OPT sized like opt-125m. Weights do not change the time.
 
-A machine shared with other work slows a run at random; CPU use of this process and its
-DataLoader workers, and of everything else, is read from /proc (Linux) around each timed run.
+The modes run in rounds (ABC, CBA, ...), each from a fresh loader, so a slow spell of the
+machine falls on all of them. A machine shared with other work slows a step at random: the CPU
+ticks of this process and its DataLoader workers, and of everything else, are read from /proc
+(Linux) around every step, and only quiet steps are compared.
 
     python bench/train_step.py            # ViT-B/16 + OPT-125m-sized decoder, batch 8
     python bench/train_step.py --small    # toy ViT and decoder: a quick check, overheads dominate
@@ -201,6 +203,7 @@ class Timing:
 
     name: str
     seconds: list[float] = field(default_factory=list)
+    data_seconds: list[float] = field(default_factory=list)  # the part of each step spent in next(batches)
     our_ticks: list[int] = field(default_factory=list)
     other_ticks: list[int] = field(default_factory=list)
 
@@ -211,13 +214,15 @@ class Timing:
     def summary(self) -> dict[str, Any]:
         tick_rate, wall = os.sysconf("SC_CLK_TCK"), sum(self.seconds)
         quiet = [s for s, q in zip(self.seconds, self.quiet()) if q]
+        quiet_data = [s for s, q in zip(self.data_seconds, self.quiet()) if q]
         return {"name": self.name, "steps": len(self.seconds), "quiet_steps": len(quiet),
                 "ms_per_step": 1000 * statistics.mean(quiet) if quiet else None,
                 "median_ms": 1000 * statistics.median(quiet) if quiet else None,
                 "min_ms": 1000 * min(quiet) if quiet else None,
+                "data_ms": 1000 * statistics.mean(quiet_data) if quiet else None,
                 "all_steps_ms_per_step": 1000 * statistics.mean(self.seconds),
                 "our_cores": sum(self.our_ticks) / tick_rate / wall, "other_cores": sum(self.other_ticks) / tick_rate / wall,
-                "step_seconds": self.seconds, "step_quiet": self.quiet()}
+                "step_seconds": self.seconds, "step_data_seconds": self.data_seconds, "step_quiet": self.quiet()}
 
 
 class Trainer:
@@ -240,16 +245,22 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(self, timing: Timing, step: Callable[[], None], warmup: int, steps: int) -> None:
-        """`warmup` untimed calls (worker start-up, first batches), then `steps` timed ones added to `timing`."""
+    def timed(self, timing: Timing, batches: Iterator[dict[str, Any]], step: Callable[[dict[str, Any]], None],
+              warmup: int, steps: int) -> None:
+        """`warmup` untimed steps (worker start-up, first batches), then `steps` timed ones added to `timing`.
+
+        A timed step is `next(batches)` and `step(batch)`; the wait for the batch is also kept apart.
+        """
         for _ in range(warmup):
-            step()
+            step(next(batches))
         self.synchronize()
         counter = CpuCounter()
         for _ in range(steps):
             ours0, busy0 = counter.read()
             began = time.perf_counter()
-            step()
+            batch = next(batches)
+            timing.data_seconds.append(time.perf_counter() - began)
+            step(batch)
             self.synchronize()
             timing.seconds.append(time.perf_counter() - began)
             ours1, busy1 = counter.read()
@@ -318,7 +329,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         for name in order:
             make_batches, step = modes[name]
             batches = make_batches()
-            trainer.timed(timings[name], lambda: step(next(batches)), args.warmup, args.steps)
+            trainer.timed(timings[name], batches, step, args.warmup, args.steps)
             del batches  # shuts its DataLoader workers down before the next mode starts its own
 
     same_batches = all(torch.equal(ids, in_memory[i % batches_per_round]["input_ids"])
@@ -371,10 +382,12 @@ def print_report(result: dict[str, Any]) -> None:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
-    print(f"\n{'':<9}{'quiet steps':>12}{'ms/step':>9}{'median':>9}{'min':>9}{'all steps':>11}{'our cores':>10}{'others':>8}")
+    print(f"\n{'':<9}{'quiet steps':>12}{'ms/step':>9}{'median':>9}{'min':>9}{'in next()':>10}"
+          f"{'all steps':>11}{'our cores':>10}{'others':>8}")
     for row in result["runs"]:
-        print(f"{row['name']:<9}{row['quiet_steps']:>7} of {row['steps']:<2}{ms(row['ms_per_step']):>9}{ms(row['median_ms']):>9}"
-              f"{ms(row['min_ms']):>9}{ms(row['all_steps_ms_per_step']):>11}{row['our_cores']:>10.2f}{row['other_cores']:>8.2f}")
+        print(f"{row['name']:<9}{row['quiet_steps']:>7} of {row['steps']:<2}{ms(row['ms_per_step']):>9}"
+              f"{ms(row['median_ms']):>9}{ms(row['min_ms']):>9}{ms(row['data_ms']):>10}"
+              f"{ms(row['all_steps_ms_per_step']):>11}{row['our_cores']:>10.2f}{row['other_cores']:>8.2f}")
     online = result["runs"][2]
     print(f"(ms: over quiet steps, when the rest of the machine used < {QUIET_CORES} cores; "
           f"online: the ViT forward took {online['vit_ms_per_step']:.1f} ms of each step)")
@@ -390,9 +403,9 @@ def print_report(result: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="toy ViT and decoder instead of ViT-B/16 + OPT-125m size")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of the three modes, interleaved so that a busy spell slows them alike (default: 3)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode and round (default: 5)")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="rounds of the three modes, interleaved so that a slow spell slows them alike (default: 6)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode and round (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each timed run (default: 1)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
     parser.add_argument("--num-workers", type=int, default=TrainConfig.num_workers,

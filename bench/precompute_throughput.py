@@ -137,7 +137,7 @@ class Shard:
 
 
 def run_pipeline(model: str, cache: Path, samples: int, batch_size: int, shard_size: int, cpu: CpuMonitor) -> dict:
-    config = RunConfig(experts=[EXPERT], source=SOURCE, split=SPLIT, cache=str(cache), model=model,
+    config = RunConfig(experts=[EXPERT], source=SOURCE, split=SPLIT, cache=str(cache), models={EXPERT: model},
                        shard_size=shard_size, batch_size=batch_size, limit=samples, workers=1,
                        source_options={"num": samples})
     began, wall = time.time(), time.perf_counter()

@@ -7,16 +7,19 @@
 from cache_schema.commit import CommitRecord, keys_digest
 from cache_schema.layout import SCHEMA_VERSION, CacheError, CacheLayout
 from cache_schema.reader import FeatureReader, SplitReader, list_splits
-from cache_schema.spec import ArraySpec, FeatureSpec, SpecMismatchError, config_hash, model_revision
+from cache_schema.tables import ClassTable, read_table, write_table
+from cache_schema.spec import TEXT_DTYPE, ArraySpec, FeatureSpec, SpecMismatchError, config_hash, model_revision
 from cache_schema.validate import ShardProblem, validate_cache
 from cache_schema.writer import CacheWriter, SplitPlan
 
 __all__ = [
     "SCHEMA_VERSION",
+    "TEXT_DTYPE",
     "ArraySpec",
     "CacheError",
     "CacheLayout",
     "CacheWriter",
+    "ClassTable",
     "CommitRecord",
     "FeatureReader",
     "FeatureSpec",
@@ -28,5 +31,7 @@ __all__ = [
     "keys_digest",
     "list_splits",
     "model_revision",
+    "read_table",
     "validate_cache",
+    "write_table",
 ]

@@ -21,14 +21,24 @@ def keys_digest(keys: list[str]) -> str:
 
 
 def content_checksum(arrays: dict[str, np.ndarray], valid: np.ndarray) -> str:
-    """sha256 over every array's bytes (in name order) and the validity mask."""
+    """sha256 over every stored array (in name order) and the validity mask.
+
+    Text arrays hash their UTF-8 strings (each length-prefixed), not their in-memory form, which
+    differs between the writer's object array and the reader's numpy string array.
+    """
     digest = hashlib.sha256()
     for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
+        array = np.asarray(arrays[name])
         digest.update(name.encode())
-        digest.update(str(array.dtype).encode())
         digest.update(str(array.shape).encode())
-        digest.update(array.tobytes())
+        if array.dtype.kind in "OTU":
+            digest.update(b"str")
+            for text in array.reshape(-1).tolist():
+                encoded = str(text).encode()
+                digest.update(len(encoded).to_bytes(8, "little") + encoded)
+        else:
+            digest.update(str(array.dtype).encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
     digest.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
     return digest.hexdigest()
 

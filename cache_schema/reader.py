@@ -16,7 +16,7 @@ import zarr
 
 from cache_schema.commit import vouching_record
 from cache_schema.layout import CacheError, CacheLayout, read_json
-from cache_schema.spec import FeatureSpec
+from cache_schema.spec import RAGGED_LENGTH_SUFFIX, TEXT_DTYPE, FeatureSpec
 from cache_schema.writer import VALID_ARRAY
 
 
@@ -124,8 +124,17 @@ class FeatureReader:
             mask[start:stop] = valid[start:stop]
         return mask
 
-    def get(self, index: int) -> dict[str, np.ndarray]:
-        return {a.name: self.group[a.name][index] for a in self.spec.arrays}
+    def get(self, index: int) -> dict[str, Any]:
+        """One sample's outputs: arrays (ragged ones cut to their length) and strings."""
+        sample: dict[str, Any] = {}
+        for array in self.spec.arrays:
+            value = self.group[array.name][index]
+            if array.ragged:
+                value = value[: int(self.group[array.name + RAGGED_LENGTH_SUFFIX][index])]
+            elif array.dtype == TEXT_DTYPE:
+                value = str(value)
+            sample[array.name] = value
+        return sample
 
     def get_by_key(self, key: str) -> dict[str, np.ndarray]:
         return self.get(self.split.index_of(key))

@@ -27,12 +27,13 @@ def config_hash(config: Any) -> str:
 def model_revision(model: str, revision: str | None = None) -> tuple[str, str]:
     """(model id, revision) for provenance.
 
-    A local directory is identified by its absolute path and a digest of its weight files, so
+    A local file or directory is identified by its absolute path and a digest of its weight files, so
     retraining a stand-in model in place changes the revision and the cache notices.
     """
     path = Path(model).expanduser()
     if path.exists():
-        weights = sorted(p for p in path.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".h5", ".onnx"})
+        candidates = [path] if path.is_file() else path.rglob("*")
+        weights = sorted(p for p in candidates if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".h5", ".onnx"})
         if not weights:
             raise ValueError(f"{path}: no weight files (*.safetensors, *.bin, *.pt, *.pth, *.h5, *.onnx)")
         digest = hashlib.sha256()
@@ -44,16 +45,45 @@ def model_revision(model: str, revision: str | None = None) -> tuple[str, str]:
     return model, revision or "main"
 
 
+RAGGED_LENGTH_SUFFIX = "_length"
+TEXT_DTYPE = "str"
+
+
 @dataclass(frozen=True)
 class ArraySpec:
-    """One output of an expert: `shape` is per sample (the cache adds the sample axis)."""
+    """One output of an expert: `shape` is per sample (the cache adds the sample axis).
+
+    Three kinds, all plain typed Zarr arrays (never pickles):
+    - dense: every sample has exactly `shape`.
+    - ragged (`ragged=True`): a sample holds a variable number of items, at most `shape[0]`, each
+      of shape `shape[1:]` (instances of an image, words of an OCR result). Stored padded to
+      `shape[0]` beside a `<name>_length` array; the padding is zeros inside a zstd-compressed
+      one-sample chunk, so it costs a few bytes, and readers hand back only the real items.
+    - text (`dtype="str"`, shape ()): one variable-length UTF-8 string per sample.
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    ragged: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.ragged and not self.shape:
+            raise ValueError(f"ragged array {self.name!r} needs a capacity as shape[0]")
+        if self.dtype == TEXT_DTYPE and (self.shape or self.ragged):
+            raise ValueError(f"text array {self.name!r} holds one string per sample: shape () and not ragged")
+
+    @property
+    def length_dtype(self) -> str:
+        capacity = self.shape[0]
+        return "uint8" if capacity <= 0xFF else "uint16" if capacity <= 0xFFFF else "uint32"
+
+    def stored(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, per-sample shape) of the Zarr arrays that hold this output."""
+        if self.ragged:
+            return [(self.name, self.dtype, self.shape), (self.name + RAGGED_LENGTH_SUFFIX, self.length_dtype, ())]
+        return [(self.name, self.dtype, self.shape)]
 
 
 @dataclass(frozen=True)
@@ -78,14 +108,20 @@ class FeatureSpec:
                 return array
         raise KeyError(f"feature {self.name!r} has no array {name!r} (has {[a.name for a in self.arrays]})")
 
+    def stored_arrays(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [stored for array in self.arrays for stored in array.stored()]
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["arrays"] = [{"name": a.name, "dtype": a.dtype, "shape": list(a.shape)} for a in self.arrays]
+        data["arrays"] = [
+            {"name": a.name, "dtype": a.dtype, "shape": list(a.shape), **({"ragged": True} if a.ragged else {})}
+            for a in self.arrays
+        ]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
-        arrays = tuple(ArraySpec(a["name"], a["dtype"], tuple(a["shape"])) for a in data["arrays"])
+        arrays = tuple(ArraySpec(a["name"], a["dtype"], tuple(a["shape"]), a.get("ragged", False)) for a in data["arrays"])
         return cls(
             name=data["name"],
             expert=data["expert"],

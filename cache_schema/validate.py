@@ -44,7 +44,7 @@ def validate_cache(root: str | Path) -> tuple[int, list[ShardProblem]]:
                     if mismatch:
                         problems.append(ShardProblem(where, feature_name, shard, mismatch))
                         continue
-                    arrays = {a.name: feature.read(a.name, record.start, record.stop) for a in feature.spec.arrays}
+                    arrays = {name: feature.read(name, record.start, record.stop) for name, _, _ in feature.spec.stored_arrays()}
                     valid = feature.read(VALID_ARRAY, record.start, record.stop)
                 except (CacheError, OSError, ValueError) as e:
                     problems.append(ShardProblem(where, feature_name, shard, f"unreadable: {e}"))

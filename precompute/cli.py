@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from cache_schema import CacheError, CommitRecord, CacheLayout, SpecMismatchError, SplitReader, list_splits, validate_cache
-from precompute.experts import EXPERTS, ExpertError, expert_class
+from precompute.experts import ALIASES, EXPERTS, ExpertError, expand_experts, expert_class, scope_options
 from precompute.sources import SOURCES, SourceError
 
 USER_ERRORS = (SourceError, ExpertError, CacheError, SpecMismatchError)
@@ -32,17 +32,34 @@ def parse_options(pairs: list[str], flag: str) -> dict[str, Any]:
     return options
 
 
+def parse_models(values: list[str], experts: list[str]) -> dict[str, str]:
+    """`--model X` (one expert) or `--model EXPERT=X` (any number) to {expert: X}."""
+    models = {}
+    for value in values:
+        name, sep, ref = value.partition("=")
+        if sep and name in experts:
+            models[name] = ref
+        elif len(experts) == 1 and not (sep and name in EXPERTS):
+            models[experts[0]] = value
+        else:
+            raise ExpertError(f"--model {value!r}: with experts {', '.join(experts)} write --model EXPERT=ID_OR_PATH for one of them")
+    return models
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="precompute", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("run", help="run experts over a source split into the cache (resumes: only uncommitted shards run)")
-    p.add_argument("--expert", required=True, help="expert name(s), comma-separated; see `precompute experts`")
+    p.add_argument("--expert", required=True,
+                   help="expert name(s), comma-separated, or `prismer` for all of Prismer's; see `precompute experts`")
     p.add_argument("--shards", required=True, metavar="SOURCE", help="source to read; see `precompute sources`")
     p.add_argument("--data-root", help="dataset directory in the source's published layout (not needed for `shapes`)")
     p.add_argument("--split", default="train", help="source split (default: train)")
     p.add_argument("--cache", default="./cache", help="cache directory (default: ./cache)")
-    p.add_argument("--model", help="hub id, timm name or local directory (default: the expert's default)")
+    p.add_argument("--model", action="append", default=[], metavar="[EXPERT=]ID_OR_PATH",
+                   help="hub id, timm name or local path (default: each expert's default); with several experts, "
+                        "EXPERT=ID_OR_PATH, repeatable")
     p.add_argument("--format", choices=["zarr"], default="zarr", help="cache format (default: zarr)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard = per Zarr storage shard (default: 256)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default: 32)")
@@ -52,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="extra attempts for a failed shard (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace a feature (or shard plan) made with a different spec")
     p.add_argument("--source-opt", action="append", default=[], metavar="KEY=VALUE", help="source option, e.g. num=500 (repeatable)")
-    p.add_argument("--expert-opt", action="append", default=[], metavar="KEY=VALUE", help="expert option, e.g. levels=6 (repeatable; applies to every --expert)")
+    p.add_argument("--expert-opt", action="append", default=[], metavar="[EXPERT.]KEY=VALUE",
+                   help="expert option, e.g. resolution=64 (every expert that takes it) or ocrdet.min_confidence=0.3 "
+                        "(repeatable; see `precompute experts`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = commands.add_parser("status", help="what is done, pending and failed per split and feature; samples/s")
@@ -61,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("validate", help="re-check every committed shard's checksum; exit 0 only if all check out")
     p.add_argument("--cache", default="./cache")
+
+    p = commands.add_parser("preview", help="write a PNG grid of one sample's image and its labels, colour-mapped")
+    p.add_argument("--cache", default="./cache")
+    p.add_argument("--key", required=True, help="sample key (see samples.jsonl), e.g. shapes-val-000003")
+    p.add_argument("--split", metavar="SOURCE/SPLIT", help="where to look (default: every split of the cache)")
+    p.add_argument("--out", help="PNG path (default: preview-KEY.png)")
 
     p = commands.add_parser("pretrain-shapes", help="train the shapes world's tiny stand-in models (ViT, OPT) and save them to load by path")
     p.add_argument("--out", required=True, help="directory for vit/, lm/ and pretrain.json")
@@ -86,14 +111,13 @@ def print_summary(summaries: list) -> None:
 def command_run(args: argparse.Namespace) -> int:
     from precompute.engine import RunConfig, run  # torch, timm and Ray: only when there is work
 
-    experts = [e.strip() for e in args.expert.split(",") if e.strip()]
-    expert_options = parse_options(args.expert_opt, "--expert-opt")
+    experts = expand_experts([e.strip() for e in args.expert.split(",") if e.strip()])
     config = RunConfig(
         experts=experts, source=args.shards, data_root=args.data_root, split=args.split, cache=args.cache,
-        model=args.model, shard_size=args.shard_size, batch_size=args.batch_size, limit=args.limit,
+        models=parse_models(args.model, experts), shard_size=args.shard_size, batch_size=args.batch_size, limit=args.limit,
         address=args.address, overwrite=args.overwrite, workers=args.workers, retries=args.retries,
         source_options=parse_options(args.source_opt, "--source-opt"),
-        expert_options={name: expert_options for name in experts},
+        expert_options=scope_options(parse_options(args.expert_opt, "--expert-opt"), experts),
     )
     summaries = run(config, progress=not args.no_progress)
     print_summary(summaries)
@@ -144,6 +168,8 @@ def command_experts(_: argparse.Namespace) -> int:
         cls = expert_class(name)
         options = ", ".join(f"{k}={v}" for k, v in cls.options.items()) or "none"
         print(f"{name:<12} {cls.description}\n{'':<12} default model: {cls.default_model}; options: {options}")
+    for alias, members in ALIASES.items():
+        print(f"{alias:<12} all of: {', '.join(members)} (run in dependency order)")
     return 0
 
 
@@ -151,6 +177,13 @@ def command_sources(_: argparse.Namespace) -> int:
     for name, cls in sorted(SOURCES.items()):
         root = "needs --data-root" if cls.needs_data_root else "no data root"
         print(f"{name:<10} {cls.description}\n{'':<10} splits: {', '.join(cls.splits)}; {root}")
+    return 0
+
+
+def command_preview(args: argparse.Namespace) -> int:
+    from precompute.preview import preview
+
+    print(preview(args.cache, args.key, args.out or f"preview-{args.key}.png", args.split))
     return 0
 
 
@@ -162,7 +195,7 @@ def command_pretrain_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "pretrain-shapes": command_pretrain_shapes, "status": command_status, "validate": command_validate,
+COMMANDS = {"run": command_run, "preview": command_preview, "pretrain-shapes": command_pretrain_shapes, "status": command_status, "validate": command_validate,
             "experts": command_experts, "sources": command_sources}
 
 

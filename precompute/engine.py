@@ -8,8 +8,9 @@
                                           ▼
                      CacheWriter.write_shard: arrays, then the commit record (last)
 
-Every shard is written by exactly one actor, into exactly one Zarr storage shard, so no two
-writers ever share a file. A killed driver loses nothing committed: the same command plans again
+Experts that read another expert's labels (objdet needs depth) run after it; a shard whose input
+feature is not committed is refused and recorded, never run on missing data. Every shard is
+written by exactly one actor, into exactly one Zarr storage shard, so no two writers ever share a file. A killed driver loses nothing committed: the same command plans again
 and only shards without a valid record run. A failed shard is retried on a fresh attempt; one
 that keeps failing is recorded under `_failures/` while the others finish.
 """
@@ -20,7 +21,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ import numpy as np
 import ray
 import torch
 from tqdm import tqdm
+from transformers.utils import logging as transformers_logging
 
-from cache_schema import CacheWriter, FeatureSpec, SplitPlan
-from precompute.experts import ExpertError, get_expert
+from cache_schema import CacheWriter, FeatureSpec, SplitPlan, SplitReader, TEXT_DTYPE, write_table
+from precompute.experts import ExpertError, expand_experts, get_expert
 from precompute.sources import MediaError, Sample, Source, get_source
 
 
@@ -41,7 +43,7 @@ class RunConfig:
     data_root: str | None = None
     split: str = "train"
     cache: str = "./cache"
-    model: str | None = None
+    models: dict[str, str] = field(default_factory=dict)  # expert name -> hub id / name / path
     shard_size: int = 256
     batch_size: int = 32
     limit: int | None = None
@@ -94,7 +96,9 @@ class ShardWorker:
 
     def __init__(self, expert: str, model: str | None, expert_options: dict[str, Any], source_name: str,
                  source: Source, cache: str, threads: int, decode_threads: int):
+        self.cache = cache
         torch.set_num_threads(threads)
+        transformers_logging.disable_progress_bar()  # per-actor "Loading weights" bars would interleave with ours
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.expert = get_expert(expert, model=model, device=device, **expert_options)
         self.expert.load()
@@ -105,6 +109,9 @@ class ShardWorker:
 
     def spec(self, feature: str) -> FeatureSpec:
         return self.expert.spec(feature)
+
+    def tables(self) -> dict:
+        return self.expert.tables()
 
     def pid(self) -> int:
         return os.getpid()
@@ -118,11 +125,31 @@ class ShardWorker:
         except Exception as e:  # a preprocessing crash on one odd input is that input's gap too
             return f"preprocess failed: {type(e).__name__}: {e}"
 
-    def run_shard(self, spec: FeatureSpec, shard: int, start: int, samples: list[Sample], batch_size: int) -> dict[str, Any]:
+    def _inputs(self, required: list[str], start: int, stop: int) -> dict[str, dict[str, np.ndarray]]:
+        """The required features' stored arrays for this shard's samples."""
+        if not required:
+            return {}
+        reader = SplitReader(self.cache, self.source_name, self.source.split)
+        inputs = {}
+        for name in required:
+            feature = reader.feature(name)
+            inputs[name] = {array: feature.read(array, start, stop) for array, _, _ in feature.spec.stored_arrays()}
+        return inputs
+
+    def run_shard(self, spec: FeatureSpec, shard: int, start: int, samples: list[Sample], batch_size: int,
+                  required: list[str]) -> dict[str, Any]:
         began = time.perf_counter()
+        inputs = self._inputs(required, start, start + len(samples))
         pending = deque(self.decoder.submit(self._decode, s) for s in samples[: 2 * batch_size])
         next_submit = len(pending)
-        arrays = {a.name: np.zeros((len(samples), *a.shape), dtype=a.dtype) for a in spec.arrays}
+        arrays: dict[str, Any] = {}
+        for a in spec.arrays:
+            if a.dtype == TEXT_DTYPE:
+                arrays[a.name] = [""] * len(samples)
+            elif a.ragged:
+                arrays[a.name] = [np.zeros((0, *a.shape[1:]), dtype=a.dtype)] * len(samples)
+            else:
+                arrays[a.name] = np.zeros((len(samples), *a.shape), dtype=a.dtype)
         valid = np.zeros(len(samples), dtype=bool)
         invalid: dict[str, str] = {}
         for batch_start in range(0, len(samples), batch_size):
@@ -138,8 +165,13 @@ class ShardWorker:
                     tensors.append(result)
                     positions.append(position)
             if tensors:
-                for name, values in self.expert.predict(torch.stack(tensors)).items():
-                    arrays[name][positions] = values
+                batch_inputs = {name: {k: v[positions] for k, v in arrays_.items()} for name, arrays_ in inputs.items()}
+                for name, values in self.expert.predict(torch.stack(tensors), batch_inputs).items():
+                    if isinstance(arrays[name], list):
+                        for position, value in zip(positions, values):
+                            arrays[name][position] = value
+                    else:
+                        arrays[name][positions] = values
                 valid[positions] = True
         record = self.writer.write_shard(
             self.source_name, self.source.split, spec, shard, start, [s.key for s in samples],
@@ -179,41 +211,109 @@ def worker_layout(workers: int | None) -> tuple[int, float, float]:
 
 
 def run(config: RunConfig, progress: bool = True) -> list[ExpertSummary]:
-    """Run every requested expert over one source split. Raises on bad input before any work."""
+    """Run every requested expert over one source split. Raises on bad input before any work.
+
+    Experts run in dependency order (`prismer` expands to all of Prismer's, depth before objdet).
+    """
     source = get_source(config.source, config.data_root, config.split, **config.source_options)
-    for name in config.experts:
-        get_expert(name, model=config.model, **config.expert_options.get(name, {}))  # fail fast on options
+    names = expand_experts(config.experts)
+    unknown_models = set(config.models) - set(names)
+    if unknown_models:
+        raise ExpertError(f"--model given for {sorted(unknown_models)}, which this run does not include ({', '.join(names)})")
+    experts = {name: get_expert(name, model=config.models.get(name), **config.expert_options.get(name, {})) for name in names}
+    order = dependency_order(experts)
     plan, samples = plan_split(source, config.source, config.shard_size, config.limit)
     writer = CacheWriter(config.cache)
     writer.prepare_split(plan, overwrite=config.overwrite)
+    for name in order:
+        for required in experts[name].requires():
+            if required not in experts and f"{plan.source}/{plan.split}/{required}" not in writer.layout.read_manifest()["features"]:
+                raise ExpertError(
+                    f"{name} reads the {required!r} feature, which {config.cache} does not have for "
+                    f"{plan.source}/{plan.split}; run `--expert {required}` first, or ask for both (`--expert {required},{name}`)"
+                )
     init_ray(config.address)
     count, cpus, gpus = worker_layout(config.workers)
-    summaries = []
-    for name in config.experts:
-        summaries.append(_run_expert(name, config, source, plan, samples, writer, count, cpus, gpus, progress))
-    return summaries
+    return [_run_expert(name, experts[name].requires(), config, source, plan, samples, writer, count, cpus, gpus, progress)
+            for name in order]
 
 
-def _run_expert(name: str, config: RunConfig, source: Source, plan: SplitPlan, samples: list[Sample],
+def dependency_order(experts: dict[str, Any]) -> list[str]:
+    """The requested experts, each after the ones it reads (requested order otherwise kept)."""
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in order or name not in experts:
+            return
+        if name in path:
+            raise ExpertError(f"experts depend on each other in a cycle: {' -> '.join(path + (name,))}")
+        for required in experts[name].requires():
+            visit(required, path + (name,))
+        order.append(name)
+
+    for name in experts:
+        visit(name, ())
+    return order
+
+
+def check_inputs(name: str, spec: FeatureSpec, required: tuple[str, ...], writer: CacheWriter,
+                 plan: SplitPlan) -> tuple[FeatureSpec, set[int], str]:
+    """The spec with its inputs' provenance added, the shards whose inputs are committed, and why
+    the others are refused. A label made from another label is a different feature when that
+    one's model changes, so the input's model and revision become part of this spec's identity."""
+    manifest = writer.layout.read_manifest()["features"]
+    ready = set(range(plan.num_shards))
+    provenance = {}
+    for feature in required:
+        required_spec = FeatureSpec.from_dict(manifest[f"{plan.source}/{plan.split}/{feature}"])
+        mine, theirs = spec.params.get("resolution"), required_spec.params.get("resolution")
+        if mine != theirs:
+            raise ExpertError(f"{name} at resolution {mine} cannot read {feature} at resolution {theirs}; use the same --expert-opt resolution")
+        ready &= writer.committed_shards(plan, required_spec)
+        provenance[feature] = {"model_id": required_spec.model_id, "revision": required_spec.revision,
+                               "preprocess_hash": required_spec.preprocess_hash}
+    if provenance:
+        spec = replace(spec, params={**spec.params, "inputs": provenance})
+    return spec, ready, f"refused: {', '.join(required)} not committed for this shard (run it first)"
+
+
+def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source: Source, plan: SplitPlan, samples: list[Sample],
                 writer: CacheWriter, count: int, cpus: float, gpus: float, progress: bool) -> ExpertSummary:
     worker_cls = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=0)
     cache = str(Path(config.cache).absolute())
     actors = [
-        worker_cls.remote(name, config.model, config.expert_options.get(name, {}), config.source, source,
+        worker_cls.remote(name, config.models.get(name), config.expert_options.get(name, {}), config.source, source,
                           cache, int(cpus), config.decode_threads)
         for _ in range(count)
     ]
     try:
         spec = ray.get(actors[0].spec.remote(name))
+        tables = ray.get(actors[0].tables.remote())
     except ray.exceptions.RayError as e:
         for actor in actors:
             ray.kill(actor)
         cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
-        raise ExpertError(f"expert {name!r} could not load model {config.model or 'default'}: {cause}") from e
-    writer.prepare_feature(plan, spec, overwrite=config.overwrite)
+        raise ExpertError(f"expert {name!r} could not load model {config.models.get(name) or 'default'}: {cause}") from e
+    try:
+        spec, inputs_ready, refusal = check_inputs(name, spec, required, writer, plan)
+        writer.prepare_feature(plan, spec, overwrite=config.overwrite)
+        for table_name, table in tables.items():
+            write_table(config.cache, table_name, table, overwrite=config.overwrite)
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor)
+        raise
     done = writer.committed_shards(plan, spec)
-    pending = [s for s in range(plan.num_shards) if s not in done]
     summary = ExpertSummary(name, plan.num_shards, shards_skipped=len(done))
+    pending = []
+    for shard in range(plan.num_shards):
+        if shard in done:
+            continue
+        if shard in inputs_ready:
+            pending.append(shard)
+        else:
+            writer.record_failure(plan, spec.name, shard, refusal, 0)
+            summary.shards_failed.append(shard)
     attempts = {shard: 0 for shard in pending}
     queue = deque(pending)
     running: dict[ray.ObjectRef, tuple[int, Any]] = {}
@@ -226,8 +326,10 @@ def _run_expert(name: str, config: RunConfig, source: Source, plan: SplitPlan, s
         shard = queue.popleft()
         start, stop = plan.shard_range(shard)
         attempts[shard] += 1
-        running[actor.run_shard.remote(spec, shard, start, samples[start:stop], config.batch_size)] = (shard, actor)
+        running[actor.run_shard.remote(spec, shard, start, samples[start:stop], config.batch_size, list(required))] = (shard, actor)
 
+    if summary.shards_failed:
+        bar.write(f"{name}: {len(summary.shards_failed)} shard(s) {refusal}")
     while queue or running:
         while queue and idle:
             submit(idle.pop())

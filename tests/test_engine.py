@@ -33,7 +33,7 @@ def image_folder(root: Path) -> Path:
 def test_bad_images_become_recorded_gaps_and_rerun_skips(tmp_path, tiny_vit_dir, ray_local):
     root = image_folder(tmp_path / "images")
     config = RunConfig(experts=["vit-cls"], source="images", data_root=str(root), split="all",
-                       cache=str(tmp_path / "cache"), model=str(tiny_vit_dir), shard_size=4, batch_size=3)
+                       cache=str(tmp_path / "cache"), models={"vit-cls": str(tiny_vit_dir)}, shard_size=4, batch_size=3)
     [summary] = run(config, progress=False)
     assert (summary.shards_done, summary.samples, summary.invalid, summary.shards_failed) == (3, 9, 2, [])
     reader = SplitReader(tmp_path / "cache", "images", "all")
@@ -55,10 +55,10 @@ def test_bad_images_become_recorded_gaps_and_rerun_skips(tmp_path, tiny_vit_dir,
 def test_other_model_into_same_feature_is_refused(tmp_path, tiny_vit_dir, ray_local):
     root = image_folder(tmp_path / "images")
     config = RunConfig(experts=["vit-cls"], source="images", data_root=str(root), split="all",
-                       cache=str(tmp_path / "cache"), model=str(tiny_vit_dir), shard_size=8)
+                       cache=str(tmp_path / "cache"), models={"vit-cls": str(tiny_vit_dir)}, shard_size=8)
     run(config, progress=False)
     other = save_tiny_vit(tmp_path / "other-vit", embed_dim=16, seed=1)
-    config.model = str(other)
+    config.models = {"vit-cls": str(other)}
     with pytest.raises(SpecMismatchError, match="model_id"):
         run(config, progress=False)
     config.overwrite = True
@@ -71,7 +71,7 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_rest_finish(tmp_path, ti
     cache = tmp_path / "cache"
     # A directory where shard 1's commit record must go: a real storage fault, on every attempt.
     (cache / "shapes/train/_commits/vit-cls/00001.json").mkdir(parents=True)
-    config = RunConfig(experts=["vit-cls"], source="shapes", cache=str(cache), model=str(tiny_vit_dir),
+    config = RunConfig(experts=["vit-cls"], source="shapes", cache=str(cache), models={"vit-cls": str(tiny_vit_dir)},
                        shard_size=5, limit=15, retries=1, source_options={"num": 15})
     [summary] = run(config, progress=False)
     assert summary.shards_failed == [1] and summary.shards_done == 2

@@ -17,7 +17,7 @@ from PIL import Image
 
 from precompute.decode import decode_image
 from precompute.sources import SOURCES, MediaError, Sample, SourceError, get_source
-from precompute.sources.shapes import COLORS, PAINT, SHAPES, ShapesWorld
+from precompute.sources.shapes import COLORS, DETECTION_CLASSES, PAINT, SEG_CLASSES, SHAPES, SIGN_PAINT, ShapesWorld
 
 
 def save_image(path: Path, color=(200, 30, 30), size=(8, 6), fmt=None) -> Path:
@@ -554,6 +554,38 @@ def test_shapes_questions_cannot_be_answered_blind():
     assert yes_no.count("yes") / len(yes_no) == pytest.approx(0.5, abs=0.05)
 
 
+def test_shapes_truth_matches_the_picture():
+    """Prismer's stand-ins learn from `truth`: it must describe the rendered pixels exactly."""
+    world = ShapesWorld(seed=0, image_size=64)
+    signs = 0
+    for index in range(40):
+        scene = world.scene("train", index)
+        truth = world.truth(scene, 64)
+        pixels = np.asarray(world.render(scene)).astype(int)
+        for i, obj in enumerate(scene.objects):
+            mask = truth["instances"] == i
+            assert mask.sum() > 20
+            assert np.abs(pixels[mask] - PAINT[obj.color]).max() == 0  # every pixel of the mask shows the object
+            assert (truth["classes"][mask] == SEG_CLASSES.index(obj.shape)).all()
+            assert (truth["inverse_depth"][mask] == np.float32(obj.nearness)).all()
+        background = truth["instances"] == 255
+        assert (truth["classes"][background] == 0).all() and (truth["inverse_depth"][background] == 0).all()
+        nearness = [o.nearness for o in scene.objects]
+        assert nearness == sorted(nearness) and nearness[-1] == 1.0  # drawn far to near
+        assert [DETECTION_CLASSES[c] for c in truth["box_classes"]] == [f"{o.color} {o.shape}" for o in scene.objects]
+        for i in range(len(scene.objects)):
+            mask = np.pad(truth["instances"] == i, 1, mode="edge")
+            interior = (mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))[1:-1, 1:-1]
+            outline = mask[1:-1, 1:-1] & ~interior
+            assert truth["edges"][outline].all() and not truth["edges"][interior].any()
+        if scene.sign:
+            signs += 1
+            x0, y0, x1, y1 = (np.array(truth["word_boxes"][0]) * 64).round().astype(int)
+            ink = np.abs(pixels[y0:y1, x0:x1] - np.array(SIGN_PAINT)).max(axis=-1) < 40
+            assert ink.sum() > 10 and (truth["instances"][y0:y1, x0:x1] == 255).all()  # the word touches no object
+    assert 10 < signs < 30
+
+
 def test_shapes_source_samples():
     source = get_source("shapes", None, "val", num="12", image_size=32, seed=1)
     samples = source.samples()
@@ -561,7 +593,7 @@ def test_shapes_source_samples():
     assert samples[7] == Sample(
         key="shapes-val-000007", media="val/7", annotations=samples[7].annotations
     )
-    assert set(samples[7].annotations) == {"captions", "questions", "labels"}
+    assert set(samples[7].annotations) == {"captions", "questions", "labels", "text"}
     assert [s.key for s in samples] == sorted(s.key for s in samples)
     json.dumps([s.annotations for s in samples])
     json.dumps(source.info())

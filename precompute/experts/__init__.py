@@ -19,12 +19,58 @@ class ExpertError(Exception):
 
 EXPERTS: dict[str, str] = {
     "vit-cls": "precompute.experts.vit_cls:VitClsExpert",
+    "rgb": "precompute.experts.rgb:RgbExpert",
+    "depth": "precompute.experts.depth:DepthExpert",
+    "normal": "precompute.experts.normal:NormalExpert",
+    "edge": "precompute.experts.edge:EdgeExpert",
+    "seg-coco": "precompute.experts.seg:SegCocoExpert",
+    "seg-ade": "precompute.experts.seg:SegAdeExpert",
+    "objdet": "precompute.experts.objdet:ObjDetExpert",
+    "ocrdet": "precompute.experts.ocrdet:OcrDetExpert",
 }
+
+
+# Names that stand for several experts, in the order they run.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "prismer": ("rgb", "depth", "normal", "edge", "seg-coco", "objdet", "ocrdet"),
+}
+
+
+def expand_experts(names: list[str]) -> list[str]:
+    """Expert names with aliases expanded and repeats dropped; unknown names are refused."""
+    expanded: list[str] = []
+    for name in names:
+        for member in ALIASES.get(name, (name,)):
+            expert_class(member)
+            if member not in expanded:
+                expanded.append(member)
+    return expanded
+
+
+def scope_options(options: dict[str, Any], experts: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-expert options from `KEY=VALUE` (every expert that takes KEY) and `EXPERT.KEY=VALUE`.
+
+    An unscoped option no requested expert takes is an error, so a typo never passes silently.
+    """
+    scoped: dict[str, dict[str, Any]] = {name: {} for name in experts}
+    for key, value in options.items():
+        target, dot, option = key.rpartition(".")
+        if dot:
+            if target not in scoped:
+                raise ExpertError(f"option {key!r} names expert {target!r}, which this run does not include ({', '.join(experts)})")
+            scoped[target][option] = value
+            continue
+        takers = [name for name in experts if key in expert_class(name).options]
+        if not takers:
+            raise ExpertError(f"no expert in this run ({', '.join(experts)}) takes option {key!r}")
+        for name in takers:
+            scoped[name].setdefault(key, value)
+    return scoped
 
 
 def expert_class(name: str) -> type[Expert]:
     if name not in EXPERTS:
-        raise ExpertError(f"unknown expert {name!r}; registered: {', '.join(sorted(EXPERTS))}")
+        raise ExpertError(f"unknown expert {name!r}; registered: {', '.join(sorted(EXPERTS))} (and {', '.join(ALIASES)})")
     module, _, attribute = EXPERTS[name].partition(":")
     return getattr(importlib.import_module(module), attribute)
 
@@ -33,4 +79,4 @@ def get_expert(name: str, model: str | None = None, device: str = "cpu", **optio
     return expert_class(name)(model=model, device=device, **options)
 
 
-__all__ = ["EXPERTS", "ExpertError", "expert_class", "get_expert"]
+__all__ = ["ALIASES", "EXPERTS", "ExpertError", "expand_experts", "expert_class", "get_expert", "scope_options"]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cache_schema import FeatureSpec
+from cache_schema import ClassTable, FeatureSpec
 from precompute.experts import ExpertError
 
 
@@ -38,6 +38,18 @@ class Expert(ABC):
         """Half precision on GPU (the frozen forward is the expensive part); float32 on CPU."""
         return torch.float16 if self.device.type == "cuda" else torch.float32
 
+    def requires(self) -> tuple[str, ...]:
+        """Cached features (by expert name) this expert reads for each shard it labels.
+
+        The engine runs them first when asked for both, and refuses shards where they are not
+        committed; their arrays for the batch reach `predict` as `inputs[name][array]`.
+        """
+        return ()
+
+    def tables(self) -> dict[str, ClassTable]:
+        """Class-name embedding tables this expert's labels index into (stored once per cache)."""
+        return {}
+
     @abstractmethod
     def load(self) -> None:
         """Load weights (once per actor)."""
@@ -51,5 +63,9 @@ class Expert(ABC):
         """CPU work for one decoded image; runs in decode threads, overlapping `predict`."""
 
     @abstractmethod
-    def predict(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
-        """Batched frozen forward + postprocess to the spec's arrays (sample axis first)."""
+    def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+        """Batched frozen forward + postprocess to the spec's arrays (sample axis first).
+
+        Dense outputs are arrays [B, ...]; ragged outputs a list of B arrays [items, ...]; text
+        outputs a list of B strings. `inputs` holds the required features' arrays for the batch.
+        """

@@ -66,7 +66,7 @@ class VitClsExpert(Expert):
         return self.transform(image)
 
     @torch.inference_mode()
-    def predict(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+    def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         model = self.model
         hidden_states = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(batch.to(self.device, self.dtype)))))
         cls_per_level = []

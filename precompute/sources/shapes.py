@@ -14,17 +14,20 @@ that training on it means something:
   shapes are uniform, and the asked object always exists; a model that sees only the question does
   little better than chance (the tests hold the best blind guess under 45%).
 - Answers are one word; numbers are digits, as VQA's answer normalisation writes them.
+- It knows the truth behind every pixel (`ShapesWorld.truth`): objects stand at different
+  distances (later-drawn ones nearer), each has a class mask, a box and an outline, and half the
+  scenes carry a printed word for OCR. Prismer's stand-in experts are trained on that truth.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from precompute.sources.base import MediaError, Sample, Source, SourceError
 
@@ -48,6 +51,17 @@ MIDLINE_CLEARANCE = 0.06  # |x - 0.5| at least this: each object is clearly left
 MIN_HORIZONTAL_GAP = 0.1  # between centres: "left of" is clear for every pair
 PLACEMENT_TRIES = 100
 
+# Printed on half the scenes, away from every object, for OCR to find.
+SIGN_WORDS = ("stop", "open", "exit", "sale", "taxi", "hotel", "cafe", "park", "bank", "zoo")
+SIGN_PAINT = (30, 30, 30)
+SIGN_FONT_FRACTION = 0.19  # font size as a fraction of the image: 12 px at 64 px
+SIGN_MARGIN = 0.04  # clear space around the word's ink: pixel rounding never lets it touch an object
+NEAREST, FARTHEST = 1.0, 0.35  # inverse depth of the nearest and farthest object; background is 0
+
+SEG_CLASSES = ("background",) + SHAPES
+DETECTION_CLASSES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
+BACKGROUND_INSTANCE = 255
+
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 SIDES = ("left", "right")
 YES_NO = ("yes", "no")
@@ -68,6 +82,20 @@ class ShapeObject:
     x: float  # centre, fraction of the image width from the left
     y: float  # centre, fraction of the image height from the top
     size: float  # width and height, fraction of the image
+    nearness: float = 0.0  # inverse depth in (0, 1]; later-drawn objects are nearer
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) as fractions of the image."""
+        half = self.size / 2
+        return (self.x - half, self.y - half, self.x + half, self.y + half)
+
+
+@dataclass(frozen=True)
+class Sign:
+    word: str
+    x: float  # top-left corner of the text, fractions of the image
+    y: float
 
 
 @dataclass(frozen=True)
@@ -75,6 +103,7 @@ class Scene:
     split: str
     index: int
     objects: tuple[ShapeObject, ...]  # drawn in this order (later = in front)
+    sign: Sign | None = None
 
 
 class ShapesWorld:
@@ -112,7 +141,37 @@ class ShapesWorld:
                 else:
                     break
             if len(placed) == count:
-                return Scene(split, index, tuple(placed))
+                break
+        # Depth and sign come from streams of their own, so adding them changed no earlier scene.
+        depth_rng = self._rng(split, index, "depth")
+        nearness = np.sort(depth_rng.uniform(FARTHEST, NEAREST, size=count))
+        nearness[-1] = NEAREST
+        objects = tuple(replace(obj, nearness=float(n)) for obj, n in zip(placed, nearness))
+        return Scene(split, index, objects, self._sign(split, index, objects))
+
+    def _font(self) -> ImageFont.FreeTypeFont:
+        return ImageFont.load_default(size=max(6, round(SIGN_FONT_FRACTION * self.image_size)))
+
+    def _sign(self, split: str, index: int, objects: tuple[ShapeObject, ...]) -> Sign | None:
+        """A word on half the scenes, where it touches no object (or no word if none fits)."""
+        rng = self._rng(split, index, "sign")
+        if rng.random() < 0.5:
+            return None
+        word = SIGN_WORDS[int(rng.integers(len(SIGN_WORDS)))]
+        n = self.image_size
+        left, top, right, bottom = (v / n for v in self._font().getbbox(word))
+        for _ in range(PLACEMENT_TRIES):
+            x, y = float(rng.uniform(0.02 - left, 0.98 - right)), float(rng.uniform(0.02 - top, 0.98 - bottom))
+            ink = (x + left - SIGN_MARGIN, y + top - SIGN_MARGIN, x + right + SIGN_MARGIN, y + bottom + SIGN_MARGIN)
+            if all(ink[2] < o.box[0] or o.box[2] < ink[0] or ink[3] < o.box[1] or o.box[3] < ink[1] for o in objects):
+                return Sign(word, x, y)
+        return None
+
+    def sign_box(self, sign: Sign) -> tuple[float, float, float, float]:
+        """The printed word's ink box, (x0, y0, x1, y1) as fractions of the image."""
+        n = self.image_size
+        left, top, right, bottom = ImageDraw.Draw(Image.new("L", (n, n))).textbbox((sign.x * n, sign.y * n), sign.word, font=self._font())
+        return (left / n, top / n, right / n, bottom / n)
 
     def render(self, scene: Scene) -> Image.Image:
         """Aliased polygons on a noisy light-grey canvas: exact, so pixels hash identically."""
@@ -124,15 +183,45 @@ class ShapesWorld:
         image = Image.fromarray(canvas)
         draw = ImageDraw.Draw(image)
         for obj in scene.objects:
-            cx, cy, r = obj.x * n, obj.y * n, obj.size * n / 2
-            paint = PAINT[obj.color]
-            if obj.shape == "circle":
-                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=paint)
-            elif obj.shape == "square":
-                draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=paint)
-            else:
-                draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=paint)
+            draw_shape(draw, obj, n, PAINT[obj.color])
+        if scene.sign is not None:
+            draw.text((scene.sign.x * n, scene.sign.y * n), scene.sign.word, font=self._font(), fill=SIGN_PAINT)
         return image
+
+    def truth(self, scene: Scene, resolution: int) -> dict[str, np.ndarray]:
+        """What every pixel is, at `resolution` x `resolution` over the whole image.
+
+        inverse_depth float32 (background 0, objects their nearness), classes uint8 (SEG_CLASSES
+        index), instances uint8 (index into scene.objects, 255 background), edges bool (where the
+        instance changes between 4-neighbours), boxes float32 [k, 4] and box_classes int64 [k]
+        (DETECTION_CLASSES index) in scene order, words: the printed word(s) and their ink boxes.
+        """
+        instances_image = Image.new("L", (resolution, resolution), BACKGROUND_INSTANCE)
+        draw = ImageDraw.Draw(instances_image)
+        for i, obj in enumerate(scene.objects):
+            draw_shape(draw, obj, resolution, i)
+        instances = np.asarray(instances_image, dtype=np.uint8)
+        objects = scene.objects
+        nearness = np.array([0.0] * 256, dtype=np.float32)
+        classes = np.zeros(256, dtype=np.uint8)
+        for i, obj in enumerate(objects):
+            nearness[i] = obj.nearness
+            classes[i] = SEG_CLASSES.index(obj.shape)
+        edges = np.zeros_like(instances, dtype=bool)
+        edges[:, 1:] |= instances[:, 1:] != instances[:, :-1]
+        edges[:, :-1] |= instances[:, 1:] != instances[:, :-1]
+        edges[1:] |= instances[1:] != instances[:-1]
+        edges[:-1] |= instances[1:] != instances[:-1]
+        return {
+            "inverse_depth": nearness[instances],
+            "classes": classes[instances],
+            "instances": instances,
+            "edges": edges,
+            "boxes": np.array([o.box for o in objects], dtype=np.float32).reshape(-1, 4),
+            "box_classes": np.array([DETECTION_CLASSES.index(name(o)) for o in objects], dtype=np.int64),
+            "words": [scene.sign.word] if scene.sign else [],
+            "word_boxes": np.array([self.sign_box(scene.sign)] if scene.sign else [], dtype=np.float32).reshape(-1, 4),
+        }
 
     def captions(self, scene: Scene) -> list[str]:
         """Five captions: different orders, viewpoints (sides, relations, counts), same facts."""
@@ -244,6 +333,17 @@ class ShapesWorld:
         return sorted(words)
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, obj: ShapeObject, n: int, fill: tuple[int, int, int] | int) -> None:
+    """One object on an n x n canvas: the same geometry for the picture and for its truth maps."""
+    cx, cy, r = obj.x * n, obj.y * n, obj.size * n / 2
+    if obj.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+
+
 def fits(candidate: ShapeObject, placed: list[ShapeObject]) -> bool:
     """Clear of the midline, horizontally apart from and barely overlapping what is placed."""
     if abs(candidate.x - 0.5) < MIDLINE_CLEARANCE:
@@ -324,6 +424,7 @@ class ShapesSource(Source):
                         "captions": self.world.captions(scene),
                         "questions": self.world.questions(scene),
                         "labels": self.world.labels(scene),
+                        "text": [scene.sign.word] if scene.sign else [],
                     },
                 )
             )

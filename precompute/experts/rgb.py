@@ -1,0 +1,42 @@
+"""`rgb`: the image itself, resized to the label frame, so the Prismer trainer needs only the cache.
+
+Prismer's trainer reads the picture and every expert label of it with the same random crop; with
+the picture stored here at the labels' resolution and alignment, the cache is self-sufficient
+(no raw images at training time) and RGB and labels line up pixel for pixel by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cache_schema import ArraySpec, FeatureSpec, config_hash
+from precompute.experts.labels import LabelExpert
+
+
+class RgbExpert(LabelExpert):
+    name = "rgb"
+    description = "the image resized to the label frame (bicubic), uint8 [N, 3, R, R] (Prismer's RGB input)"
+    default_model = "none"
+
+    def load(self) -> None:
+        """No model: the 'expert' is the resize that every label expert also applies."""
+
+    def spec(self, feature: str) -> FeatureSpec:
+        r = self.resolution
+        return FeatureSpec(
+            name=feature,
+            expert=self.name,
+            model_id="none",
+            revision="resize-bicubic-v1",
+            preprocess_hash=config_hash({"resolution": r, "resample": "bicubic"}),
+            arrays=(ArraySpec("rgb", "uint8", (3, r, r)),),
+            params={"resolution": r},
+        )
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.frame(image)).transpose(2, 0, 1).copy())
+
+    def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {"rgb": batch.numpy()}

@@ -51,7 +51,8 @@ def prismer_args(cache: Path, models: dict[str, Path], *extra: str) -> list[str]
         "--model", f"objdet={models['objdet']}", "--model", f"edge={hed_weights_path()}",
         "--model", f"ocrdet={easyocr_models_dir()}",
         "--expert-opt", f"resolution={RESOLUTION}", "--expert-opt", f"text_encoder={models['text_encoder']}",
-        "--expert-opt", "normal.mode=from-depth", "--expert-opt", "objdet.threshold=0.0", *extra,
+        "--expert-opt", "normal.mode=from-depth", "--expert-opt", "objdet.threshold=0.0",
+        "--expert-opt", "ocrdet.detect_size=128", *extra,
     ]
 
 

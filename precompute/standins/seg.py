@@ -42,13 +42,13 @@ class SegStandinConfig:
     hidden_dim: int = 64  # pixel decoder, mask features and query decoder width
     encoder_layers: int = 2
     decoder_layers: int = 3  # one masked-attention layer per pixel-decoder scale
-    num_queries: int = 8  # a scene has <= 4 classes (background + 3 shapes)
-    train_num_points: int = 1024  # mask-loss points per mask (the 64-px frame has 4096 pixels)
+    num_queries: int = 6  # a scene has <= 4 classes (background + 3 shapes)
+    train_num_points: int = 256  # mask-loss points per mask: the 64-px frame's mask logits are 16 x 16
     train_scenes: int = 1600
     val_scenes: int = 100
     steps: int = 300
     batch_size: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-3  # from scratch a high rate pays: held-out mIoU 0.50 at 1e-3, 0.89 at 5e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
 

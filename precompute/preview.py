@@ -79,7 +79,7 @@ def preview(cache: str | Path, key: str, out: str | Path, split: str | None = No
     reader = holding[0]
     index = reader.index_of(key)
     tiles: list[tuple[str, np.ndarray, list[str]]] = []
-    for feature_name in reader.feature_names:
+    for feature_name in sorted(reader.feature_names, key=lambda name: name != "rgb"):  # the picture first
         feature = reader.feature(feature_name)
         if not feature.usable[index]:
             tiles.append((f"{feature_name}: not available", np.zeros((8, 8, 3), np.uint8), ["gap or uncommitted shard"]))

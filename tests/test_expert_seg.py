@@ -28,7 +28,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "text": str(save_tiny_text_encoder(root / "text")),
         "coco": str(save_tiny_mask2former(root / "m2f-coco", num_labels=133)),
         "ade": str(save_tiny_mask2former(root / "m2f-ade", num_labels=150)),
-        "named": str(save_tiny_mask2former(root / "m2f-named", num_labels=3, id2label={0: "sky", 1: "tree", 2: "road"})),
+        "named": str(save_tiny_mask2former(root / "m2f-named", num_labels=3,
+                                           id2label={0: "sky", 1: "tree", 2: "road"})),
         "rt_detr": str(save_tiny_detector(root / "rt-detr")),
         "detr": str(save_tiny_detector(root / "detr", kind="detr")),
     }
@@ -43,8 +44,8 @@ def images() -> list[Image.Image]:
     ]
 
 
-def loaded(name: str, model: str, text: str, **options):
-    expert = get_expert(name, model=model, resolution=R, text_encoder=text, **options)
+def loaded(name: str, model: str, text: str, resolution: int = R, **options):
+    expert = get_expert(name, model=model, resolution=resolution, text_encoder=text, **options)
     expert.load()
     return expert
 
@@ -80,12 +81,14 @@ def test_seg_is_deterministic_and_batch_independent(models):
 
 
 def test_seg_names_from_config_and_input_size(models):
-    expert = loaded("seg-ade", models["named"], models["text"], input_size=32)
+    expert = loaded("seg-ade", models["named"], models["text"], input_size=96)
     assert expert.names == ["sky", "tree", "road"]
-    assert expert.preprocess(images()[0]).shape == (3, 32, 32)
-    assert expert.spec("seg-ade").params["input_size"] == 32
+    assert expert.preprocess(images()[0]).shape == (3, 96, 96)
+    assert expert.spec("seg-ade").params["input_size"] == 96
     assert expert.predict(torch.stack([expert.preprocess(images()[1])]), {})["seg"].max() < 3
     assert loaded("seg-ade", models["named"], models["text"]).input_size == 64  # the processor config's square
+    with pytest.raises(ExpertError, match="input_size 32 is too small"):
+        loaded("seg-ade", models["named"], models["text"], input_size=32)
 
 
 def test_seg_bad_models_raise(models, tmp_path):

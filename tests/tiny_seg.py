@@ -1,9 +1,11 @@
-"""Tiny, randomly initialised segmentation and detection checkpoints, saved as published ones are.
+"""Tiny random segmentation, detection and text-encoder checkpoints, saved as published ones are.
 
 The `seg-*` and `objdet` experts load them by path through their real loading code
 (`from_pretrained` of the model and of its image processor), so tests exercise exactly what a
 published Mask2Former / RT-DETR / DETR goes through, without the hub. The architectures are the
 real ones at toy width and depth; `use_pretrained_backbone=False` everywhere (nothing downloaded).
+The text encoder (a one-layer BERT) is what the experts' `text_encoder` option loads to build
+their class-name tables.
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ from transformers import (
 TINY_INPUT_SIZE = 64
 
 
-def tiny_mask2former_config(num_labels: int, id2label: dict[int, str] | None = None, image_size: int = TINY_INPUT_SIZE,
+def tiny_mask2former_config(num_labels: int, id2label: dict[int, str] | None = None,
                             num_queries: int = 8) -> Mask2FormerConfig:
-    """Swin (1 block per stage, 16 wide) + a 1-layer pixel decoder + a 3-layer (one round) query decoder."""
-    backbone = SwinConfig(image_size=image_size, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                          window_size=4, drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"])
+    """Swin (1 block per stage, 16 wide) + a 1-layer pixel decoder + 3 query-decoder layers (one per scale)."""
+    backbone = SwinConfig(image_size=TINY_INPUT_SIZE, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                          num_heads=[1, 1, 2, 2], window_size=4, drop_path_rate=0.0,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}
     return Mask2FormerConfig(
-        backbone_config=backbone, use_pretrained_backbone=False, feature_size=32, mask_feature_size=32, hidden_dim=32,
-        encoder_feedforward_dim=64, encoder_layers=1, decoder_layers=3, num_attention_heads=2, dim_feedforward=64,
-        num_queries=num_queries, train_num_points=1024, num_labels=num_labels, **labels,
+        backbone_config=backbone, use_pretrained_backbone=False, feature_size=32, mask_feature_size=32,
+        hidden_dim=32, encoder_feedforward_dim=64, encoder_layers=1, decoder_layers=3, num_attention_heads=2,
+        dim_feedforward=64, num_queries=num_queries, train_num_points=1024, num_labels=num_labels, **labels,
     )
 
 
@@ -58,37 +61,44 @@ def save_tiny_mask2former(path: Path, num_labels: int, id2label: dict[int, str] 
     return Path(path)
 
 
-def tiny_rtdetr_config(id2label: dict[int, str], num_queries: int = 10) -> RTDetrConfig:
-    """A ResNet (basic blocks, 16-64 wide) feeding RT-DETR's hybrid encoder and a 2-layer decoder."""
+TINY_DETECTOR_CLASSES = {0: "person", 1: "car", 2: "dog"}
+
+
+def tiny_rtdetr_config(id2label: dict[int, str]) -> RTDetrConfig:
+    """A ResNet (basic blocks, 16-64 wide) feeding RT-DETR's hybrid encoder and a 2-layer decoder, 10 queries."""
     backbone = RTDetrResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1],
                                   layer_type="basic", out_features=["stage2", "stage3", "stage4"])
     return RTDetrConfig(
-        backbone_config=backbone, use_pretrained_backbone=False, encoder_hidden_dim=32, encoder_in_channels=[32, 64, 64],
-        encoder_ffn_dim=64, encoder_attention_heads=2, d_model=32, num_queries=num_queries, decoder_in_channels=[32, 32, 32],
-        decoder_ffn_dim=64, decoder_layers=2, decoder_attention_heads=2, num_denoising=10,
-        num_labels=len(id2label), id2label=id2label,
+        backbone_config=backbone, use_pretrained_backbone=False, encoder_hidden_dim=32,
+        encoder_in_channels=[32, 64, 64], encoder_ffn_dim=64, encoder_attention_heads=2, d_model=32,
+        num_queries=10, decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64, decoder_layers=2,
+        decoder_attention_heads=2, num_denoising=10, num_labels=len(id2label), id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
     )
 
 
-TINY_DETECTOR_CLASSES = {0: "person", 1: "car", 2: "dog"}
+def tiny_detr_config(id2label: dict[int, str]) -> DetrConfig:
+    """transformers' ResNet (not timm's; basic blocks, 16-64 wide) + DETR, 1 encoder / 2 decoder layers, 6 queries."""
+    backbone = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1],
+                            layer_type="basic", out_features=["stage4"])
+    return DetrConfig(
+        backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False, d_model=32,
+        encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+        decoder_attention_heads=2, num_queries=6, num_labels=len(id2label), id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
 
 
-def save_tiny_detector(path: Path, kind: str = "rt_detr", id2label: dict[int, str] | None = None, seed: int = 0) -> Path:
-    """A random tiny RT-DETR (default, the `objdet` default's architecture) or DETR + processor config."""
+def save_tiny_detector(path: Path, kind: str = "rt_detr", id2label: dict[int, str] | None = None,
+                       seed: int = 0) -> Path:
+    """A random tiny RT-DETR (the `objdet` default's architecture) or DETR + its processor config (64 x 64)."""
     id2label = id2label or TINY_DETECTOR_CLASSES
     torch.manual_seed(seed)
     if kind == "rt_detr":
         RTDetrForObjectDetection(tiny_rtdetr_config(id2label)).save_pretrained(path)
         RTDetrImageProcessor(size=square_processor_size(TINY_INPUT_SIZE)).save_pretrained(path)
     elif kind == "detr":
-        backbone = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1],
-                                layer_type="basic", out_features=["stage4"])
-        config = DetrConfig(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False, d_model=32,
-                            encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                            encoder_attention_heads=2, decoder_attention_heads=2, num_queries=6,
-                            num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
-        DetrForObjectDetection(config).save_pretrained(path)
+        DetrForObjectDetection(tiny_detr_config(id2label)).save_pretrained(path)
         DetrImageProcessor(size=square_processor_size(TINY_INPUT_SIZE)).save_pretrained(path)
     else:
         raise ValueError(f"kind must be 'rt_detr' or 'detr', got {kind!r}")

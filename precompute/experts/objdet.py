@@ -35,7 +35,6 @@ a valid label. `tables()` gives the embeddings of the detector's class names ("o
 from __future__ import annotations
 
 import heapq
-import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,12 +47,11 @@ from cache_schema import ArraySpec, ClassTable, FeatureSpec, config_hash, model_
 from precompute.experts import ExpertError
 from precompute.experts.class_embed import DEFAULT_TEXT_ENCODER, TextEmbedder
 from precompute.experts.labels import BACKGROUND_ID, LabelExpert, resize_maps
-from precompute.experts.seg import square_input_size
+from precompute.experts.seg import GENERIC_LABEL, square_input_size
 
 MAX_INSTANCES = BACKGROUND_ID  # ids 0..254 are instances, 255 is background: a uint8 map never wraps
 DUPLICATE_IOU = 0.95
 TABLE = "objdet"
-GENERIC_LABEL = re.compile(r"LABEL_\d+")
 
 
 class ObjDetExpert(LabelExpert):

@@ -43,6 +43,7 @@ from precompute.experts.labels import LabelExpert
 from precompute.experts.vocab import ADE20K_CLASSES, COCO_PANOPTIC_CLASSES
 
 PRISMER_INPUT_SIZE = 480  # Prismer's segmentation and detection experts saw images at 480 px
+MIN_INPUT_SIZE = 64  # the pixel decoder group-normalises stride-32 features: they need 2 x 2 positions
 GENERIC_LABEL = re.compile(r"LABEL_\d+")
 # A checkpoint whose config only says LABEL_i is named by the vocabulary its class count implies.
 VOCABULARY_BY_SIZE = {len(COCO_PANOPTIC_CLASSES): COCO_PANOPTIC_CLASSES, len(ADE20K_CLASSES): ADE20K_CLASSES}
@@ -52,9 +53,10 @@ def square_input_size(processor: Any, requested: int) -> int:
     """The square input side: `requested`, else the processor's fixed square size, else Prismer's 480."""
     if requested > 0:
         return requested
-    size = processor.size
-    if size.height and size.height == size.width:
-        return int(size.height)
+    size = getattr(processor, "size", None) or {}  # a SizeDict (torchvision backend) or a dict (PIL backend)
+    height, width = size.get("height"), size.get("width")
+    if height and height == width:
+        return int(height)
     return PRISMER_INPUT_SIZE
 
 
@@ -104,6 +106,9 @@ class Mask2FormerSegExpert(LabelExpert):
         except OSError:  # a checkpoint without preprocessor_config.json: Mask2Former's own defaults
             self.processor = Mask2FormerImageProcessor()
         self.input_size = square_input_size(self.processor, int(self.config["input_size"]))
+        if self.input_size < MIN_INPUT_SIZE:
+            raise ExpertError(f"{self.name}: input_size {self.input_size} is too small; Mask2Former needs at least "
+                              f"{MIN_INPUT_SIZE} px (2 x 2 features at its deepest stride, 32)")
         self.names = class_names(self.model.config, ref)
         self.table = TextEmbedder(self.config["text_encoder"], self.device).table(self.names)
 
@@ -153,7 +158,8 @@ def semantic_map(class_logits: torch.Tensor, mask_logits: torch.Tensor, resoluti
     class_probs = class_logits.float().softmax(dim=-1)[..., :-1]
     maps = []
     for probs, masks in zip(class_probs, mask_logits):
-        masks = F.interpolate(masks[None].float(), size=(resolution, resolution), mode="bilinear", align_corners=False)[0]
+        masks = F.interpolate(masks[None].float(), size=(resolution, resolution), mode="bilinear",
+                              align_corners=False)[0]
         scores = torch.einsum("qc,qhw->chw", probs, masks.sigmoid())
         maps.append(scores.argmax(dim=0))
     return torch.stack(maps)[:, None].to(torch.uint8).cpu().numpy()

@@ -20,7 +20,6 @@ normalised per image, so the shift never reaches the cache.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
 from precompute.experts.depth import DepthPreprocessing
 from precompute.experts.labels import frame_image, minmax_uint8
+from precompute.standins import train_steps
 from precompute.sources.shapes import ShapesWorld
 
 EVAL_RESULTS = "eval_results.json"
@@ -106,30 +106,11 @@ def predict(model: DPTForDepthEstimation, pixels: torch.Tensor) -> torch.Tensor:
 
 def train(model: DPTForDepthEstimation, pixels: torch.Tensor, targets: torch.Tensor,
           config: DepthStandinConfig, seed: int) -> float:
-    """AdamW, linear warmup then cosine to 10%, shuffled epochs from a private generator; final smoothed loss."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    batch_size = min(config.batch_size, len(pixels))
-    order: list[torch.Tensor] = []
-    smoothed = float("nan")
-    model.train()
-    for step in range(config.steps):
-        if not order:
-            order = list(torch.randperm(len(pixels), generator=generator).split(batch_size))
-            order = [batch for batch in order if len(batch) == batch_size]
-        batch = order.pop(0)
-        warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
-        decay = 0.1 + 0.45 * (1 + math.cos(math.pi * step / config.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * min(warmup, decay)
-        loss = F.l1_loss(predict(model, pixels[batch]), TARGET_SHIFT + targets[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        smoothed = loss.item() if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss.item()
-    model.eval()
-    return smoothed
+    """The model's own loss through the shared stand-in loop (`standins.train_steps`)."""
+    return train_steps(model, len(pixels), lambda batch: F.l1_loss(predict(model, pixels[batch]), TARGET_SHIFT + targets[batch]),
+                       steps=config.steps, batch_size=config.batch_size,
+                       learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                       warmup_steps=config.warmup_steps, seed=seed, grad_clip=1.0)
 
 
 def rank_correlation(prediction: torch.Tensor, truth: torch.Tensor) -> float:

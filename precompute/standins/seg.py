@@ -13,12 +13,15 @@ fixed square size, here the frame size R) and is saved with `save_pretrained` (m
 config, `id2label` = SEG_CLASSES), so `--expert seg-coco --model OUT_DIR` loads it like a
 published checkpoint and writes ids 0-3. Held-out quality is measured on the labels the expert
 would store (`semantic_map`), as mIoU over the four classes.
+
+Default settings, seed 0, 64 px, 100 val scenes: mIoU 0.96 (background 0.99, circle 0.95, square
+0.97, triangle 0.94; all-background scores 0.22), about 70 s on one thread of a busy 2-core CPU.
+Fast mode (tests) takes about a second and learns little beyond background.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +31,7 @@ import torch
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
 
 from precompute.experts.seg import semantic_map
+from precompute.standins import train_steps
 from precompute.sources.shapes import SEG_CLASSES, ShapesWorld
 
 EVAL_RESULTS = "eval_results.json"
@@ -46,9 +50,9 @@ class SegStandinConfig:
     train_num_points: int = 256  # mask-loss points per mask: the 64-px frame's mask logits are 16 x 16
     train_scenes: int = 1600
     val_scenes: int = 100
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 16
-    learning_rate: float = 5e-3  # from scratch a high rate pays: held-out mIoU 0.50 at 1e-3, 0.89 at 5e-3
+    learning_rate: float = 5e-3  # from scratch a high rate pays: mIoU after 300 steps 0.50 at 1e-3, 0.89 at 5e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
 
@@ -118,30 +122,14 @@ def mask_targets(classes: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.
 
 def train(model: Mask2FormerForUniversalSegmentation, pixels: torch.Tensor, targets: torch.Tensor,
           config: SegStandinConfig, seed: int) -> float:
-    """AdamW, linear warmup then cosine to 10%, shuffled epochs; the model's own loss; final smoothed loss."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    batch_size = min(config.batch_size, len(pixels))
-    order: list[torch.Tensor] = []
-    smoothed = float("nan")
-    model.train()
-    for step in range(config.steps):
-        if not order:
-            order = [b for b in torch.randperm(len(pixels), generator=generator).split(batch_size) if len(b) == batch_size]
-        batch = order.pop(0)
-        warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
-        decay = 0.1 + 0.45 * (1 + math.cos(math.pi * step / config.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * min(warmup, decay)
+    """The model's own loss through the shared stand-in loop (`standins.train_steps`)."""
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
         mask_labels, class_labels = mask_targets(targets[batch])
-        loss = model(pixel_values=pixels[batch], mask_labels=mask_labels, class_labels=class_labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        smoothed = loss.item() if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss.item()
-    model.eval()
-    return smoothed
+        return model(pixel_values=pixels[batch], mask_labels=mask_labels, class_labels=class_labels).loss
+
+    return train_steps(model, len(pixels), batch_loss, steps=config.steps, batch_size=config.batch_size,
+                       learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                       warmup_steps=config.warmup_steps, seed=seed, grad_clip=1.0)
 
 
 @torch.no_grad()
@@ -176,23 +164,33 @@ def evaluate(model: Mask2FormerForUniversalSegmentation, pixels: torch.Tensor, t
 
 
 def pretrain_seg(out_dir: Path, world: ShapesWorld, resolution: int = 64, fast: bool = False, seed: int = 0) -> dict:
-    """Train the tiny Mask2Former, save model + processor config to `out_dir`, return (and write) val metrics."""
-    config = replace(SegStandinConfig(), **FAST) if fast else SegStandinConfig()
-    started = time.perf_counter()
-    processor = build_processor(resolution)
-    train_pixels, train_targets = render_split(world, "train", config.train_scenes, resolution, processor)
-    val_pixels, val_targets = render_split(world, "val", config.val_scenes, resolution, processor)
-    model = build_mask2former(resolution, config, seed)
-    train_loss = train(model, train_pixels, train_targets, config, seed)
-    metrics = {
-        **evaluate(model, val_pixels, val_targets),
-        "train_loss": train_loss,
-        "resolution": resolution,
-        "seconds": round(time.perf_counter() - started, 1),
-        "config": asdict(config),
-    }
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    (out_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2))
-    return metrics
+    """Train the tiny Mask2Former, save model + processor config to `out_dir`, return (and write) val metrics.
+
+    Runs on one intra-op thread whatever the caller set: the same bytes from every caller (float
+    sums differ between thread counts), and on a busy 2-core machine two spinning OpenMP threads
+    run several times slower, not faster.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = replace(SegStandinConfig(), **FAST) if fast else SegStandinConfig()
+        started = time.perf_counter()
+        processor = build_processor(resolution)
+        train_pixels, train_targets = render_split(world, "train", config.train_scenes, resolution, processor)
+        val_pixels, val_targets = render_split(world, "val", config.val_scenes, resolution, processor)
+        model = build_mask2former(resolution, config, seed)
+        train_loss = train(model, train_pixels, train_targets, config, seed)
+        metrics = {
+            **evaluate(model, val_pixels, val_targets),
+            "train_loss": train_loss,
+            "resolution": resolution,
+            "seconds": round(time.perf_counter() - started, 1),
+            "config": asdict(config),
+        }
+        out_dir = Path(out_dir)
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+        (out_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2))
+        return metrics
+    finally:
+        torch.set_num_threads(threads)

@@ -46,6 +46,7 @@ def expert_setup(models: Path, resolution: int) -> tuple[dict[str, str], dict[st
     paths = {"depth": str(models / "depth"), "seg-coco": str(models / "seg"), "objdet": str(models / "objdet")}
     options = {name: {"resolution": resolution} for name in ALIASES["prismer"]}
     options["normal"]["mode"] = "from-depth"
+    options["ocrdet"]["detect_size"] = 2 * resolution  # as the main job runs it
     for name in ("seg-coco", "objdet", "ocrdet"):
         options[name]["text_encoder"] = text_encoder
     return paths, options
@@ -111,6 +112,9 @@ def main() -> None:
             rows.append({"expert": name, "bare_samples_per_s": round(bare, 2), "pipeline_samples_per_s": round(pipeline, 2),
                          "ratio": round(pipeline / bare, 3), "end_to_end_s": round(end_to_end, 1), "samples": summary.samples})
             print(json.dumps(rows[-1]), flush=True)
+    out = Path(__file__).parent / "out" / "prismer_experts.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     print(f"\n{'expert':<10}{'bare/s':>9}{'pipeline/s':>12}{'ratio':>7}   label bytes/sample: stored (raw)")
     for row in rows:
         if "ratio" in row:

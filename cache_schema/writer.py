@@ -140,8 +140,8 @@ class CacheWriter:
                 name,
                 shape=(n, *shape),
                 dtype=str if dtype == TEXT_DTYPE else dtype,
-                chunks=(1, *shape),
-                shards=(s, *shape),
+                chunks=(1, *shape) if shape else (s,),  # per-sample scalars and strings: one chunk per shard
+                shards=(s, *shape) if shape else None,
                 compressors=ZstdCodec(level=3),
                 fill_value="" if dtype == TEXT_DTYPE else 0,
             )

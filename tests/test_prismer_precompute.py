@@ -15,7 +15,7 @@ from PIL import Image
 from cache_schema import SplitReader, read_table, validate_cache
 from precompute.cli import main
 from precompute.sources.shapes import SEG_CLASSES, ShapesWorld
-from tiny_depth import save_tiny_dpt, save_tiny_normal
+from tiny_depth import TINY_NORMAL_ENCODER, save_tiny_dpt, save_tiny_normal
 from tiny_edge import hed_weights_path
 from tiny_ocr import easyocr_models_dir
 from tiny_seg import save_tiny_detector, save_tiny_mask2former, save_tiny_text_encoder
@@ -129,7 +129,8 @@ def test_prismer_on_coco_layout_folder(tmp_path, prismer_models, ray_local):
     cache = tmp_path / "cache"
     args = prismer_args(cache, prismer_models, "--shards", "coco", "--data-root", str(root), "--split", "val")
     args[args.index("normal.mode=from-depth")] = "normal.mode=model"
-    args += ["--model", f"normal={prismer_models['normal']}", "--expert-opt", "normal.input_size=64"]
+    args += ["--model", f"normal={prismer_models['normal']}", "--expert-opt", "normal.input_size=64",
+             "--expert-opt", f"normal.encoder={TINY_NORMAL_ENCODER}"]
     assert main(args) == 0
     reader = SplitReader(cache, "coco", "val")
     for feature in LABELS:

@@ -1,4 +1,4 @@
-"""`seg-coco` / `seg-ade` (Mask2Former) and `objdet` (RT-DETR / DETR + Prismer's instance map).
+"""`seg-coco` / `seg-ade` (Mask2Former) and `objdet` (RT-DETR / DETR / OWLv2 + Prismer's instance map).
 
 Tiny random checkpoints are saved to disk and loaded back by path through the experts' real
 code; the box -> instance-map rules are checked on hand-made boxes and depth maps; the shapes
@@ -16,7 +16,14 @@ from precompute.experts import ExpertError, get_expert
 from precompute.experts.labels import BACKGROUND_ID
 from precompute.experts.objdet import box_instance_map
 from precompute.experts.vocab import ADE20K_CLASSES, COCO_PANOPTIC_CLASSES
-from tests.tiny_seg import TINY_DETECTOR_CLASSES, save_tiny_detector, save_tiny_mask2former, save_tiny_text_encoder
+from tests.tiny_seg import (
+    TINY_DETECTOR_CLASSES,
+    TINY_OWLV2_INPUT_SIZE,
+    save_tiny_detector,
+    save_tiny_mask2former,
+    save_tiny_owlv2,
+    save_tiny_text_encoder,
+)
 
 R = 32
 
@@ -32,6 +39,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                            id2label={0: "sky", 1: "tree", 2: "road"})),
         "rt_detr": str(save_tiny_detector(root / "rt-detr")),
         "detr": str(save_tiny_detector(root / "detr", kind="detr")),
+        "owlv2": str(save_tiny_owlv2(root / "owlv2")),
     }
 
 
@@ -225,6 +233,44 @@ def test_objdet_bad_inputs_raise(models, tmp_path):
     expert = loaded("objdet", models["rt_detr"], models["text"])
     with pytest.raises(ExpertError, match="depth"):
         expert.predict(torch.stack([expert.preprocess(images()[0])]), {})
+
+
+def test_owlv2_detects_the_given_classes(models):
+    expert = loaded("objdet", models["owlv2"], models["text"], classes="circle, square", threshold=0.0)
+    assert expert.names == ["circle", "square"]
+    batch = torch.stack([expert.preprocess(image) for image in images()[:2]])
+    assert batch.shape == (2, 3, TINY_OWLV2_INPUT_SIZE, TINY_OWLV2_INPUT_SIZE)  # squashed, not padded
+    out = expert.predict(batch, depth_inputs(2))
+    spec = expert.spec("objdet")
+    assert out["instances"].dtype == np.uint8 and out["instances"].shape == (2, *spec.array("instances").shape)
+    for instance_map, classes, scores in zip(out["instances"], out["classes"], out["scores"]):
+        assert classes.dtype == np.uint16 and scores.dtype == np.float16
+        assert 1 <= len(classes) == len(scores) <= 255 and classes.max() < 2
+        ids = np.unique(instance_map)
+        assert set(ids[ids != BACKGROUND_ID].tolist()) <= set(range(len(classes)))
+    table = expert.tables()["objdet"]
+    assert table.names == ["circle", "square"] and table.embeddings.shape == (2, 64)
+    assert spec.params["classes"] == "circle,square" and spec.params["table_digest"] == table.digest
+
+    again = loaded("objdet", models["owlv2"], models["text"], classes="circle,square", threshold=0.0)
+    repeat = again.predict(batch, depth_inputs(2))
+    assert out["instances"].tobytes() == repeat["instances"].tobytes()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(out["classes"], repeat["classes"]))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(out["scores"], repeat["scores"]))
+    assert again.spec("objdet") == spec
+    swapped = loaded("objdet", models["owlv2"], models["text"], classes="square,circle", threshold=0.0)
+    assert swapped.spec("objdet").preprocess_hash != spec.preprocess_hash
+
+
+def test_classes_are_required_by_owlv2_and_refused_by_closed_set_detectors(models):
+    with pytest.raises(ExpertError, match="needs the classes option"):
+        loaded("objdet", models["owlv2"], models["text"])
+    with pytest.raises(ExpertError, match="classes option is for open-vocabulary"):
+        loaded("objdet", models["rt_detr"], models["text"], classes="circle,square")
+    with pytest.raises(ExpertError, match="repeats a name"):
+        get_expert("objdet", classes="circle,circle")
+    with pytest.raises(ExpertError, match="over OWLv2's 32"):
+        loaded("objdet", models["owlv2"], models["text"], classes="circle,an extraordinarily long class name")
 
 
 # --- the shapes world's stand-ins ---------------------------------------------------------------

@@ -5,14 +5,17 @@ The `seg-*` and `objdet` experts load them by path through their real loading co
 published Mask2Former / RT-DETR / DETR goes through, without the hub. The architectures are the
 real ones at toy width and depth; `use_pretrained_backbone=False` everywhere (nothing downloaded).
 The text encoder (a one-layer BERT) is what the experts' `text_encoder` option loads to build
-their class-name tables.
+their class-name tables. The tiny OWLv2 (`objdet`'s open-vocabulary option) comes with a CLIP
+byte-level BPE tokenizer whose vocab.json / merges.txt are written here, as the hub ships them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from tokenizers import pre_tokenizers
 from transformers import (
     DetrConfig,
     DetrForObjectDetection,
@@ -20,6 +23,10 @@ from transformers import (
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
     Mask2FormerImageProcessor,
+    Owlv2Config,
+    Owlv2ForObjectDetection,
+    Owlv2ImageProcessor,
+    Owlv2Processor,
     ResNetConfig,
     RTDetrConfig,
     RTDetrForObjectDetection,
@@ -27,6 +34,7 @@ from transformers import (
     RTDetrResNetConfig,
     SwinConfig,
 )
+from transformers.models.clip.tokenization_clip import CLIPTokenizer
 
 TINY_INPUT_SIZE = 64
 
@@ -103,6 +111,37 @@ def save_tiny_detector(path: Path, kind: str = "rt_detr", id2label: dict[int, st
     else:
         raise ValueError(f"kind must be 'rt_detr' or 'detr', got {kind!r}")
     return Path(path)
+
+
+TINY_OWLV2_INPUT_SIZE = 32
+
+
+def save_tiny_owlv2(path: Path, seed: int = 0) -> Path:
+    """A random tiny OWLv2 (2-layer CLIP text and ViT towers, 32 px, 8 px patches) + its Owlv2Processor.
+
+    The tokenizer is CLIP's byte-level BPE over a character vocabulary (every byte, alone and
+    word-final, no merges), so any class name tokenises, one token per character; 32 text
+    positions hold "a photo of a {name}" for short names.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = [*alphabet, *(f"{char}</w>" for char in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    (path / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"), model_max_length=32)
+    image_processor = Owlv2ImageProcessor(size=square_processor_size(TINY_OWLV2_INPUT_SIZE))
+    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    text = {"vocab_size": len(tokens), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 32,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": TINY_OWLV2_INPUT_SIZE, "patch_size": 8}
+    torch.manual_seed(seed)
+    config = Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
+    Owlv2ForObjectDetection(config).save_pretrained(path)
+    return path
 
 
 def save_tiny_text_encoder(path: Path, hidden_size: int = 96, seed: int = 0) -> Path:

@@ -16,6 +16,17 @@ which is what a stacked batch needs; the image is squashed whole to that square,
 frame is, so boxes map straight onto the frame. Checkpoints whose processor has no fixed square
 (DETR: shortest edge 800) run at 480 x 480, Prismer's size; `input_size` overrides.
 
+Open vocabulary: an OWLv2 checkpoint (`google/owlv2-base-patch16-ensemble`; config model_type
+"owlv2", `Owlv2ForObjectDetection` + `Owlv2Processor`) detects whatever the `classes` option
+names (a comma list, e.g. "circle,square"), which is then required: class id i is the i-th name
+and the class table embeds those names. Each name becomes the text query "a photo of a {name}",
+the prompt of OWL-ViT's and transformers' examples, since the ensemble checkpoint was trained on
+prompted captions rather than bare nouns. The queries are tokenised once at load and given to
+every image of a batch. OWLv2's processor pads an image to a square before resizing; here
+padding is off, so its own (anti-aliased) resize squashes the whole image to the square as for
+the other detectors, and boxes map straight onto the frame. OWLv2's scores are sigmoid
+similarities, typically lower than a closed-set detector's: consider a `threshold` near 0.1-0.3.
+
 Prismer's pairwise rule does not give an order by itself; this expert makes it one, so the
 instance index *is* the painting order and the trainer reads depth order off the ids:
 
@@ -41,7 +52,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForObjectDetection,
+    Owlv2ForObjectDetection,
+    Owlv2Processor,
+)
 
 from cache_schema import ArraySpec, ClassTable, FeatureSpec, config_hash, model_revision
 from precompute.experts import ExpertError
@@ -52,6 +69,8 @@ from precompute.experts.seg import GENERIC_LABEL, square_input_size
 MAX_INSTANCES = BACKGROUND_ID  # ids 0..254 are instances, 255 is background: a uint8 map never wraps
 DUPLICATE_IOU = 0.95
 TABLE = "objdet"
+OPEN_VOCABULARY_TYPE = "owlv2"
+QUERY_TEMPLATE = "a photo of a {name}"
 
 
 class ObjDetExpert(LabelExpert):
@@ -66,12 +85,19 @@ class ObjDetExpert(LabelExpert):
         "threshold": 0.5,
         "input_size": 0,  # 0: the processor config's fixed square size if any, else 480
         "text_encoder": DEFAULT_TEXT_ENCODER,
+        "classes": "",  # comma list of names to detect; required by (and only for) OWLv2 checkpoints
     }
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)
         if not 0.0 <= self.threshold <= 1.0:
             raise ExpertError(f"objdet: threshold must be in [0, 1], got {self.threshold}")
+        self.classes = [name.strip() for name in str(self.config["classes"]).split(",") if name.strip()]
+        if str(self.config["classes"]).strip() and not self.classes:
+            raise ExpertError(f"objdet: classes {self.config['classes']!r} names no class")
+        if len(set(self.classes)) != len(self.classes):
+            raise ExpertError(f"objdet: classes {self.config['classes']!r} repeats a name")
+        self.queries: dict[str, torch.Tensor] | None = None  # OWLv2's tokenised text queries, set by load()
 
     @property
     def threshold(self) -> float:
@@ -86,6 +112,28 @@ class ObjDetExpert(LabelExpert):
             raise ExpertError(f"objdet: no such model directory {ref}")
         try:
             config = AutoConfig.from_pretrained(ref)
+        except (OSError, ValueError) as e:
+            raise ExpertError(f"objdet: cannot load an object detector from {ref!r}: {e}") from e
+        if config.model_type == OPEN_VOCABULARY_TYPE:
+            self.names = self.load_open_vocabulary(ref, config)
+        else:
+            self.names = self.load_closed_set(ref, config)
+        if not hasattr(self.processor, "post_process_object_detection"):
+            raise ExpertError(f"objdet: {type(self.processor).__name__} of {ref} cannot post-process detections")
+        self.model.eval().requires_grad_(False).to(self.device, self.dtype)
+        self.input_size = square_input_size(self.processor, int(self.config["input_size"]))
+        if len(self.names) > np.iinfo(np.uint16).max + 1:
+            raise ExpertError(f"objdet: {ref} has {len(self.names)} classes; class ids are stored as uint16")
+        self.table = TextEmbedder(self.config["text_encoder"], self.device).table(self.names)
+
+    def load_closed_set(self, ref: str, config: Any) -> list[str]:
+        """A detector with its own classes (RT-DETR, DETR, ...): names from config.id2label."""
+        if self.classes:
+            raise ExpertError(
+                f"objdet: the classes option is for open-vocabulary (OWLv2) detectors; {ref} is a "
+                f"{config.model_type} with its own classes (config.id2label); drop classes or pass an OWLv2 checkpoint"
+            )
+        try:
             self.model = AutoModelForObjectDetection.from_pretrained(ref)
             self.model_id, self.revision = model_revision(ref)
         except (OSError, ValueError) as e:
@@ -94,55 +142,82 @@ class ObjDetExpert(LabelExpert):
             self.processor = AutoImageProcessor.from_pretrained(ref)
         except OSError as e:
             raise ExpertError(f"objdet: {ref} has no image processor config (preprocessor_config.json): {e}") from e
-        if not hasattr(self.processor, "post_process_object_detection"):
-            raise ExpertError(f"objdet: {type(self.processor).__name__} of {ref} cannot post-process detections")
-        self.model.eval().requires_grad_(False).to(self.device, self.dtype)
-        self.input_size = square_input_size(self.processor, int(self.config["input_size"]))
-        self.names = [str(config.id2label[i]) for i in range(config.num_labels)]
-        if all(GENERIC_LABEL.fullmatch(name) for name in self.names):
+        names = [str(config.id2label[i]) for i in range(config.num_labels)]
+        if all(GENERIC_LABEL.fullmatch(name) for name in names):
             raise ExpertError(f"objdet: {ref}'s config.id2label holds no class names (only LABEL_i); set id2label")
-        if len(self.names) > np.iinfo(np.uint16).max + 1:
-            raise ExpertError(f"objdet: {ref} has {len(self.names)} classes; class ids are stored as uint16")
-        self.table = TextEmbedder(self.config["text_encoder"], self.device).table(self.names)
+        return names
+
+    def load_open_vocabulary(self, ref: str, config: Any) -> list[str]:
+        """OWLv2: the `classes` names are the vocabulary, asked as one text query each."""
+        if not self.classes:
+            raise ExpertError(
+                f"objdet: {ref} is an open-vocabulary OWLv2 detector; it needs the classes option "
+                "(comma-separated names to detect, e.g. classes='person,car')"
+            )
+        try:
+            self.model = Owlv2ForObjectDetection.from_pretrained(ref)
+            self.model_id, self.revision = model_revision(ref)
+            processor = Owlv2Processor.from_pretrained(ref)
+        except (OSError, ValueError) as e:
+            raise ExpertError(f"objdet: cannot load an OWLv2 detector and its processor from {ref!r}: {e}") from e
+        self.processor = processor.image_processor
+        texts = [QUERY_TEMPLATE.format(name=name) for name in self.classes]
+        positions = config.text_config.max_position_embeddings
+        lengths = [len(ids) for ids in processor.tokenizer(texts)["input_ids"]]
+        if max(lengths) > positions:
+            name = self.classes[int(np.argmax(lengths))]
+            raise ExpertError(
+                f"objdet: the query for class {name!r} is {max(lengths)} tokens, over OWLv2's {positions}"
+            )
+        queries = processor(text=texts, max_length=positions, return_tensors="pt")
+        self.queries = {key: queries[key] for key in ("input_ids", "attention_mask")}
+        return list(self.classes)
 
     def tables(self) -> dict[str, ClassTable]:
         return {TABLE: self.table}
 
     def spec(self, feature: str) -> FeatureSpec:
         r = self.resolution
+        hashed = {
+            "processor": self.processor.to_dict(),
+            "input_size": self.input_size,
+            "resolution": r,
+            "threshold": self.threshold,
+            "postprocess": "post_process_object_detection; box masks; dedup iou>0.95; containment, then depth",
+        }
+        params = {
+            "resolution": r,
+            "input_size": self.input_size,
+            "threshold": self.threshold,
+            "duplicate_iou": DUPLICATE_IOU,
+            "num_classes": len(self.names),
+            "table": TABLE,
+            "table_digest": self.table.digest,
+            "depth_feature": "depth",
+        }
+        if self.queries is not None:  # only open-vocabulary specs carry these, so closed-set specs stay as they were
+            hashed |= {"classes": self.names, "query_template": QUERY_TEMPLATE, "do_pad": False}
+            params["classes"] = ",".join(self.names)
         return FeatureSpec(
             name=feature,
             expert=self.name,
             model_id=self.model_id,
             revision=self.revision,
-            preprocess_hash=config_hash({
-                "processor": self.processor.to_dict(),
-                "input_size": self.input_size,
-                "resolution": r,
-                "threshold": self.threshold,
-                "postprocess": "post_process_object_detection; box masks; dedup iou>0.95; containment, then depth",
-            }),
+            preprocess_hash=config_hash(hashed),
             arrays=(
                 ArraySpec("instances", "uint8", (1, r, r)),
                 ArraySpec("classes", "uint16", (MAX_INSTANCES,), ragged=True),
                 ArraySpec("scores", "float16", (MAX_INSTANCES,), ragged=True),
             ),
-            params={
-                "resolution": r,
-                "input_size": self.input_size,
-                "threshold": self.threshold,
-                "duplicate_iou": DUPLICATE_IOU,
-                "num_classes": len(self.names),
-                "table": TABLE,
-                "table_digest": self.table.digest,
-                "depth_feature": "depth",
-            },
+            params=params,
         )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """The whole image squashed to the square input, as the checkpoint's processor prepares it."""
+        """The whole image squashed to the square input, as the checkpoint's processor prepares it (OWLv2 unpadded)."""
         size = {"height": self.input_size, "width": self.input_size}
-        return self.processor(images=image.convert("RGB"), size=size, return_tensors="pt")["pixel_values"][0]
+        unpadded = {"do_pad": False} if self.queries is not None else {}
+        pixels = self.processor(images=image.convert("RGB"), size=size, return_tensors="pt", **unpadded)
+        return pixels["pixel_values"][0]
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -150,7 +225,12 @@ class ObjDetExpert(LabelExpert):
             raise ExpertError("objdet: needs the cached depth label of these samples (inputs['depth']['depth'])")
         r = self.resolution
         depth = resize_maps(torch.from_numpy(np.asarray(inputs["depth"]["depth"])).float(), r)[:, 0].numpy()
-        outputs = self.model(pixel_values=batch.to(self.device, self.dtype))
+        pixel_values = batch.to(self.device, self.dtype)
+        if self.queries is None:
+            outputs = self.model(pixel_values=pixel_values)
+        else:  # OWLv2 takes [batch * queries, tokens]: the same queries for every image
+            text = {key: value.repeat(len(batch), 1).to(self.device) for key, value in self.queries.items()}
+            outputs = self.model(pixel_values=pixel_values, **text)
         outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
         detections = self.processor.post_process_object_detection(
             outputs, threshold=self.threshold, target_sizes=[(r, r)] * len(batch)

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from precompute.sources.shapes import COLORS, PAINT, SHAPES, Scene, ShapesWorld
+from precompute.standins import EVAL_RESULTS, one_thread
 from precompute.standins.depth import pretrain_depth
 from precompute.standins.objdet import pretrain_objdet
 from precompute.standins.seg import pretrain_seg
@@ -52,7 +53,6 @@ from precompute.standins.seg import pretrain_seg
 # config.json's model_args, so `local-dir:` rebuilds this exact model.
 VIT_ARCHITECTURE = "vit_tiny_patch16_224"
 MAX_OBJECTS = 3  # ShapesWorld puts 1-3 objects in a scene
-EVAL_RESULTS = "eval_results.json"  # written beside each model, as the HF Trainer names it
 
 
 @dataclass
@@ -543,9 +543,7 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
     out_dir = Path(out_dir)
     world = ShapesWorld(seed=seed, image_size=image_size)
     started = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         if fast:
             vit_dir = pretrain_vit(out_dir / "vit", world, num_scenes=300, steps=150, seed=seed,
                                    config=VitConfig(val_scenes=100, warmup_steps=15))
@@ -554,13 +552,10 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
         else:
             vit_dir = pretrain_vit(out_dir / "vit", world, seed=seed)
             lm_dir = pretrain_lm(out_dir / "lm", world, seed=seed)
-        standins = {}
-        for name, pretrain in (("depth", pretrain_depth), ("seg", pretrain_seg), ("objdet", pretrain_objdet)):
-            began = time.perf_counter()
-            metrics = pretrain(out_dir / name, world, resolution=image_size, fast=fast, seed=seed)
-            standins[name] = {**metrics, "seconds": round(time.perf_counter() - began, 1)}
-    finally:
-        torch.set_num_threads(threads)
+        standins = {
+            name: pretrain(out_dir / name, world, resolution=image_size, fast=fast, seed=seed)
+            for name, pretrain in (("depth", pretrain_depth), ("seg", pretrain_seg), ("objdet", pretrain_objdet))
+        }
     report = {
         "seed": seed,
         "image_size": image_size,

@@ -5,7 +5,6 @@ validation, determinism and the preview."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -5,10 +5,49 @@ formats and loaded by path by the real experts, like published checkpoints."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import torch
+
+EVAL_RESULTS = "eval_results.json"  # written beside each model, as the HF Trainer names it
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one intra-op thread whatever the caller set, then restore it: the same bytes from
+    every caller (float sums differ between thread counts), and on a busy 2-core machine two
+    spinning OpenMP threads run several times slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def save_standin(out_dir: Path, model: Any, processor: Any, evaluation: dict, *, train_loss: float, resolution: int,
+                 started: float, config: Any) -> dict:
+    """Save model + processor config where the expert loads them by path; write and return the
+    held-out metrics with what produced them."""
+    metrics = {
+        **evaluation,
+        "train_loss": train_loss,
+        "resolution": resolution,
+        "seconds": round(time.perf_counter() - started, 1),
+        "config": asdict(config),
+    }
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def train_steps(model: torch.nn.Module, num_items: int, batch_loss: Callable[[torch.Tensor], torch.Tensor], *, steps: int,

@@ -19,9 +19,8 @@ normalised per image, so the shift never reaches the cache.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,9 @@ from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
 from precompute.experts.depth import DepthPreprocessing
 from precompute.experts.labels import frame_image, minmax_uint8
-from precompute.standins import train_steps
+from precompute.standins import save_standin, train_steps
 from precompute.sources.shapes import ShapesWorld
 
-EVAL_RESULTS = "eval_results.json"
 TARGET_SHIFT = 1.0  # the network predicts TARGET_SHIFT + inverse depth (see above)
 
 
@@ -157,15 +155,5 @@ def pretrain_depth(out_dir: Path, world: ShapesWorld, resolution: int = 64, fast
     with torch.no_grad():  # start at the mean target, so the head's final ReLU is active everywhere
         model.head.head[-2].bias.fill_(TARGET_SHIFT + train_targets.mean().item())
     train_loss = train(model, train_pixels, train_targets, config, seed)
-    metrics = {
-        **evaluate(model, val_pixels, val_targets),
-        "train_loss": train_loss,
-        "resolution": resolution,
-        "seconds": round(time.perf_counter() - started, 1),
-        "config": asdict(config),
-    }
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    (out_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return save_standin(out_dir, model, processor, evaluate(model, val_pixels, val_targets), train_loss=train_loss,
+                        resolution=resolution, started=started, config=config)

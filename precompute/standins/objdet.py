@@ -31,19 +31,17 @@ steps instead of 600, left recall at 0.02-0.31. Fast mode (tests) detects nothin
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrImageProcessor, RTDetrResNetConfig
 
-from precompute.standins import train_steps
+from precompute.standins import one_thread, save_standin, train_steps
 from precompute.sources.shapes import DETECTION_CLASSES, ShapesWorld
 
-EVAL_RESULTS = "eval_results.json"
 MATCH_IOU = 0.5
 THRESHOLD = 0.5  # the objdet expert's default score threshold
 
@@ -205,13 +203,9 @@ def evaluate(model: RTDetrForObjectDetection, processor: RTDetrImageProcessor, p
 def pretrain_objdet(out_dir: Path, world: ShapesWorld, resolution: int = 64, fast: bool = False, seed: int = 0) -> dict:
     """Train the tiny RT-DETR, save model + processor config to `out_dir`, return (and write) val metrics.
 
-    Runs on one intra-op thread whatever the caller set: the same bytes from every caller (float
-    sums differ between thread counts), and on a busy 2-core machine two spinning OpenMP threads
-    run several times slower, not faster.
+    Runs on one intra-op thread whatever the caller set (`standins.one_thread`).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         config = replace(ObjDetStandinConfig(), **FAST) if fast else ObjDetStandinConfig()
         started = time.perf_counter()
         processor = build_processor(resolution)
@@ -219,17 +213,5 @@ def pretrain_objdet(out_dir: Path, world: ShapesWorld, resolution: int = 64, fas
         val_pixels, val_targets = render_split(world, "val", config.val_scenes, resolution, processor)
         model = build_rtdetr(config, seed)
         train_loss = train(model, train_pixels, train_targets, config, seed)
-        metrics = {
-            **evaluate(model, processor, val_pixels, val_targets, resolution),
-            "train_loss": train_loss,
-            "resolution": resolution,
-            "seconds": round(time.perf_counter() - started, 1),
-            "config": asdict(config),
-        }
-        out_dir = Path(out_dir)
-        model.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-        (out_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2))
-        return metrics
-    finally:
-        torch.set_num_threads(threads)
+        return save_standin(out_dir, model, processor, evaluate(model, processor, val_pixels, val_targets, resolution), train_loss=train_loss,
+                            resolution=resolution, started=started, config=config)

@@ -21,9 +21,8 @@ Fast mode (tests) takes about a second and learns little beyond background.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +30,9 @@ import torch
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
 
 from precompute.experts.seg import semantic_map
-from precompute.standins import train_steps
+from precompute.standins import one_thread, save_standin, train_steps
 from precompute.sources.shapes import SEG_CLASSES, ShapesWorld
 
-EVAL_RESULTS = "eval_results.json"
 
 
 @dataclass(frozen=True)
@@ -166,13 +164,9 @@ def evaluate(model: Mask2FormerForUniversalSegmentation, pixels: torch.Tensor, t
 def pretrain_seg(out_dir: Path, world: ShapesWorld, resolution: int = 64, fast: bool = False, seed: int = 0) -> dict:
     """Train the tiny Mask2Former, save model + processor config to `out_dir`, return (and write) val metrics.
 
-    Runs on one intra-op thread whatever the caller set: the same bytes from every caller (float
-    sums differ between thread counts), and on a busy 2-core machine two spinning OpenMP threads
-    run several times slower, not faster.
+    Runs on one intra-op thread whatever the caller set (`standins.one_thread`).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         config = replace(SegStandinConfig(), **FAST) if fast else SegStandinConfig()
         started = time.perf_counter()
         processor = build_processor(resolution)
@@ -180,17 +174,5 @@ def pretrain_seg(out_dir: Path, world: ShapesWorld, resolution: int = 64, fast: 
         val_pixels, val_targets = render_split(world, "val", config.val_scenes, resolution, processor)
         model = build_mask2former(resolution, config, seed)
         train_loss = train(model, train_pixels, train_targets, config, seed)
-        metrics = {
-            **evaluate(model, val_pixels, val_targets),
-            "train_loss": train_loss,
-            "resolution": resolution,
-            "seconds": round(time.perf_counter() - started, 1),
-            "config": asdict(config),
-        }
-        out_dir = Path(out_dir)
-        model.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-        (out_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2))
-        return metrics
-    finally:
-        torch.set_num_threads(threads)
+        return save_standin(out_dir, model, processor, evaluate(model, val_pixels, val_targets), train_loss=train_loss,
+                            resolution=resolution, started=started, config=config)

@@ -60,7 +60,7 @@ from vit_models import save_vit_base  # bench/ is on sys.path when a script here
 from trainer.config import TrainConfig
 from trainer.data import CacheExamples, EpochSampler
 from trainer.loop import autocast, resolve_device
-from trainer.methods.epalm import encode_batch
+from trainer.methods.text import encode_batch
 from trainer.methods.epalm_task import EPALMMethod
 
 EXPERT, SOURCE, SPLIT = "vit-cls", "shapes", "train"

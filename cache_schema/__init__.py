@@ -6,6 +6,7 @@
 
 from cache_schema.commit import CommitRecord, keys_digest
 from cache_schema.layout import SCHEMA_VERSION, CacheError, CacheLayout
+from cache_schema.models import load_timm_model
 from cache_schema.reader import FeatureReader, SplitReader, list_splits
 from cache_schema.tables import ClassTable, read_table, write_table
 from cache_schema.spec import TEXT_DTYPE, ArraySpec, FeatureSpec, SpecMismatchError, config_hash, model_revision
@@ -30,6 +31,7 @@ __all__ = [
     "config_hash",
     "keys_digest",
     "list_splits",
+    "load_timm_model",
     "model_revision",
     "read_table",
     "validate_cache",

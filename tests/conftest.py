@@ -88,3 +88,36 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from precompute.sources.shapes import ShapesWorld
 
     return save_tiny_lm(tmp_path_factory.mktemp("models") / "tiny-opt", ShapesWorld().vocabulary() + ["question", "answer"])
+
+
+def save_tiny_roberta(path: Path, words: list[str], layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A real RobertaForCausalLM (is_decoder=True, no cross-attention yet) at toy size with a word-level
+    tokenizer in RoBERTa's conventions (<s> 0, <pad> 1, </s> 2), saved by `save_pretrained`."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForCausalLM
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(words) | set("?.,:")))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", padding_side="left")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                           intermediate_size=2 * hidden, max_position_embeddings=66, is_decoder=True,
+                           pad_token_id=1, bos_token_id=0, eos_token_id=2, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    RobertaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from precompute.sources.shapes import ShapesWorld
+
+    words = ShapesWorld().vocabulary() + ["question", "answer", "picture", "of"]
+    return save_tiny_roberta(tmp_path_factory.mktemp("models") / "tiny-roberta", words)

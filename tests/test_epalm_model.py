@@ -16,7 +16,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DynamicCache, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
-from trainer.methods.epalm import EPALM, EPALMConfig, encode_batch
+from trainer.methods.epalm import EPALM, EPALMConfig
+from trainer.methods.text import encode_batch
 
 VOCAB_SIZE = 100
 VISUAL_DIM = 8

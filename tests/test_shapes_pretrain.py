@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from transformers import AutoTokenizer, OPTForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, OPTForCausalLM, PreTrainedTokenizerBase, RobertaForCausalLM
 
-from precompute.shapes_pretrain import VitConfig, build_vit, pretrain_all, pretrain_lm, save_vit, vit_transform
+from precompute.shapes_pretrain import (
+    VitConfig,
+    build_vit,
+    encode_texts,
+    pretrain_all,
+    pretrain_lm,
+    save_vit,
+    vit_transform,
+)
 from precompute.sources.shapes import ShapesWorld
 
 
@@ -19,7 +28,12 @@ from precompute.sources.shapes import ShapesWorld
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out_dir = tmp_path_factory.mktemp("shapes-pretrain")
     paths = pretrain_all(out_dir, seed=0, fast=True)
-    return {"vit": Path(paths["vit"]), "lm": Path(paths["lm"]), "report": out_dir / "pretrain.json"}
+    return {
+        "vit": Path(paths["vit"]),
+        "lm": Path(paths["lm"]),
+        "roberta": Path(paths["roberta"]),
+        "report": out_dir / "pretrain.json",
+    }
 
 
 def world_texts(num_scenes: int = 20) -> list[str]:
@@ -110,3 +124,100 @@ def test_lm_loads_by_path_and_answers_with_a_world_answer(pretrained: dict[str, 
 
     replies = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert all(reply.split()[0] in answer_words for reply in replies), replies
+
+
+def load_prismer_decoder(path: Path) -> RobertaForCausalLM:
+    """As Prismer's trainer loads roberta-base: a causal decoder given new cross-attention layers."""
+    return RobertaForCausalLM.from_pretrained(path, is_decoder=True, add_cross_attention=True).eval()
+
+
+def left_padded_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """<s> prompt, left-padded, with no </s>: the model is asked for the next word."""
+    rows = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in prompts]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    for index, row in enumerate(rows):
+        input_ids[index, width - len(row) :] = torch.tensor(row)
+    return input_ids, (input_ids != tokenizer.pad_token_id).long()
+
+
+def test_roberta_loads_as_a_decoder_with_new_cross_attention(pretrained: dict[str, Path]) -> None:
+    saved = load_file(pretrained["roberta"] / "model.safetensors")
+    model = load_prismer_decoder(pretrained["roberta"])
+    tokenizer = AutoTokenizer.from_pretrained(pretrained["roberta"])
+
+    config = model.config
+    assert config.is_decoder and config.add_cross_attention
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
+    assert config.max_position_embeddings == tokenizer.model_max_length + 2
+    assert all(hasattr(layer, "crossattention") for layer in model.roberta.encoder.layer)
+    state = model.state_dict()
+    decoder = model.lm_head.decoder  # tied, so not saved: the output projection is the input embedding
+    assert decoder.weight.data_ptr() == model.roberta.embeddings.word_embeddings.weight.data_ptr()
+    assert decoder.bias.data_ptr() == model.lm_head.bias.data_ptr()
+    new = {name for name in state if name not in saved} - {"lm_head.decoder.weight", "lm_head.decoder.bias"}
+    assert new and all(".crossattention." in name for name in new)  # nothing else left at random
+    assert not any(".crossattention." in name for name in saved)
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+
+    image_tokens = torch.randn(2, 5, config.hidden_size)
+    prompts = ["a picture of", "question: is there a red circle? answer:"]
+    input_ids, attention_mask = left_padded_prompts(tokenizer, prompts)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_tokens).logits
+    assert logits.shape == (*input_ids.shape, len(tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_roberta_tokenizer_has_robertas_special_tokens(pretrained: dict[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(pretrained["roberta"])
+    special = (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
+    assert special == (0, 1, 2, 3)
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>") and tokenizer.padding_side == "left"
+    question = "is there a red circle?"
+    ids = tokenizer(question)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == question
+    for text in [*world_texts(), "A picture of a red circle"]:
+        assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text
+    input_ids, _ = encode_texts(tokenizer, [question])
+    assert input_ids[0].tolist() == ids  # training texts are framed <s> ... </s> once, as the tokenizer does
+
+
+def test_roberta_report_beats_a_uniform_guess(pretrained: dict[str, Path]) -> None:
+    roberta = json.loads(pretrained["report"].read_text())["roberta"]
+    vocab_size = len(AutoTokenizer.from_pretrained(pretrained["roberta"]))
+    assert 1 < roberta["val_perplexity"] < vocab_size / 4  # a uniform guesser scores vocab_size
+    assert math.isfinite(roberta["train_loss"]) and roberta["num_texts"] > 0
+
+
+def test_roberta_puts_its_probability_on_answers(pretrained: dict[str, Path]) -> None:
+    """Blind, it cannot know the answer, but it has learned that an answer word follows "answer:",
+    and which answers are likely; left padding does not move its positions."""
+    tokenizer = AutoTokenizer.from_pretrained(pretrained["roberta"])
+    model = load_prismer_decoder(pretrained["roberta"])
+    world = ShapesWorld(seed=0)
+    questions = [q for i in range(10) for q in world.questions(world.scene("test", i))]
+    answer_words = sorted(
+        {a for i in range(200) for q in world.questions(world.scene("train", i)) for a in q["answers"]}
+    )
+    answer_ids = torch.tensor(tokenizer.convert_tokens_to_ids(answer_words))
+    correct_ids = torch.tensor(
+        tokenizer.convert_tokens_to_ids([max(set(q["answers"]), key=q["answers"].count) for q in questions])
+    )
+    prompts = [f"question: {q['question']} answer:" for q in questions]
+    input_ids, attention_mask = left_padded_prompts(tokenizer, prompts)
+
+    with torch.no_grad():
+        next_word = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].softmax(-1)
+        unpadded = input_ids[0, attention_mask[0].bool()][None]
+        alone = model(input_ids=unpadded).logits[0, -1].softmax(-1)
+
+    assert attention_mask[0].sum() < attention_mask.shape[1]  # the first row really is padded
+    torch.testing.assert_close(next_word[0], alone, atol=1e-5, rtol=1e-4)
+    vocab_size = len(tokenizer)
+    assert next_word[:, answer_ids].sum(-1).mean() > 2 * len(answer_words) / vocab_size
+    assert next_word.gather(1, correct_ids[:, None]).mean() > 2 / vocab_size

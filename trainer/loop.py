@@ -87,6 +87,8 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, float]:
     if config.eval_split and (source, config.eval_split) in list_splits(config.cache):
         eval_reader = SplitReader(config.cache, source, config.eval_split)
         method.check_cache(eval_reader)
+    method_state = method.derive_state(train_reader)
+    method.restore_state(method_state)
     model = method.build_model(train_reader).to(device)
     train_set = CacheExamples(train_reader, method.feature_fields(), lambda a: method.expand(a, train=True))
     if len(train_set) < config.batch_size:
@@ -128,7 +130,7 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, float]:
 
     info = {"method": config.method, "backbones": method.backbones(), "source": source,
             "features": {f: train_reader.spec(f.partition("/")[0]).to_dict() for f in method.feature_fields().values()},
-            "trainable_parameters": trainable}
+            "trainable_parameters": trainable, "method_state": method_state}
 
     def save() -> None:
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -205,6 +207,7 @@ def load_for_eval(cache: str, checkpoint: Path, split: str | None, overrides: li
                               f"that now resolves to {backbone['id']} @ {backbone['revision']}")
     reader = SplitReader(cache, info["source"], config.eval_split)
     method.check_cache(reader)
+    method.restore_state(info.get("method_state", {}))
     model = method.build_model(reader).to(device)
     load_trainable(model, checkpoint)
     return method, model, reader, config

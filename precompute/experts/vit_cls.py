@@ -7,29 +7,14 @@ normalised space as the encoder's own output. Stored float16 as [N, K, D].
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
+from cache_schema import ArraySpec, FeatureSpec, config_hash, load_timm_model, model_revision
 from precompute.experts import ExpertError
 from precompute.experts.base import Expert
-
-
-def load_timm_model(model: str) -> torch.nn.Module:
-    """A timm model by name (hub weights) or from a local directory written by `save_for_hf`."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ExpertError(f"{path}: not a timm model directory (no config.json; write it with timm.models.save_for_hf)")
-        return timm.create_model(f"local-dir:{path.resolve()}", pretrained=True)
-    if model.startswith(("/", ".", "~")):
-        raise ExpertError(f"{model}: no such model directory")
-    return timm.create_model(model, pretrained=True)
 
 
 class VitClsExpert(Expert):
@@ -39,7 +24,10 @@ class VitClsExpert(Expert):
     options = {"levels": 6}
 
     def load(self) -> None:
-        self.model = load_timm_model(self.model_ref).eval().to(self.device, self.dtype)
+        try:
+            self.model = load_timm_model(self.model_ref).eval().to(self.device, self.dtype)
+        except FileNotFoundError as e:
+            raise ExpertError(str(e)) from e
         self.model.requires_grad_(False)
         self.model_id, self.revision = model_revision(self.model_ref)
         depth = len(self.model.blocks)

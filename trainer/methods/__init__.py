@@ -9,6 +9,7 @@ from trainer.methods.base import Method, MethodError
 
 METHODS: dict[str, str] = {
     "epalm": "trainer.methods.epalm_task:EPALMMethod",
+    "prismer": "trainer.methods.prismer_task:PrismerMethod",
 }
 
 

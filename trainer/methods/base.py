@@ -63,6 +63,14 @@ class Method(ABC):
     def backbones(self) -> dict[str, dict[str, str]]:
         """Frozen models by role -> {"id", "revision"}: what a checkpoint is reloaded against."""
 
+    def derive_state(self, train_reader: SplitReader) -> dict[str, Any]:
+        """What the method learns from the training split that evaluation needs again (e.g. VQA's
+        answer list); JSON, saved in checkpoint.json, so evaluating never reads the training split."""
+        return {}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Take back what `derive_state` returned, before `build_model` when evaluating a checkpoint."""
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Optimizer groups; override for per-group learning rates."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": self.config.lr}]

@@ -40,11 +40,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import DynamicCache, OPTForCausalLM, PreTrainedTokenizerBase
+from transformers import DynamicCache, OPTForCausalLM
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
+from trainer.methods.text import IGNORE_INDEX
+
 VARIANTS = ("lin", "pt", "default", "ada")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -394,50 +395,3 @@ class EPALM(nn.Module):
         if missing or unexpected:
             raise ValueError(f"trainable state does not fit this model: missing {missing}, unexpected {unexpected}")
         self.load_state_dict(state, strict=False)
-
-
-def encode_batch(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str] | None, max_length: int = 64
-) -> dict[str, Tensor]:
-    """Tokenise `bos + prompt (+ target + eos)` per row, left-padded so every row ends at the last column.
-
-    Returns input_ids and attention_mask, plus labels when `targets` is given: the target tokens and
-    eos, -100 on bos, prompt and padding, so the loss covers the answer only. Targets are used as
-    given (VQA: prompt "question: {q} answer:", target " {a}"; captioning: prompt "" or a prefix).
-    Rows longer than `max_length` lose target tokens from the right; a prompt that leaves no room
-    for a target (or, without targets, does not fit) is an error rather than a silent cut.
-    """
-    if targets is not None and len(targets) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    special = {name: getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
-    for name, token_id in special.items():
-        if token_id is None:
-            raise ValueError(f"the tokenizer has no {name} token; encode_batch needs bos, eos and pad")
-
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"] if targets is not None else None
-    rows, label_rows = [], []
-    for index, ids in enumerate(prompt_ids):
-        ids = [special["bos"], *ids]
-        room = max_length - len(ids)
-        if room < (1 if targets is not None else 0):
-            raise ValueError(f"prompt {index} takes {len(ids)} tokens with bos, max_length={max_length}: no room left")
-        labels = [IGNORE_INDEX] * len(ids)
-        if target_ids is not None:
-            target = [*target_ids[index], special["eos"]][:room]
-            ids, labels = ids + target, labels + target
-        rows.append(ids)
-        label_rows.append(labels)
-
-    width = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), width), special["pad"], dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for index, (ids, row_labels) in enumerate(zip(rows, label_rows)):
-        input_ids[index, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[index, width - len(ids) :] = 1
-        labels[index, width - len(ids) :] = torch.tensor(row_labels)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if targets is not None:
-        batch["labels"] = labels
-    return batch

@@ -11,7 +11,6 @@ metrics (official VQA accuracy for open-ended answers; BLEU/CIDEr for captions).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import fields
 from typing import Any
 
@@ -21,21 +20,12 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from cache_schema import SplitReader, model_revision
-from trainer.eval import caption_metrics, vqa_score
 from trainer.methods.base import Method, MethodError
-from trainer.methods.epalm import EPALM, EPALMConfig, encode_batch
+from trainer.methods.epalm import EPALM, EPALMConfig
+from trainer.methods.text import encode_batch, training_answer, vqa_or_caption_metrics, vqa_prompt
 
 TASK_KEYS = {"task": "vqa", "feature": "vit-cls", "blind": False, "num_beams": 3, "max_new_tokens": None,
              "max_length": 64, "caption_prompt": ""}
-
-
-def vqa_prompt(question: str) -> str:
-    return f"question: {question} answer:"
-
-
-def training_answer(question: dict[str, Any]) -> str:
-    """VQAv2's `multiple_choice_answer` when present, else the most frequent of the ten answers."""
-    return question.get("multiple_choice_answer") or Counter(question["answers"]).most_common(1)[0][0]
 
 
 class EPALMMethod(Method):
@@ -137,16 +127,7 @@ class EPALMMethod(Method):
     def score(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
         if not predictions:
             raise MethodError("epalm: the evaluation split has no examples for this task")
-        if self.task["task"] == "vqa":
-            ids = [f"{p['key']}#{p['qid']}" for p in predictions]
-            score = vqa_score({i: p["prediction"] for i, p in zip(ids, predictions)},
-                              {i: p["answers"] for i, p in zip(ids, predictions)},
-                              {i: p["answer_type"] for i, p in zip(ids, predictions)})
-            metrics = {"vqa_accuracy": score["vqa_accuracy"], **{f"vqa_accuracy/{t}": v for t, v in score["per_type"].items()}}
-        else:
-            metrics = caption_metrics({p["key"]: p["prediction"] for p in predictions},
-                                      {p["key"]: p["references"] for p in predictions})
-        return metrics
+        return vqa_or_caption_metrics(self.task["task"], predictions)
 
     def backbones(self) -> dict[str, dict[str, str]]:
         model_id, revision = model_revision(self.model_options["lm"], self.model_options.get("lm_revision"))

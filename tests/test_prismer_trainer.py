@@ -1,0 +1,181 @@
+"""`trainer fit/eval --method prismer` on a real (small) cache of RGB + every Prismer label."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from cache_schema import ArraySpec, CacheWriter, ClassTable, FeatureSpec, SplitPlan, SplitReader, write_table
+from precompute.sources.shapes import DETECTION_CLASSES, SEG_CLASSES, ShapesSource, ShapesWorld
+from trainer.cli import main as trainer_main
+from trainer.config import TrainConfig
+from trainer.data import CacheExamples
+from trainer.loop import evaluate_checkpoint, fit
+from trainer.methods import MethodError, get_method
+
+R = 32  # the frame: the tiny ViT's input size, so no resize
+ALL = ["depth", "normal", "edge", "seg-coco", "objdet", "ocrdet"]
+
+
+def label_specs() -> dict[str, tuple[ArraySpec, ...]]:
+    return {
+        "rgb": (ArraySpec("rgb", "uint8", (3, R, R)),),
+        "depth": (ArraySpec("depth", "uint8", (1, R, R)),),
+        "normal": (ArraySpec("normal", "uint8", (3, R, R)),),
+        "edge": (ArraySpec("edge", "uint8", (1, R, R)),),
+        "seg-coco": (ArraySpec("seg", "uint8", (1, R, R)),),
+        "objdet": (ArraySpec("instances", "uint8", (1, R, R)), ArraySpec("classes", "uint16", (255,), ragged=True),
+                   ArraySpec("scores", "float16", (255,), ragged=True)),
+        "ocrdet": (ArraySpec("words", "uint8", (1, R, R)), ArraySpec("text", "str", ()),
+                   ArraySpec("embeddings", "float16", (255, 64), ragged=True)),
+    }
+
+
+def labels_of(world: ShapesWorld, split: str, index: int) -> dict[str, object]:
+    """What the experts would have cached for one scene, from the world's exact truth."""
+    scene = world.scene(split, index)
+    truth = world.truth(scene, R)
+    image = np.asarray(world.render(scene).resize((R, R), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    depth = (truth["inverse_depth"] * 255).astype(np.uint8)[None]
+    words = np.full((1, R, R), 255, np.uint8)
+    if truth["words"]:
+        x0, y0, x1, y1 = (truth["word_boxes"][0] * R).astype(int)
+        words[0, y0 : y1 + 1, x0 : x1 + 1] = 0
+    rng = np.random.default_rng(index)
+    return {
+        "rgb": {"rgb": image},
+        "depth": {"depth": depth},
+        "normal": {"normal": np.full((3, R, R), 128, np.uint8)},
+        "edge": {"edge": (255 - 255 * truth["edges"]).astype(np.uint8)[None]},
+        "seg-coco": {"seg": truth["classes"][None]},
+        "objdet": {"instances": truth["instances"][None], "classes": truth["box_classes"].astype(np.uint16),
+                   "scores": np.ones(len(truth["box_classes"]), np.float16)},
+        "ocrdet": {"words": words, "text": "\n".join(truth["words"]),
+                   "embeddings": rng.standard_normal((len(truth["words"]), 64)).astype(np.float16)},
+    }
+
+
+def write_prismer_cache(root: Path, split: str, num: int, features=("rgb", *ALL), resolution: dict | None = None) -> None:
+    source = ShapesSource(None, split, num=num)
+    samples = source.samples()
+    plan = SplitPlan("shapes", split, [s.key for s in samples], [s.annotations for s in samples], shard_size=8)
+    writer = CacheWriter(root)
+    writer.prepare_split(plan)
+    per_sample = [labels_of(source.world, split, i) for i in range(num)]
+    for feature in features:
+        params = {"resolution": (resolution or {}).get(feature, R)}
+        if feature == "objdet":
+            params["table"] = "objdet"
+        spec = FeatureSpec(feature, feature, f"test-{feature}", "r0", "p0", label_specs()[feature], params)
+        writer.prepare_feature(plan, spec)
+        for shard in range(plan.num_shards):
+            start, stop = plan.shard_range(shard)
+            arrays = {}
+            for array in spec.arrays:
+                values = [per_sample[i][feature][array.name] for i in range(start, stop)]
+                arrays[array.name] = np.stack(values) if not array.ragged and array.dtype != "str" else values
+            writer.write_shard("shapes", split, spec, shard, start, plan.shard_keys(shard), arrays,
+                               np.ones(stop - start, bool), {}, 0.1, "cpu")
+    rng = np.random.default_rng(0)
+    for name, classes in (("seg-coco", SEG_CLASSES), ("objdet", DETECTION_CLASSES)):
+        table = ClassTable(list(classes), rng.standard_normal((len(classes), 64)).astype(np.float16),
+                           np.zeros(8, np.float32), np.zeros((64, 8), np.float32), {"text_encoder": "test"})
+        write_table(root, name, table)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prismer") / "cache"
+    write_prismer_cache(root, "train", 24)
+    write_prismer_cache(root, "val", 8)
+    return root
+
+
+def make_config(cache: Path, out: Path, vit: Path, lm: Path, **model) -> TrainConfig:
+    options = {"vision": str(vit), "lm": str(lm), "experts": ALL, "num_latents": 8, "resampler_heads": 4,
+               "num_candidates": 4, "max_new_tokens": 3, "num_beams": 2, **model}
+    return TrainConfig(method="prismer", cache=str(cache), out=str(out), batch_size=8, max_steps=3, warmup_steps=1,
+                       lr=1e-3, num_workers=0, save_every=2, log_every=1, max_eval_examples=16, model=options)
+
+
+def test_batches_carry_aligned_rgb_and_every_label(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
+    method = get_method(make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir))
+    reader = SplitReader(cache, "shapes", "train")
+    method.check_cache(reader)
+    method.build_model(reader)
+    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=False))
+    batch = method.collate([examples[i] for i in range(5)])
+    assert batch["rgb"].shape == (5, 3, R, R)
+    labels = batch["expert_labels"]
+    assert labels["depth"].shape == (5, 1, R, R) and labels["normal"].shape == (5, 3, R, R)
+    assert labels["depth"].min() >= -1 and labels["depth"].max() <= 1
+    ids, vocab = labels["objdet"]
+    assert ids.shape == (5, R, R) and vocab.shape == (5, 256, 64)
+    world = ShapesWorld()
+    scene = world.scene("train", 0)
+    # instance i of scene 0 reads the table row of its detection class; background reads zeros
+    table = method.vocabularies["objdet"]
+    for i, obj in enumerate(scene.objects):
+        assert np.allclose(vocab[0, i].numpy(), table[DETECTION_CLASSES.index(f"{obj.color} {obj.shape}")])
+    assert vocab[0, 255].abs().sum() == 0
+    seg_ids, seg_vocab = labels["seg-coco"]
+    assert seg_ids.max() < len(SEG_CLASSES) and seg_vocab[0, 255].abs().sum() == 0
+    assert batch["items"][0]["prompts"][0].startswith("question: ") and batch["image_index"].tolist() == [0, 1, 2, 3, 4]
+    train = method.collate([CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True))[0]])
+    assert train["image_index"].tolist() == [0] * 5 and train["input_ids"].shape[0] == 5  # five questions, one image
+
+
+def test_fit_trains_small_parts_and_eval_reproduces_from_the_checkpoint(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = fit(make_config(cache, out, tiny_vit_dir, tiny_roberta_dir), progress=False)
+    assert 0 <= metrics["vqa_accuracy"] <= 100
+    checkpoint = out / "checkpoint"
+    tensors = load_file(checkpoint / "model.safetensors")
+    trained_parts = ("vision.stems.", "vision.resampler.", "vision.adaptors.", "vision.instance_embedding",
+                     "vision_projection.")
+    assert all(name.startswith(trained_parts) or ".crossattention." in name for name in tensors)
+    assert any(name.startswith("vision.resampler.") for name in tensors) and not any("vision.vit." in n for n in tensors)
+    info = json.loads((checkpoint / "checkpoint.json").read_text())
+    assert set(info["backbones"]) == {"vision", "lm"}
+    answers = info["method_state"]["answer_list"]
+    assert "yes" in answers and len(answers) == len(set(answers))
+    again = evaluate_checkpoint(str(cache), checkpoint, "val", [])
+    assert again == metrics
+    predictions = [json.loads(line) for line in (checkpoint / "predictions-val.jsonl").read_text().splitlines()]
+    assert len(predictions) == 16 and all(p["prediction"] in answers for p in predictions)
+
+
+def test_no_experts_is_the_rgb_only_baseline(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
+    out = tmp_path / "run"
+    fit(make_config(cache, out, tiny_vit_dir, tiny_roberta_dir, experts=[]), progress=False)
+    tensors = load_file(out / "checkpoint" / "model.safetensors")
+    assert not any(name.startswith(("vision.stems.", "vision.resampler.")) for name in tensors)
+
+
+def test_captioning_and_open_ended_vqa_generate(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
+    captions = fit(make_config(cache, tmp_path / "caption", tiny_vit_dir, tiny_roberta_dir, experts=["depth"],
+                               task="caption", caption_prompt="a picture of"), progress=False)
+    assert {"BLEU-4", "CIDEr"} <= set(captions)
+    generated = fit(make_config(cache, tmp_path / "generate", tiny_vit_dir, tiny_roberta_dir, experts=["seg-coco"],
+                                inference="generate"), progress=False)
+    assert 0 <= generated["vqa_accuracy"] <= 100
+
+
+def test_missing_or_misaligned_experts_are_refused_before_training(tmp_path, tiny_vit_dir, tiny_roberta_dir):
+    root = tmp_path / "cache"
+    write_prismer_cache(root, "train", 8, features=("rgb", "depth", "edge"), resolution={"edge": 16})
+    with pytest.raises(MethodError, match=r"no cached 'normal'.*precompute run --expert normal"):
+        fit(make_config(root, tmp_path / "a", tiny_vit_dir, tiny_roberta_dir, experts=["depth", "normal"]), progress=False)
+    with pytest.raises(MethodError, match="edge labels are 16 px but rgb is 32 px"):
+        fit(make_config(root, tmp_path / "b", tiny_vit_dir, tiny_roberta_dir, experts=["edge"]), progress=False)
+    with pytest.raises(MethodError, match="unknown expert"):
+        get_method(make_config(root, tmp_path / "c", tiny_vit_dir, tiny_roberta_dir, experts=["sonar"]))
+    assert not (tmp_path / "a" / "checkpoint").exists()
+    code = trainer_main(["fit", "--cache", str(root), "--method", "prismer", "--out", str(tmp_path / "d"),
+                         f"model.vision={tiny_vit_dir}", f"model.lm={tiny_roberta_dir}", "model.experts=[depth,normal]"])
+    assert code == 2

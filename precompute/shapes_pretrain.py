@@ -558,19 +558,23 @@ def perplexity(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: 
     return math.exp(total_loss / total_tokens)
 
 
-def fit_lm(
+def train_lm(
+    out_dir: Path,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
-    train_texts: list[str],
-    val_texts: list[str],
+    world: ShapesWorld,
+    num_scenes: int,
     steps: int,
     seed: int,
     config: LmConfig | RobertaLmConfig,
     desc: str,
-) -> dict[str, float]:
-    """Train a causal LM on texts with the shared loop; val perplexity, final train loss, text count."""
-    train_ids, train_mask = encode_texts(tokenizer, train_texts)
-    val_ids, val_mask = encode_texts(tokenizer, val_texts)
+    caption_prefix: str | None = None,
+) -> Path:
+    """Train a causal LM on the world's text with the shared loop; tokenizer, model and held-out
+    metrics (val perplexity, final train loss, text count, seconds) saved to `out_dir`."""
+    started = time.perf_counter()
+    train_ids, train_mask = encode_texts(tokenizer, world_texts(world, "train", num_scenes, caption_prefix))
+    val_ids, val_mask = encode_texts(tokenizer, world_texts(world, "val", config.val_scenes, caption_prefix))
 
     def batch_loss(indices: torch.Tensor) -> torch.Tensor:
         mask = train_mask[indices]
@@ -587,11 +591,16 @@ def fit_lm(
         config.warmup_steps,
         desc=desc,
     )
-    val_perplexity = perplexity(model, val_ids, val_mask)
-    return {"val_perplexity": val_perplexity, "train_loss": train_loss, "num_texts": len(train_ids)}
-
-
-def save_lm(out_dir: Path, tokenizer: PreTrainedTokenizerFast, model: PreTrainedModel, metrics: dict) -> Path:
+    metrics = {
+        "val_perplexity": perplexity(model, val_ids, val_mask),
+        "train_loss": train_loss,
+        "num_texts": len(train_ids),
+        "num_scenes": num_scenes,
+        "steps": steps,
+        "seconds": time.perf_counter() - started,
+        "config": asdict(config),
+    }
+    out_dir = Path(out_dir)
     tokenizer.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
     (out_dir / EVAL_RESULTS).write_text(json.dumps(metrics, indent=2))
@@ -609,27 +618,9 @@ def pretrain_lm(
     """Train a tiny OPT on the world's text alone; tokenizer + model saved to `out_dir`."""
     check_budget(num_scenes, steps)
     config = config or LmConfig()
-    started = time.perf_counter()
     tokenizer = build_tokenizer(world, config.max_positions)
     model = build_lm(tokenizer, config, seed)
-    fitted = fit_lm(
-        model,
-        tokenizer,
-        world_texts(world, "train", num_scenes),
-        world_texts(world, "val", config.val_scenes),
-        steps,
-        seed,
-        config,
-        desc="pretrain lm",
-    )
-    metrics = {
-        **fitted,
-        "num_scenes": num_scenes,
-        "steps": steps,
-        "seconds": time.perf_counter() - started,
-        "config": asdict(config),
-    }
-    return save_lm(Path(out_dir), tokenizer, model, metrics)
+    return train_lm(out_dir, model, tokenizer, world, num_scenes, steps, seed, config, desc="pretrain lm")
 
 
 def pretrain_roberta(
@@ -645,27 +636,10 @@ def pretrain_roberta(
     """
     check_budget(num_scenes, steps)
     config = config or RobertaLmConfig()
-    started = time.perf_counter()
     tokenizer = build_tokenizer(world, config.max_length, ROBERTA_LAYOUT, extra_words=tuple(CAPTION_PREFIX.split()))
     model = build_roberta(tokenizer, config, seed)
-    fitted = fit_lm(
-        model,
-        tokenizer,
-        world_texts(world, "train", num_scenes, caption_prefix=CAPTION_PREFIX),
-        world_texts(world, "val", config.val_scenes, caption_prefix=CAPTION_PREFIX),
-        steps,
-        seed,
-        config,
-        desc="pretrain roberta",
-    )
-    metrics = {
-        **fitted,
-        "num_scenes": num_scenes,
-        "steps": steps,
-        "seconds": time.perf_counter() - started,
-        "config": asdict(config),
-    }
-    return save_lm(Path(out_dir), tokenizer, model, metrics)
+    return train_lm(out_dir, model, tokenizer, world, num_scenes, steps, seed, config, desc="pretrain roberta",
+                    caption_prefix=CAPTION_PREFIX)
 
 
 # --- all of them ---------------------------------------------------------------------------------

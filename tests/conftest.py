@@ -121,3 +121,19 @@ def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     words = ShapesWorld().vocabulary() + ["question", "answer", "picture", "of"]
     return save_tiny_roberta(tmp_path_factory.mktemp("models") / "tiny-roberta", words)
+
+
+def save_tiny_bert(path: Path, words: list[str], layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A real BertModel at toy size with a word-piece tokenizer over `words`, saved by `save_pretrained`."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(words)))}
+    BertTokenizer(vocab=vocab).save_pretrained(path)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(path)
+    return path

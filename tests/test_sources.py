@@ -181,7 +181,7 @@ def test_decode_float_image_is_refused(tmp_path):
 
 
 def test_registry_names_and_errors(tmp_path):
-    assert set(SOURCES) == {"shapes", "images", "coco", "vqav2"}
+    assert set(SOURCES) == {"shapes", "images", "coco", "vqav2", "food101", "mmimdb", "snli-ve"}
     with pytest.raises(SourceError, match="known sources: .*shapes"):
         get_source("imagenet", tmp_path, "train")
     with pytest.raises(SourceError, match="known options: image_size, num, seed"):
@@ -593,7 +593,7 @@ def test_shapes_source_samples():
     assert samples[7] == Sample(
         key="shapes-val-000007", media="val/7", annotations=samples[7].annotations
     )
-    assert set(samples[7].annotations) == {"captions", "questions", "labels", "text"}
+    assert set(samples[7].annotations) == {"captions", "questions", "labels", "sign", "text", "label"}
     assert [s.key for s in samples] == sorted(s.key for s in samples)
     json.dumps([s.annotations for s in samples])
     json.dumps(source.info())

@@ -1,6 +1,6 @@
 """`trainer`: train the small parts of a method against a feature cache, and score them.
 
-    trainer fit  --cache DIR --method epalm|prismer [--config FILE] [--out DIR] [--max-steps N] [KEY=VALUE ...]
+    trainer fit  --cache DIR --method epalm|mope|prismer [--config FILE] [--out DIR] [--max-steps N] [KEY=VALUE ...]
     trainer eval --cache DIR --checkpoint DIR [--split S] [KEY=VALUE ...]
     trainer predict --cache DIR --checkpoint DIR --split S
 

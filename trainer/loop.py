@@ -74,7 +74,7 @@ def learning_rate_factor(step: int, config: TrainConfig, total_steps: int) -> fl
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def fit(config: TrainConfig, progress: bool = True) -> dict[str, float]:
+def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -169,8 +169,7 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, float]:
             window_start, window_examples = time.perf_counter(), 0
         if eval_reader is not None and config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < total_steps:
             metrics, _ = evaluate(method, model, eval_loader(method, eval_reader, config), device)
-            log.write(json.dumps({"step": state["step"], "eval": metrics}) + "\n")
-            log.flush()
+            record_eval(method, out, log, state["step"], metrics)
         if state["step"] % config.save_every == 0:
             save()
     bar.close()
@@ -178,10 +177,19 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if eval_reader is not None:
         metrics, predictions = evaluate(method, model, eval_loader(method, eval_reader, config), device)
-        log.write(json.dumps({"step": state["step"], "eval": metrics}) + "\n")
+        record_eval(method, out, log, state["step"], metrics)
         write_results(out / "checkpoint", config.eval_split, metrics, predictions)
     log.close()
     return metrics
+
+
+def record_eval(method: Method, out: Path, log, step: int, metrics: dict[str, Any]) -> None:
+    """Append an eval record to the run's log and let the method redraw its figures from all of them."""
+    log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+    log.flush()
+    with (out / "log.jsonl").open() as f:
+        history = [record for record in map(json.loads, f) if "eval" in record]
+    method.after_eval(out, history)
 
 
 def write_results(directory: Path, split: str, metrics: dict[str, float], predictions: list[dict[str, Any]]) -> None:

@@ -27,6 +27,9 @@ EXPERTS: dict[str, str] = {
     "seg-ade": "precompute.experts.seg:SegAdeExpert",
     "objdet": "precompute.experts.objdet:ObjDetExpert",
     "ocrdet": "precompute.experts.ocrdet:OcrDetExpert",
+    "text-cls": "precompute.experts.text:TextClsExpert",
+    "text-tokens": "precompute.experts.text:TextTokensExpert",
+    "image-pooled": "precompute.experts.image_pooled:ImagePooledExpert",
 }
 
 

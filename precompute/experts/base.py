@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 
-from cache_schema import ClassTable, FeatureSpec
+from cache_schema import ClassTable, FeatureSpec, load_timm_model, model_revision
 from precompute.experts import ExpertError
+from precompute.sources import Sample, Source
 
 
 class Expert(ABC):
@@ -54,13 +54,34 @@ class Expert(ABC):
     def load(self) -> None:
         """Load weights (once per actor)."""
 
+    def load_frozen_timm(self) -> torch.nn.Module:
+        """`model_ref` as a frozen timm model on this expert's device and dtype; sets the provenance
+        (`model_id`, `revision`) that the expert's spec records."""
+        try:
+            model = load_timm_model(self.model_ref).eval().to(self.device, self.dtype)
+        except FileNotFoundError as e:
+            raise ExpertError(str(e)) from e
+        model.requires_grad_(False)
+        self.model_id, self.revision = model_revision(self.model_ref)
+        return model
+
     @abstractmethod
     def spec(self, feature: str) -> FeatureSpec:
         """The feature spec this loaded expert writes."""
 
+    def read_input(self, source: Source, sample: Sample) -> Any:
+        """What this expert looks at in one sample: the decoded image, unless it reads text.
+
+        Raises MediaError when the sample has nothing usable, which records it as a gap.
+        """
+        return source.load_image(sample)
+
     @abstractmethod
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """CPU work for one decoded image; runs in decode threads, overlapping `predict`."""
+    def preprocess(self, media: Any) -> torch.Tensor:
+        """CPU work for one sample's `read_input`; runs in decode threads, overlapping `predict`.
+
+        Returns one fixed-shape tensor per sample: the engine stacks them into a batch.
+        """
 
     @abstractmethod
     def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from cache_schema import ArraySpec, FeatureSpec, config_hash, load_timm_model, model_revision
+from cache_schema import ArraySpec, FeatureSpec, config_hash
 from precompute.experts import ExpertError
 from precompute.experts.base import Expert
 
@@ -24,12 +24,7 @@ class VitClsExpert(Expert):
     options = {"levels": 6}
 
     def load(self) -> None:
-        try:
-            self.model = load_timm_model(self.model_ref).eval().to(self.device, self.dtype)
-        except FileNotFoundError as e:
-            raise ExpertError(str(e)) from e
-        self.model.requires_grad_(False)
-        self.model_id, self.revision = model_revision(self.model_ref)
+        self.model = self.load_frozen_timm()
         depth = len(self.model.blocks)
         levels = self.config["levels"]
         if not 1 <= levels <= depth:

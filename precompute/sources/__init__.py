@@ -6,12 +6,18 @@ from pathlib import Path
 
 from precompute.sources.base import MediaError, Sample, Source, SourceError
 from precompute.sources.coco import CocoSource
+from precompute.sources.food101 import Food101Source
 from precompute.sources.images import ImagesSource
+from precompute.sources.mmimdb import MmImdbSource
 from precompute.sources.shapes import ShapesSource
+from precompute.sources.snli_ve import SnliVeSource
 from precompute.sources.vqav2 import Vqav2Source
 
 SOURCES: dict[str, type[Source]] = {
-    cls.name: cls for cls in (ShapesSource, ImagesSource, CocoSource, Vqav2Source)
+    cls.name: cls
+    for cls in (
+        ShapesSource, ImagesSource, CocoSource, Vqav2Source, Food101Source, MmImdbSource, SnliVeSource,
+    )
 }
 
 

@@ -17,6 +17,12 @@ that training on it means something:
 - It knows the truth behind every pixel (`ShapesWorld.truth`): objects stand at different
   distances (later-drawn ones nearer), each has a class mask, a box and an outline, and half the
   scenes carry a printed word for OCR. Prismer's stand-in experts are trained on that truth.
+- A classification task needs both modalities (`ShapesWorld.fusion`, for MoPE): each scene comes
+  with a sentence naming what its pieces are made of (wood, glass or metal), something the picture
+  does not show, and the class is (number of objects, material), 9 classes ("one wood" ... "three
+  metal"). The material is drawn uniformly and independently of the scene, so the image alone
+  (which shows the count) or the text alone (which names the material) reaches about 1/3; both
+  together determine the class.
 """
 
 from __future__ import annotations
@@ -63,6 +69,15 @@ DETECTION_CLASSES = tuple(f"{color} {shape}" for color in COLORS for shape in SH
 BACKGROUND_INSTANCE = 255
 
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+MATERIALS = ("wood", "glass", "metal")
+MATERIAL_TEMPLATES = (
+    "a toy set made of {material}",
+    "{material} pieces on a table",
+    "these shapes are cut from {material}",
+    "a puzzle whose pieces are {material}",
+    "every piece here is {material}",
+)
+FUSION_CLASSES = tuple(f"{COUNT_WORDS[n]} {m}" for n in COUNT_WORDS for m in MATERIALS)
 SIDES = ("left", "right")
 YES_NO = ("yes", "no")
 QUESTIONS_PER_SCENE = 5
@@ -310,6 +325,16 @@ class ShapesWorld:
         obj = objects[int(rng.integers(len(objects)))]
         return f"where is the {name(obj)}?", side(obj), "other"
 
+    def fusion(self, scene: Scene) -> dict:
+        """The sentence and class of the two-modality task: index = (count - 1) * 3 + material."""
+        rng = self._rng(scene.split, scene.index, "fusion")
+        material = int(rng.integers(len(MATERIALS)))
+        template = MATERIAL_TEMPLATES[int(rng.integers(len(MATERIAL_TEMPLATES)))]
+        return {
+            "text": template.format(material=MATERIALS[material]),
+            "label": (len(scene.objects) - 1) * len(MATERIALS) + material,
+        }
+
     def labels(self, scene: Scene) -> dict:
         """Dense targets for pretraining a tiny image encoder on this world.
 
@@ -389,7 +414,8 @@ MAX_SCENES = 1_000_000  # keys carry six digits, so key order is index order
 class ShapesSource(Source):
     name: ClassVar[str] = "shapes"
     description: ClassVar[str] = (
-        "synthetic coloured shapes with captions, VQA questions and labels; no data root "
+        "synthetic coloured shapes with captions, VQA questions, labels and a 9-class "
+        "image+text task; no data root "
         "(options: num, seed, image_size)"
     )
     needs_data_root: ClassVar[bool] = False
@@ -424,7 +450,8 @@ class ShapesSource(Source):
                         "captions": self.world.captions(scene),
                         "questions": self.world.questions(scene),
                         "labels": self.world.labels(scene),
-                        "text": [scene.sign.word] if scene.sign else [],
+                        "sign": [scene.sign.word] if scene.sign else [],
+                        **self.world.fusion(scene),
                     },
                 )
             )
@@ -442,6 +469,8 @@ class ShapesSource(Source):
             "num": self.num,
             "seed": self.world.seed,
             "image_size": self.world.image_size,
+            "classes": list(FUSION_CLASSES),
+            "multi_label": False,
         }
 
 

@@ -10,6 +10,7 @@ from trainer.methods.base import Method, MethodError
 METHODS: dict[str, str] = {
     "epalm": "trainer.methods.epalm_task:EPALMMethod",
     "prismer": "trainer.methods.prismer_task:PrismerMethod",
+    "mope": "trainer.methods.mope_task:MoPEMethod",
 }
 
 

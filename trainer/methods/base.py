@@ -8,6 +8,7 @@ batch becomes a loss, and how to score predictions.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -56,8 +57,12 @@ class Method(ABC):
         """One record per example: its key, what the model produced, and what it is scored against."""
 
     @abstractmethod
-    def score(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
-        """The method's metrics over `predict`'s records."""
+    def score(self, predictions: list[dict[str, Any]]) -> dict[str, Any]:
+        """The method's metrics over `predict`'s records (numbers, or lists of numbers)."""
+
+    def after_eval(self, out: Path, history: list[dict[str, Any]]) -> None:
+        """Called after every evaluation during `fit` with all of the run's eval records so far
+        (`{"step", "eval": metrics}`, oldest first): the place to draw a method's figures into `out`."""
 
     @abstractmethod
     def backbones(self) -> dict[str, dict[str, str]]:

@@ -1,0 +1,351 @@
+"""Conditional prompt tuning with a mixture of prompt experts (MoPE, Jiang et al.), as one model.
+
+A frozen main-modality encoder (a timm Swin or ViT over the image, or a BERT-family encoder over
+the text) classifies; the other modality arrives only as one cached global embedding ψ (the text's
+[CLS], or the image's pooled embedding) and steers the encoder through prompts in every layer:
+
+    static prompt   l learned tokens per layer, the same for every sample (VPT-deep);
+    dynamic prompt  l tokens per layer, Σ_k r_k E_k over k prompt experts E_k ∈ R^{l×C}, with the
+                    router r = softmax(W ψ / τ + ε) (τ = 0.1; noise ε while training only);
+    mapped prompt   one token per layer, an MLP of ψ (Linear → LayerNorm → GELU → Linear per stage).
+
+Only prompts, routers, the mapper and a linear head train. The importance loss keeps the router
+from collapsing onto a few experts: per layer, importance_k = Σ_batch r_k and the loss is its
+squared coefficient of variation, switched off below the threshold γ (paper: 0.05), so it pushes
+only against real imbalance, not towards exact uniformity.
+
+Where the prompts go:
+- ViT and BERT: after [CLS] (and any other prefix tokens), replaced by fresh ones at every layer;
+  their outputs are dropped, so the classifier reads [CLS] (or the encoder's own pooling) exactly as
+  the frozen model would. Prompts carry no position embedding.
+- Swin: attention is windowed, so every window attends to [its tokens; the prompts] (the relative
+  position bias is zero towards and from prompts) and a prompt's output is the mean of its outputs
+  over the windows. Fresh prompts enter every block except the first block of stages 2-4, which
+  continues with the previous stage's output prompts. Those survive patch merging as a 2x2 patch of
+  copies of themselves, through the stage's own frozen PatchMerging (norm + reduction): that lands
+  them in the next stage's feature space, where repeating their channels (the authors' way) would
+  not. Swin's own LayerNorm + average pool over the image tokens feeds the head.
+
+Baselines of the paper's table are configurations of this model: P-ImgOnly / P-TextOnly = static
+prompts only and no ψ; P-SequentialFuse = the mapped prompt only; P-LateConcat = static prompts and
+ψ concatenated to the pooled features before the head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer, window_partition, window_reverse
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+PROMPT_KINDS = ("static", "dynamic", "mapped")
+
+
+@dataclass
+class MoPEConfig:
+    num_classes: int
+    multi_label: bool = False  # sigmoid + binary cross-entropy per class (MM-IMDB) instead of softmax
+    complementary_dim: int | None = None  # width of ψ; None: no complementary modality
+    prompts: tuple[str, ...] = PROMPT_KINDS
+    prompt_length: int = 6  # l, for the static and the dynamic prompt each
+    num_experts: int = 16  # k
+    temperature: float = 0.1  # τ
+    routing: str = "dense"  # dense | top1
+    router_noise: float = 1.0  # std of ε, added to the logits / τ while training
+    importance_weight: float = 0.01
+    importance_threshold: float = 0.05  # γ
+    mapper_dim: int = 256
+    late_concat: bool = False  # P-LateConcat: [pooled; ψ] -> head
+
+    def __post_init__(self) -> None:
+        self.prompts = tuple(self.prompts)
+        unknown = set(self.prompts) - set(PROMPT_KINDS)
+        if unknown:
+            raise ValueError(f"prompts must be among {PROMPT_KINDS}, got {sorted(unknown)}")
+        if self.routing not in ("dense", "top1"):
+            raise ValueError(f"routing must be dense or top1, got {self.routing!r}")
+        needs_complementary = {"dynamic", "mapped"} & set(self.prompts) or self.late_concat
+        if needs_complementary and not self.complementary_dim:
+            raise ValueError("dynamic/mapped prompts and late_concat need a complementary embedding (complementary_dim)")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return (self.prompt_length * (("static" in self.prompts) + ("dynamic" in self.prompts))
+                + ("mapped" in self.prompts))
+
+
+@dataclass
+class PromptedLayer:
+    """One encoder layer that receives fresh prompts: its width, and the stage its width belongs to."""
+
+    width: int
+    stage: int
+
+
+class PromptGenerator(nn.Module):
+    """All trainable prompt parameters: static tokens, prompt experts + routers, the ψ mapper."""
+
+    def __init__(self, config: MoPEConfig, layers: list[PromptedLayer]):
+        super().__init__()
+        self.config = config
+        self.layers = layers
+        l, k = config.prompt_length, config.num_experts
+        init = lambda *shape: nn.Parameter(torch.randn(*shape) * 0.02)  # noqa: E731  (VPT's scale)
+        self.static = nn.ParameterList([init(l, layer.width) for layer in layers]) if "static" in config.prompts else None
+        if "dynamic" in config.prompts:
+            self.experts = nn.ParameterList([init(k, l, layer.width) for layer in layers])
+            self.routers = nn.ModuleList([nn.Linear(config.complementary_dim, k) for _ in layers])
+        else:
+            self.experts = self.routers = None
+        if "mapped" in config.prompts:
+            self.mapper = nn.Sequential(nn.Linear(config.complementary_dim, config.mapper_dim),
+                                        nn.LayerNorm(config.mapper_dim), nn.GELU())
+            stage_widths = {layer.stage: layer.width for layer in layers}
+            self.stage_maps = nn.ModuleDict({str(s): nn.Linear(config.mapper_dim, w) for s, w in stage_widths.items()})
+        else:
+            self.mapper = self.stage_maps = None
+
+    def route(self, index: int, complementary: torch.Tensor) -> torch.Tensor:
+        """Routing scores [B, k] of layer `index`: softmax(W ψ / τ + ε); top-1 keeps the winner's score."""
+        logits = self.routers[index](complementary) / self.config.temperature
+        if self.training and self.config.router_noise > 0:
+            logits = logits + torch.randn_like(logits) * self.config.router_noise
+        scores = logits.softmax(dim=-1)
+        if self.config.routing == "top1":
+            winner = F.one_hot(scores.argmax(dim=-1), scores.shape[-1]).to(scores.dtype)
+            scores = scores * winner  # the winner's score, not 1, so the router still gets a gradient
+        return scores
+
+    def forward(self, index: int, complementary: torch.Tensor | None, batch_size: int,
+                mapped_trunk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer `index`'s prompt tokens [B, P, C] and its routing scores [B, k] (None without dynamic)."""
+        tokens, scores = [], None
+        if self.static is not None:
+            tokens.append(self.static[index].unsqueeze(0).expand(batch_size, -1, -1))
+        if self.experts is not None:
+            scores = self.route(index, complementary)
+            tokens.append(torch.einsum("bk,klc->blc", scores, self.experts[index].to(scores.dtype)))
+        if self.mapper is not None:
+            tokens.append(self.stage_maps[str(self.layers[index].stage)](mapped_trunk).unsqueeze(1))
+        return torch.cat(tokens, dim=1), scores
+
+
+def importance_loss(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(std / mean)² of the experts' importance over the batch; 0 when already below `threshold`."""
+    importance = scores.sum(dim=0)
+    cv_squared = importance.var(unbiased=False) / importance.mean().pow(2).clamp_min(1e-12)
+    return torch.where(cv_squared < threshold, torch.zeros_like(cv_squared), cv_squared)
+
+
+class PromptedViT(nn.Module):
+    """A frozen timm ViT whose layers read fresh prompts placed after the prefix ([CLS]) tokens."""
+
+    def __init__(self, vit: VisionTransformer):
+        super().__init__()
+        self.vit = vit
+        self.prefix = vit.num_prefix_tokens
+        self.output_dim = vit.num_features
+
+    def prompted_layers(self) -> list[PromptedLayer]:
+        return [PromptedLayer(self.vit.embed_dim, 0) for _ in self.vit.blocks]
+
+    def forward(self, pixel_values: torch.Tensor, prompts) -> torch.Tensor:
+        vit = self.vit
+        hidden_states = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixel_values))))
+        num_prompts = 0
+        for index, block in enumerate(vit.blocks):
+            tokens = prompts(index, len(hidden_states))
+            hidden_states = torch.cat([hidden_states[:, : self.prefix], tokens.to(hidden_states.dtype),
+                                       hidden_states[:, self.prefix + num_prompts :]], dim=1)
+            num_prompts = tokens.shape[1]
+            hidden_states = block(hidden_states)
+        hidden_states = torch.cat([hidden_states[:, : self.prefix], hidden_states[:, self.prefix + num_prompts :]], dim=1)
+        return vit.forward_head(vit.norm(hidden_states), pre_logits=True)
+
+
+class PromptedSwin(nn.Module):
+    """A frozen timm Swin whose windows all attend to the prompts (see the module docstring)."""
+
+    def __init__(self, swin: SwinTransformer):
+        super().__init__()
+        self.swin = swin
+        self.output_dim = swin.num_features
+
+    def prompted_layers(self) -> list[PromptedLayer]:
+        return [PromptedLayer(block.dim, s) for s, stage in enumerate(self.swin.layers)
+                for b, block in enumerate(stage.blocks) if s == 0 or b > 0]
+
+    def forward(self, pixel_values: torch.Tensor, prompts) -> torch.Tensor:
+        swin = self.swin
+        hidden_states = swin.patch_embed(pixel_values)  # [B, H, W, C]
+        batch_size = len(hidden_states)
+        index, tokens = 0, None
+        for s, stage in enumerate(swin.layers):
+            hidden_states = stage.downsample(hidden_states)
+            if tokens is not None and not isinstance(stage.downsample, nn.Identity):
+                tokens = merge_prompts(stage.downsample, tokens)
+            for b, block in enumerate(stage.blocks):
+                if s == 0 or b > 0:
+                    tokens = prompts(index, batch_size).to(hidden_states.dtype)
+                    index += 1
+                hidden_states, tokens = prompted_swin_block(block, hidden_states, tokens)
+        return swin.forward_head(swin.norm(hidden_states), pre_logits=True)
+
+
+def merge_prompts(merging: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Prompts through PatchMerging as if each were a 2x2 patch of itself: [B, P, C] -> [B, P, 2C]."""
+    return merging.reduction(merging.norm(tokens.repeat(1, 1, 4)))
+
+
+def prompted_swin_block(block: nn.Module, hidden_states: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's SwinTransformerBlock.forward with prompt tokens [B, P, C] joining every window."""
+    batch_size, height, width, channels = hidden_states.shape
+    attended, attended_tokens = prompted_window_attention(block, block.norm1(hidden_states), block.norm1(tokens))
+    hidden_states = hidden_states + block.drop_path1(attended)
+    tokens = tokens + attended_tokens
+    hidden_states = hidden_states.reshape(batch_size, -1, channels)
+    hidden_states = hidden_states + block.drop_path2(block.mlp(block.norm2(hidden_states)))
+    tokens = tokens + block.mlp(block.norm2(tokens))
+    return hidden_states.reshape(batch_size, height, width, channels), tokens
+
+
+def prompted_window_attention(block: nn.Module, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Shifted) window attention over [window tokens; prompts]; prompt outputs averaged over windows."""
+    batch_size, height, width, channels = x.shape
+    shift = block.shift_size
+    has_shift = any(shift)
+    if has_shift:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    window_h, window_w = block.window_size
+    pad_h, pad_w = (window_h - height % window_h) % window_h, (window_w - width % window_w) % window_w
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    _, padded_h, padded_w, _ = x.shape
+    windows = window_partition(x, block.window_size).view(-1, block.window_area, channels)
+    num_windows = len(windows) // batch_size
+    num_prompts = tokens.shape[1]
+    window_tokens = tokens.unsqueeze(1).expand(-1, num_windows, -1, -1).reshape(len(windows), num_prompts, channels)
+    sequence = torch.cat([windows, window_tokens], dim=1)
+
+    attention, area, heads = block.attn, block.window_area, block.attn.num_heads
+    length = area + num_prompts
+    qkv = attention.qkv(sequence).reshape(batch_size, num_windows, length, 3, heads, -1).permute(3, 0, 1, 4, 2, 5)
+    query, key, value = qkv.unbind(0)  # [B, windows, heads, N+P, d]
+    bias = F.pad(attention._get_rel_pos_bias(), (0, num_prompts, 0, num_prompts)).unsqueeze(1)  # [1, 1, heads, N+P, N+P]
+    mask = block.get_attn_mask(x) if getattr(block, "dynamic_mask", False) else block.attn_mask
+    if mask is not None:  # the shifted windows' mask: prompts are seen from, and see, every position
+        bias = bias + F.pad(mask, (0, num_prompts, 0, num_prompts)).unsqueeze(1).unsqueeze(0)
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype))
+    output = attention.proj(output.transpose(2, 3).reshape(len(sequence), length, -1))
+
+    windows_out = output[:, :area].reshape(-1, window_h, window_w, channels)
+    x = window_reverse(windows_out, block.window_size, padded_h, padded_w)[:, :height, :width].contiguous()
+    if has_shift:
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    tokens_out = output[:, area:].reshape(batch_size, num_windows, num_prompts, channels).mean(dim=1)
+    return x, tokens_out
+
+
+class PromptedText(nn.Module):
+    """A frozen BERT-family encoder (transformers) whose layers read fresh prompts after [CLS]."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.output_dim = encoder.config.hidden_size
+
+    def prompted_layers(self) -> list[PromptedLayer]:
+        return [PromptedLayer(self.output_dim, 0) for _ in self.encoder.encoder.layer]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts) -> torch.Tensor:
+        hidden_states = self.encoder.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        mask, num_prompts = attention_mask, 0
+        for index, layer in enumerate(self.encoder.encoder.layer):
+            tokens = prompts(index, len(hidden_states)).to(hidden_states.dtype)
+            hidden_states = torch.cat([hidden_states[:, :1], tokens, hidden_states[:, 1 + num_prompts :]], dim=1)
+            num_prompts = tokens.shape[1]
+            mask = torch.cat([attention_mask[:, :1], attention_mask.new_ones(len(attention_mask), num_prompts), attention_mask[:, 1:]], dim=1)
+            additive = (1.0 - mask[:, None, None, :].to(hidden_states.dtype)) * torch.finfo(hidden_states.dtype).min
+            hidden_states = layer(hidden_states, attention_mask=additive)
+        return hidden_states[:, 0]
+
+
+@dataclass
+class MoPEOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    routing: list[torch.Tensor] = field(default_factory=list)  # per prompted layer, [B, k] (dynamic prompts only)
+
+
+class MoPE(nn.Module):
+    """Frozen prompted encoder + trainable prompts, routers, mapper and head."""
+
+    def __init__(self, config: MoPEConfig, encoder: PromptedViT | PromptedSwin | PromptedText):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.encoder.requires_grad_(False)
+        self.prompts = PromptGenerator(config, encoder.prompted_layers())
+        head_in = encoder.output_dim + (config.complementary_dim if config.late_concat else 0)
+        self.head = nn.Linear(head_in, config.num_classes)
+
+    def train(self, mode: bool = True) -> MoPE:
+        """The frozen encoder always runs in eval mode (no dropout, no drop-path), as it was trained."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, inputs: dict[str, torch.Tensor], complementary: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MoPEOutput:
+        """`inputs`: {"pixel_values"} or {"input_ids", "attention_mask"}; `labels`: [B] ids or [B, C] multi-hot."""
+        routing: list[torch.Tensor] = []
+        mapped_trunk = self.prompts.mapper(complementary) if self.prompts.mapper is not None else None
+
+        def prompts(index: int, batch_size: int) -> torch.Tensor:
+            tokens, scores = self.prompts(index, complementary, batch_size, mapped_trunk)
+            if scores is not None:
+                routing.append(scores)
+            return tokens
+
+        pooled = self.encoder(**inputs, prompts=prompts)
+        if self.config.late_concat:
+            pooled = torch.cat([pooled, complementary.to(pooled.dtype)], dim=-1)
+        logits = self.head(pooled)
+        loss = None
+        if labels is not None:
+            if self.config.multi_label:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels)
+            if routing and self.config.importance_weight:
+                balance = torch.stack([importance_loss(scores.float(), self.config.importance_threshold) for scores in routing])
+                loss = loss + self.config.importance_weight * balance.mean()
+        return MoPEOutput(logits=logits, loss=loss, routing=routing)
+
+
+def prompted_encoder(model: nn.Module) -> PromptedViT | PromptedSwin | PromptedText:
+    """Wrap a loaded frozen encoder; anything but a timm ViT/Swin or a BERT-like encoder is refused."""
+    if isinstance(model, VisionTransformer):
+        return PromptedViT(model)
+    if isinstance(model, SwinTransformer):
+        return PromptedSwin(model)
+    if hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer"):
+        return PromptedText(model)
+    raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer / SwinTransformer or a BERT-family encoder")
+
+
+def routing_statistics(routing: list[torch.Tensor]) -> dict[str, float | list[float]]:
+    """What people look at for MoPE: each expert's share of the routing mass (mean over layers),
+    its coefficient of variation, and the routing entropy in nats (log k = uniform, 0 = one expert)."""
+    scores = torch.stack(routing).float()  # [layers, N, k]
+    share = scores.sum(dim=1) / scores.sum(dim=(1, 2)).unsqueeze(-1)  # [layers, k]
+    cv = share.std(dim=-1, unbiased=False) / share.mean(dim=-1)
+    probabilities = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=-1).mean()
+    return {"routing_entropy": float(entropy), "routing_entropy_max": math.log(scores.shape[-1]),
+            "importance_cv": float(cv.mean()), "expert_importance": [round(float(v), 5) for v in share.mean(dim=0)]}

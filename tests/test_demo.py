@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(5400)  # ~35 min on an idle 2-core machine; the suite's default 900 s is too tight
+@pytest.mark.timeout(5400)  # ~40 min on an idle 2-core machine; the suite's default 900 s is too tight
 def test_main_job_epalm_prismer_and_mope(tmp_path):
     """The whole story from an empty directory: validated cache, summary.json, eP-ALM reading the
     image (held-out scenes) at least 20 points better than the same LM and prompt without it,

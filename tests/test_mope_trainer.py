@@ -107,6 +107,23 @@ def test_text_main_modality_prompts_the_text_encoder_with_the_image_embedding(sh
     assert "accuracy" in metrics and "routing_entropy" in metrics
 
 
+@pytest.mark.parametrize("variant, model", [
+    ("P-ImgOnly", {"prompts": ["static"], "complementary": None}),
+    ("P-SequentialFuse", {"prompts": ["mapped"]}),
+    ("P-LateConcat", {"prompts": ["static"], "late_concat": True}),
+])
+def test_the_papers_baselines_are_configurations_of_the_same_code(shapes_cache, tiny_vit_dir, tmp_path, variant, model):
+    out = tmp_path / variant
+    metrics = fit(make_config(shapes_cache, out, tiny_vit_dir, eval_every=0, **model), progress=False)
+    assert "accuracy" in metrics and "routing_entropy" not in metrics  # no dynamic prompt, no router
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "checkpoint" / "model.safetensors")
+    assert not any(name.startswith(("prompts.experts", "prompts.routers")) for name in saved)
+    head_inputs = saved["head.weight"].shape[1]
+    assert head_inputs == 32 + (32 if model.get("late_concat") else 0)  # ViT width (+ tiny BERT's [CLS] width)
+
+
 @pytest.mark.parametrize("model, message", [
     ({"complementary": "vit-cls"}, "no 'vit-cls' feature"),
     ({"complementary": "text-tokens"}, "one embedding per sample"),

@@ -112,6 +112,8 @@ def main() -> None:
         "trainable_share_of_backbone": round(trainable / backbone, 4),
         "cached_ms_per_step": round(cached_ms, 1), "online_ms_per_step": round(online_ms, 1),
         "online_encoder_ms": round(1000 * statistics.median(times["encoder"]), 1),
+        "online_step_after_encoder_ms": round(1000 * statistics.median(
+            [total - encoder for total, encoder in zip(times["online"], times["encoder"])]), 1),
         "online_over_cached": round(online_ms / cached_ms, 2),
     }
     print(json.dumps(result, indent=1))

@@ -35,14 +35,7 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 def decode_image(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Fully decode `path` into an 8-bit RGB image, upright per its EXIF orientation."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise MediaError(f"file not found: {path}") from None
-    except OSError as e:
-        raise MediaError(f"cannot read file: {e}") from e
-    if size == 0:
-        raise MediaError("empty file (0 bytes)")
+    check_file(path)
 
     # Everything in this block is Pillow parsing bytes it does not trust; its failures come as
     # many exception types (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error),
@@ -65,6 +58,18 @@ def decode_image(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except Exception as e:
         raise MediaError(f"cannot decode: {type(e).__name__}: {e}") from e
     return to_rgb(upright)
+
+
+def check_file(path: Path) -> None:
+    """A missing, unreadable or empty media file is a gap with its reason, whatever decodes it."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise MediaError(f"file not found: {path}") from None
+    except OSError as e:
+        raise MediaError(f"cannot read file: {e}") from e
+    if size == 0:
+        raise MediaError("empty file (0 bytes)")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

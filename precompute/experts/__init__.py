@@ -19,6 +19,9 @@ class ExpertError(Exception):
 
 EXPERTS: dict[str, str] = {
     "vit-cls": "precompute.experts.vit_cls:VitClsExpert",
+    "timesformer-cls": "precompute.experts.video_audio:TimesformerClsExpert",
+    "ast-cls": "precompute.experts.video_audio:AstClsExpert",
+    "vit-avg-cls": "precompute.experts.video_audio:VitAvgClsExpert",
     "rgb": "precompute.experts.rgb:RgbExpert",
     "depth": "precompute.experts.depth:DepthExpert",
     "normal": "precompute.experts.normal:NormalExpert",

@@ -5,18 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from precompute.sources.base import MediaError, Sample, Source, SourceError
+from precompute.sources.audiocaps import AudiocapsSource
 from precompute.sources.coco import CocoSource
 from precompute.sources.food101 import Food101Source
 from precompute.sources.images import ImagesSource
 from precompute.sources.mmimdb import MmImdbSource
+from precompute.sources.msrvtt import MsrvttSource
+from precompute.sources.msvd import MsvdSource
 from precompute.sources.shapes import ShapesSource
 from precompute.sources.snli_ve import SnliVeSource
+from precompute.sources.videos import AudioFolderSource, VideoFolderSource
 from precompute.sources.vqav2 import Vqav2Source
 
 SOURCES: dict[str, type[Source]] = {
     cls.name: cls
     for cls in (
         ShapesSource, ImagesSource, CocoSource, Vqav2Source, Food101Source, MmImdbSource, SnliVeSource,
+        VideoFolderSource, AudioFolderSource, MsrvttSource, MsvdSource, AudiocapsSource,
     )
 }
 

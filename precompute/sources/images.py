@@ -2,7 +2,8 @@
 
 For feature extraction over an arbitrary collection (web crawl, a dataset whose annotations
 live elsewhere). Prismer's label scripts globbed `*.jpg`/`*.JPEG` one folder deep and silently
-skipped `.png`/`.jpeg`; here every `.jpg .jpeg .png .webp` at any depth counts, in any letter case.
+skipped `.png`/`.jpeg`; here every `.jpg .jpeg .png .webp` at any depth counts, in any letter case. The folder walk
+here (`folder_samples`) is also what `videos` and `audio` use.
 
 The key is the path relative to the data root, without its extension, in posix form
 (`birds/0001.JPG` -> `birds/0001`), so keys match across machines and operating systems. Two
@@ -34,25 +35,30 @@ class ImagesSource(Source):
     splits: ClassVar[tuple[str, ...]] = ("all",)
 
     def samples(self) -> list[Sample]:
-        path_by_key: dict[str, Path] = {}
-        for path in find_images(self.data_root):
-            key = path.relative_to(self.data_root).with_suffix("").as_posix()
-            if key in path_by_key:
-                raise SourceError(
-                    f"{path_by_key[key]} and {path} would share the sample key '{key}'; "
-                    "rename one of them"
-                )
-            path_by_key[key] = path
-        if not path_by_key:
-            raise SourceError(f"no {'/'.join(IMAGE_EXTENSIONS)} files under {self.data_root}")
-        return [Sample(key, str(path_by_key[key]), {}) for key in sorted(path_by_key)]
+        return folder_samples(self.data_root, IMAGE_EXTENSIONS)
 
     def load_image(self, sample: Sample) -> Image.Image:
         return decode.decode_image(Path(sample.media))
 
 
-def find_images(root: Path) -> list[Path]:
-    """Image files under `root`, following symlinked folders but never around a loop."""
+def folder_samples(root: Path, extensions: tuple[str, ...]) -> list[Sample]:
+    """One sample per file under `root` with one of `extensions`, keyed by its relative path."""
+    path_by_key: dict[str, Path] = {}
+    for path in find_files(root, extensions):
+        key = path.relative_to(root).with_suffix("").as_posix()
+        if key in path_by_key:
+            raise SourceError(
+                f"{path_by_key[key]} and {path} would share the sample key '{key}'; "
+                "rename one of them"
+            )
+        path_by_key[key] = path
+    if not path_by_key:
+        raise SourceError(f"no {'/'.join(extensions)} files under {root}")
+    return [Sample(key, str(path_by_key[key]), {}) for key in sorted(path_by_key)]
+
+
+def find_files(root: Path, extensions: tuple[str, ...]) -> list[Path]:
+    """Files under `root` ending in one of `extensions` (any case), skipping hidden entries."""
     found = []
     visited = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
@@ -65,6 +71,6 @@ def find_images(root: Path) -> list[Path]:
         found.extend(
             Path(folder) / f
             for f in files
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+            if not f.startswith(".") and f.lower().endswith(extensions)
         )
     return found

@@ -1,0 +1,301 @@
+"""`timesformer-cls`, `ast-cls` and `vit-avg-cls`: eP-ALM's video and audio sides.
+
+eP-ALM gives its frozen LM the same thing for every modality: the [CLS] token of each of the last
+K encoder layers, after the encoder's final LayerNorm. `vit-cls` stores it for images; these
+experts store it, float16 [N, K, D] under array "cls" with the same spec params, for the
+encoders eP-ALM uses for video (TimeSformer, divided space-time attention, Kinetics-600) and
+audio (AST, AudioSet), so the trainer reads any of them unchanged.
+
+- Clips come from the source: `load_video` samples `num_frames` frames (8 for QA, 16 for
+  captioning; segment sampling, `uniform` or seeded `random`, as `decode_media` describes) and
+  `load_audio` gives a 16 kHz mono waveform. A source with neither, or a clip that cannot be
+  decoded, is silent or too short, raises MediaError: a recorded gap, never a crash.
+- TimeSformer's frames are prepared as the checkpoint's own image processor does
+  (`preprocessor_config.json`, a VideoMAEImageProcessor: shortest edge resize, centre crop,
+  rescale, its mean/std). A checkpoint without one gets the config's image_size with ImageNet's
+  mean/std, the defaults of transformers' TimesformerVideoProcessor; `params["image_processor"]`
+  says which was used.
+- Frame counts: the original TimeSformer (and eP-ALM's copy of it) takes T from its input and
+  nearest-interpolates the time embeddings when T differs from training. transformers'
+  embeddings interpolate the same way, but its layers split the token sequence by
+  `config.num_frames`, so another count runs without error and attends across the wrong tokens.
+  The expert sets the loaded model's `config.num_frames` to the count it feeds, which makes the
+  transformers model compute what the original does.
+- AST reads `decode_media.fbank` (the AST recipe: Kaldi log-mel, AudioSet mean/std) at the
+  checkpoint's max_length x num_mel_bins (1024 x 128); a checkpoint whose feature extractor
+  normalises otherwise (AST's Speech Commands models) is refused, not fed wrong inputs. Its sequence starts with [CLS] and then a
+  distillation token (DeiT); its pooler averages the two, but eP-ALM takes position 0, the [CLS],
+  and so do we.
+- `vit-avg-cls` is the baseline that ignores time: the `vit-cls` of each frame (same timm model,
+  transform and levels), averaged over the frames in float32. It averages the per-frame float16
+  rows, so it equals the mean of what `vit-cls` would store for the frames as images.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    ASTFeatureExtractor,
+    ASTModel,
+    AutoConfig,
+    AutoImageProcessor,
+    PreTrainedModel,
+    TimesformerModel,
+    VideoMAEImageProcessor,
+)
+from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.utils import cached_file
+
+from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
+from precompute import decode_media
+from precompute.experts import ExpertError
+from precompute.experts.base import Expert
+from precompute.experts.vit_cls import VitClsExpert
+from precompute.sources import MediaError, Sample, Source
+
+PROCESSOR_CONFIG = "preprocessor_config.json"
+SAMPLE_RATE = 16000  # what AST was trained on, and what its feature extractor insists on
+FRAME_OPTIONS: dict[str, Any] = {"num_frames": 8, "sampling": "uniform", "seed": 0}
+# The image processor fields that decide the pixels (the rest of its config is bookkeeping).
+PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                    "do_normalize", "image_mean", "image_std")
+
+
+def check_frame_options(expert: str, config: dict[str, Any]) -> None:
+    """Refuse bad frame options on the driver, before they would make every sample a gap."""
+    if config["num_frames"] < 1:
+        raise ExpertError(f"{expert}: num_frames must be at least 1, got {config['num_frames']}")
+    if config["sampling"] not in decode_media.SAMPLINGS:
+        raise ExpertError(f"{expert}: sampling must be one of {', '.join(decode_media.SAMPLINGS)}, "
+                          f"got {config['sampling']!r}")
+
+
+def read_frames(expert: str, config: dict[str, Any], source: Source, sample: Sample) -> np.ndarray:
+    """The sample's frames, uint8 [T, H, W, 3], sampled as the expert's options say."""
+    load_video = getattr(source, "load_video", None)
+    if load_video is None:
+        raise MediaError(f"{expert} reads video, but source '{source.name}' holds no videos (it has no load_video)")
+    return load_video(sample, config["num_frames"], seed=config["seed"], sampling=config["sampling"])
+
+
+def frame_sampling(config: dict[str, Any]) -> dict[str, Any]:
+    return {"num_frames": config["num_frames"], "sampling": config["sampling"], "seed": config["seed"],
+            "rule": "decode_media.decode_video: one frame per segment; short clips repeat frames in order"}
+
+
+def model_source(model_ref: str) -> str:
+    """What `from_pretrained` takes for `model_ref`: the expanded directory, or the hub id."""
+    path = Path(model_ref).expanduser()
+    return str(path) if path.is_dir() else model_ref
+
+
+def load_encoder(expert: str, model_class: type[PreTrainedModel], model_ref: str) -> PreTrainedModel:
+    """`model_class` by hub id or local `save_pretrained` directory (a checkpoint with a task head,
+    such as the hub's video / audio classifiers, loads its encoder)."""
+    path = Path(model_ref).expanduser()
+    if model_ref.startswith(("/", ".", "~")) and not path.is_dir():
+        raise ExpertError(f"{expert}: {model_ref}: no such model directory")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ExpertError(f"{expert}: {path} is not a transformers model directory (no config.json; "
+                          "write it with save_pretrained)")
+    source = model_source(model_ref)
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+        if model_type == model_class.config_class.model_type:
+            return model_class.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        hint = "" if path.is_dir() else " (offline? pass --model DIR holding a save_pretrained copy)"
+        raise ExpertError(f"{expert}: could not load a {model_class.__name__} from {model_ref!r}{hint}: {e}") from e
+    raise ExpertError(f"{expert}: {model_ref} is a {model_type!r} model; this expert runs "
+                      f"{model_class.config_class.model_type!r} ({model_class.__name__})")
+
+
+def has_processor_config(model_ref: str) -> bool:
+    return cached_file(model_source(model_ref), PROCESSOR_CONFIG,
+                       _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False) is not None
+
+
+class EncoderClsExpert(Expert):
+    """What `timesformer-cls` and `ast-cls` share: a transformers encoder run with
+    `output_hidden_states`, whose per-layer token 0 goes through the model's final `layernorm`."""
+
+    model_class: ClassVar[type[PreTrainedModel]]
+    options: ClassVar[dict[str, Any]] = {"levels": 6}
+
+    def load_encoder(self) -> None:
+        self.model = load_encoder(self.name, self.model_class, self.model_ref)
+        self.model.eval().requires_grad_(False).to(self.device, self.dtype)
+        self.model_id, self.revision = model_revision(self.model_ref)
+        depth = self.model.config.num_hidden_layers
+        levels = self.config["levels"]
+        if not 1 <= levels <= depth:
+            raise ExpertError(f"{self.name}: levels={levels} but {self.model_ref} has {depth} layers")
+        self.layers = list(range(depth - levels, depth))
+
+    def cls_spec(self, feature: str, preprocessing: dict[str, Any], **params: Any) -> FeatureSpec:
+        width = self.model.config.hidden_size
+        return FeatureSpec(
+            name=feature,
+            expert=self.name,
+            model_id=self.model_id,
+            revision=self.revision,
+            preprocess_hash=config_hash(preprocessing),
+            arrays=(ArraySpec("cls", "float16", (len(self.layers), width)),),
+            params={"layers": self.layers, "width": width, "num_blocks": self.model.config.num_hidden_layers, **params},
+        )
+
+    @torch.inference_mode()
+    def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        hidden_states = self.model(batch.to(self.device, self.dtype), output_hidden_states=True).hidden_states
+        # hidden_states[0] is the embeddings; hidden_states[i + 1] is what layer i outputs.
+        cls_per_level = torch.stack([hidden_states[layer + 1][:, 0] for layer in self.layers], dim=1)
+        return {"cls": self.model.layernorm(cls_per_level).to(torch.float16).cpu().numpy()}
+
+
+class TimesformerClsExpert(EncoderClsExpert):
+    name = "timesformer-cls"
+    description = ("per-layer [CLS] of a frozen transformers TimesformerModel after its final LayerNorm over "
+                   "num_frames sampled frames, float16 [N, K, D] (eP-ALM's video side)")
+    default_model = "facebook/timesformer-base-finetuned-k600"
+    model_class = TimesformerModel
+    options = {"levels": 6, **FRAME_OPTIONS}
+
+    def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
+        super().__init__(model=model, device=device, **options)
+        check_frame_options(self.name, self.config)
+
+    def load(self) -> None:
+        self.load_encoder()
+        config = self.model.config
+        self.trained_num_frames = config.num_frames
+        config.num_frames = self.config["num_frames"]  # what the layers split tokens by; see the module docstring
+        if has_processor_config(self.model_ref):
+            self.processor_origin = "checkpoint"
+            try:
+                self.processor: ImageProcessingMixin = AutoImageProcessor.from_pretrained(model_source(self.model_ref))
+            except (OSError, ValueError) as e:
+                raise ExpertError(f"{self.name}: {self.model_ref}: unreadable {PROCESSOR_CONFIG}: {e}") from e
+        else:
+            self.processor_origin = "imagenet-default"
+            side = config.image_size
+            self.processor = VideoMAEImageProcessor(size={"shortest_edge": side},
+                                                    crop_size={"height": side, "width": side},
+                                                    image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
+        expected = (config.num_frames, config.num_channels, config.image_size, config.image_size)
+        made = tuple(self.preprocess(np.zeros((config.num_frames, 3 * config.image_size, 2 * config.image_size, 3),
+                                              np.uint8)).shape)
+        if made != expected:
+            raise ExpertError(f"{self.name}: the image processor of {self.model_ref} makes frames {made[1:]}, but the "
+                              f"model's layers assume {expected[1:]} (config.image_size); a processor that does not "
+                              "crop to it cannot be used")
+
+    def spec(self, feature: str) -> FeatureSpec:
+        pixels = {k: v for k, v in self.processor.to_dict().items() if k in PROCESSOR_FIELDS}
+        time_embeddings = ("as trained" if self.config["num_frames"] == self.trained_num_frames
+                           else f"nearest-interpolated from {self.trained_num_frames}")
+        return self.cls_spec(
+            feature,
+            {"frames": frame_sampling(self.config), "image_processor": pixels, "time_embeddings": time_embeddings},
+            num_frames=self.config["num_frames"], sampling=self.config["sampling"],
+            trained_num_frames=self.trained_num_frames, image_processor=self.processor_origin,
+        )
+
+    def read_input(self, source: Source, sample: Sample) -> np.ndarray:
+        return read_frames(self.name, self.config, source, sample)
+
+    def preprocess(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> float32 [T, 3, S, S], as the image processor prepares one video."""
+        return self.processor(list(frames), return_tensors="pt")["pixel_values"][0]
+
+
+class AstClsExpert(EncoderClsExpert):
+    name = "ast-cls"
+    description = ("per-layer [CLS] (position 0, not the distillation token) of a frozen transformers ASTModel after "
+                   "its final LayerNorm over the clip's 16 kHz log-mel fbank, float16 [N, K, D] (eP-ALM's audio side)")
+    default_model = "MIT/ast-finetuned-audioset-10-10-0.4593"
+    model_class = ASTModel
+
+    def load(self) -> None:
+        self.load_encoder()
+        if has_processor_config(self.model_ref):
+            self.check_feature_extractor()
+
+    def check_feature_extractor(self) -> None:
+        """`fbank` computes the AudioSet recipe; a checkpoint trained on other statistics is refused."""
+        try:
+            with warnings.catch_warnings():  # the empty mel filter decode_media.fbank explains
+                warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
+                extractor = ASTFeatureExtractor.from_pretrained(model_source(self.model_ref))
+        except (OSError, ValueError) as e:
+            raise ExpertError(f"{self.name}: {self.model_ref}: unreadable {PROCESSOR_CONFIG}: {e}") from e
+        config = self.model.config
+        recipe = {"sampling_rate": SAMPLE_RATE, "num_mel_bins": config.num_mel_bins, "max_length": config.max_length,
+                  "do_normalize": True, "mean": decode_media.AUDIOSET_MEAN, "std": decode_media.AUDIOSET_STD}
+        differing = {k: getattr(extractor, k, None) for k, v in recipe.items()
+                     if not np.isclose(float(getattr(extractor, k, np.nan)), float(v))}
+        if differing:
+            raise ExpertError(f"{self.name}: the feature extractor of {self.model_ref} differs from the AudioSet fbank "
+                              f"recipe this expert computes ({recipe}) in {differing}")
+
+    def spec(self, feature: str) -> FeatureSpec:
+        config = self.model.config
+        fbank = {"sample_rate": SAMPLE_RATE, "num_mel_bins": config.num_mel_bins, "frames": config.max_length,
+                 "frame_length_ms": decode_media.FRAME_LENGTH_MS, "frame_shift_ms": decode_media.FRAME_SHIFT_MS,
+                 "mean": decode_media.AUDIOSET_MEAN, "std": decode_media.AUDIOSET_STD}
+        audio = {"mono": "mean of channels", "resample": "scipy resample_poly", "silence_peak": decode_media.SILENCE_PEAK}
+        return self.cls_spec(feature, {"audio": audio, "fbank": fbank, "token": 0}, num_mel_bins=config.num_mel_bins,
+                             max_length=config.max_length)
+
+    def read_input(self, source: Source, sample: Sample) -> np.ndarray:
+        load_audio = getattr(source, "load_audio", None)
+        if load_audio is None:
+            raise MediaError(f"{self.name} reads audio, but source '{source.name}' holds no audio (it has no load_audio)")
+        return load_audio(sample, sample_rate=SAMPLE_RATE)
+
+    def preprocess(self, waveform: np.ndarray) -> torch.Tensor:
+        """float32 mono [samples] at 16 kHz -> float32 [max_length, num_mel_bins]."""
+        config = self.model.config
+        return torch.from_numpy(decode_media.fbank(waveform, SAMPLE_RATE, num_mel_bins=config.num_mel_bins,
+                                                   target_frames=config.max_length))
+
+
+class VitAvgClsExpert(VitClsExpert):
+    name = "vit-avg-cls"
+    description = ("per-frame vit-cls of a frozen timm ViT averaged over num_frames sampled frames, float16 [N, K, D] "
+                   "(the image-encoder baseline for eP-ALM's video tasks)")
+    options = {"levels": 6, **FRAME_OPTIONS}
+
+    def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
+        super().__init__(model=model, device=device, **options)
+        check_frame_options(self.name, self.config)
+
+    def spec(self, feature: str) -> FeatureSpec:
+        per_frame = super().spec(feature)
+        return replace(
+            per_frame,
+            preprocess_hash=config_hash({"data_config": self.data_config, "frames": frame_sampling(self.config),
+                                         "pooling": "float32 mean over frames of the float16 per-frame [CLS]"}),
+            params={**per_frame.params, "num_frames": self.config["num_frames"], "sampling": self.config["sampling"],
+                    "frame_pooling": "mean"},
+        )
+
+    def read_input(self, source: Source, sample: Sample) -> np.ndarray:
+        return read_frames(self.name, self.config, source, sample)
+
+    def preprocess(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> [T, 3, S, S], each frame through the ViT's own eval transform."""
+        return torch.stack([self.transform(Image.fromarray(frame)) for frame in frames])
+
+    def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        per_frame = super().predict(batch.flatten(0, 1), inputs)["cls"]
+        per_clip = per_frame.reshape(batch.shape[0], batch.shape[1], *per_frame.shape[1:])
+        return {"cls": per_clip.astype(np.float32).mean(axis=1).astype(np.float16)}

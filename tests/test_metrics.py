@@ -206,3 +206,14 @@ def test_f1_rejects_bad_targets() -> None:
         f1_scores(np.zeros((2, 3)), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="multi-hot"):
         f1_scores(np.zeros((1, 2)), np.array([[0, 2]]))
+
+
+def test_one_answer_video_qa_is_scored_by_exact_match() -> None:
+    """MSRVTT-QA / MSVD-QA give one answer per question: VQA's leave-one-out accuracy is undefined
+    there, so the trainer's VQA metrics are exact match alone."""
+    from trainer.methods.text import vqa_or_caption_metrics
+
+    records = [{"key": "video7", "qid": str(i), "prediction": p, "answers": [a], "answer_type": "what"}
+               for i, (p, a) in enumerate([("Man", "man"), ("dog", "cat"), ("two", "2"), ("a ball", "ball")])]
+    metrics = vqa_or_caption_metrics("vqa", records)
+    assert metrics == {"exact_match": pytest.approx(75.0)}

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from trainer.eval import caption_metrics, vqa_score
+from trainer.eval import caption_metrics, exact_match, vqa_score
 
 IGNORE_INDEX = -100
 
@@ -76,12 +76,16 @@ def encode_batch(
 
 def vqa_or_caption_metrics(task: str, predictions: list[dict[str, Any]]) -> dict[str, float]:
     """The paper metrics over `predict` records: official VQA accuracy (overall and per answer type)
-    for task "vqa" (records: key, qid, prediction, answers, answer_type), COCO caption scores for
-    "caption" (records: key, prediction, references)."""
+    and exact match for task "vqa" (records: key, qid, prediction, answers, answer_type), COCO
+    caption scores for "caption" (records: key, prediction, references). Exact match is the only
+    metric of one-answer datasets (MSRVTT-QA, MSVD-QA), where VQA's leave-one-out accuracy is undefined."""
     if task == "vqa":
         ids = [f"{p['key']}#{p['qid']}" for p in predictions]
-        score = vqa_score({i: p["prediction"] for i, p in zip(ids, predictions)},
-                          {i: p["answers"] for i, p in zip(ids, predictions)},
-                          {i: p["answer_type"] for i, p in zip(ids, predictions)})
-        return {"vqa_accuracy": score["vqa_accuracy"], **{f"vqa_accuracy/{t}": v for t, v in score["per_type"].items()}}
+        answers = {i: p["answers"] for i, p in zip(ids, predictions)}
+        predicted = {i: p["prediction"] for i, p in zip(ids, predictions)}
+        metrics = {"exact_match": exact_match(predicted, answers)}
+        if all(len(gts) >= 2 for gts in answers.values()):
+            score = vqa_score(predicted, answers, {i: p["answer_type"] for i, p in zip(ids, predictions)})
+            metrics.update({"vqa_accuracy": score["vqa_accuracy"], **{f"vqa_accuracy/{t}": v for t, v in score["per_type"].items()}})
+        return metrics
     return caption_metrics({p["key"]: p["prediction"] for p in predictions}, {p["key"]: p["references"] for p in predictions})

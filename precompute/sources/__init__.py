@@ -13,6 +13,7 @@ from precompute.sources.mmimdb import MmImdbSource
 from precompute.sources.msrvtt import MsrvttSource
 from precompute.sources.msvd import MsvdSource
 from precompute.sources.shapes import ShapesSource
+from precompute.sources.shapes_video import ShapesVideoSource
 from precompute.sources.snli_ve import SnliVeSource
 from precompute.sources.videos import AudioFolderSource, VideoFolderSource
 from precompute.sources.vqav2 import Vqav2Source
@@ -21,7 +22,7 @@ SOURCES: dict[str, type[Source]] = {
     cls.name: cls
     for cls in (
         ShapesSource, ImagesSource, CocoSource, Vqav2Source, Food101Source, MmImdbSource, SnliVeSource,
-        VideoFolderSource, AudioFolderSource, MsrvttSource, MsvdSource, AudiocapsSource,
+        VideoFolderSource, AudioFolderSource, MsrvttSource, MsvdSource, AudiocapsSource, ShapesVideoSource,
     )
 }
 

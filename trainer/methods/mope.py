@@ -96,10 +96,10 @@ class PromptGenerator(nn.Module):
         self.config = config
         self.layers = layers
         l, k = config.prompt_length, config.num_experts
-        init = lambda *shape: nn.Parameter(torch.randn(*shape) * 0.02)  # noqa: E731  (VPT's scale)
-        self.static = nn.ParameterList([init(l, layer.width) for layer in layers]) if "static" in config.prompts else None
+        self.static = (nn.ParameterList([prompt_tokens(l, layer.width) for layer in layers])
+                       if "static" in config.prompts else None)
         if "dynamic" in config.prompts:
-            self.experts = nn.ParameterList([init(k, l, layer.width) for layer in layers])
+            self.experts = nn.ParameterList([prompt_tokens(k, l, layer.width) for layer in layers])
             self.routers = nn.ModuleList([nn.Linear(config.complementary_dim, k) for _ in layers])
         else:
             self.experts = self.routers = None
@@ -134,6 +134,11 @@ class PromptGenerator(nn.Module):
         if self.mapper is not None:
             tokens.append(self.stage_maps[str(self.layers[index].stage)](mapped_trunk).unsqueeze(1))
         return torch.cat(tokens, dim=1), scores
+
+
+def prompt_tokens(*shape: int) -> nn.Parameter:
+    """Learned prompt tokens, initialised small (VPT's scale) so they start as a mild perturbation."""
+    return nn.Parameter(torch.randn(*shape) * 0.02)
 
 
 def importance_loss(scores: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from cache_schema import CacheError, CommitRecord, CacheLayout, SpecMismatchError, SplitReader, list_splits, validate_cache
+from cache_schema import CacheError, CommitRecord, SpecMismatchError, SplitReader, list_splits, validate_cache
 from precompute.experts import ALIASES, EXPERTS, ExpertError, expand_experts, expert_class, scope_options
 from precompute.sources import SOURCES, SourceError
 

@@ -56,22 +56,9 @@ class AudiocapsSource(AudioSource):
             raise SourceError(
                 f"audiocaps: caption file not found; looked for {', '.join(map(str, candidates))}"
             )
-        self.audio_dir = self._find_audio_dir(audio_dir)
-
-    def _find_audio_dir(self, audio_dir: Path | str | None) -> Path:
-        if audio_dir is not None:
-            path = Path(audio_dir).expanduser().absolute()
-            if not path.is_dir():
-                raise SourceError(f"audiocaps: audio folder {path} not found")
-            return path
-        candidates = [self.data_root / "audio" / self.split, self.data_root / "audios" / self.split,
-                      self.data_root / self.split]
-        for path in candidates:
-            if path.is_dir():
-                return path
-        raise SourceError(
-            f"audiocaps: no audio folder for split '{self.split}'; looked for "
-            f"{', '.join(map(str, candidates))} (or pass audio_dir=PATH)"
+        self.audio_dir = self.find_folder(
+            "audio", audio_dir, [self.data_root / "audio" / split, self.data_root / "audios" / split, self.data_root / split],
+            "audio_dir",
         )
 
     def samples(self) -> list[Sample]:

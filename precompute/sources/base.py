@@ -88,6 +88,22 @@ class Source(ABC):
     def load_image(self, sample: Sample) -> Image.Image:
         """The sample's image as RGB; raises MediaError(reason) when it cannot be decoded."""
 
+    def find_folder(self, kind: str, given: Path | str | None, candidates: list[Path], option: str) -> Path:
+        """The media folder: `given` (the source's `option`) if passed, else the first of the layouts
+        the dataset is published in (`candidates`) that exists; a SourceError names what was tried."""
+        if given is not None:
+            path = Path(given).expanduser().absolute()
+            if not path.is_dir():
+                raise SourceError(f"{self.name}: {kind} folder {path} not found")
+            return path
+        for path in candidates:
+            if path.is_dir():
+                return path
+        raise SourceError(
+            f"{self.name}: no {kind} folder for split '{self.split}'; looked for "
+            f"{', '.join(map(str, candidates))} (or pass {option}=PATH)"
+        )
+
     def info(self) -> dict:
         """What was read, for the cache's provenance record (JSON-serialisable)."""
         return {

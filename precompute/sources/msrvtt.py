@@ -76,11 +76,8 @@ class MsrvttSource(VideoSource):
                 f"msrvtt: neither the caption file {info_file} nor the MSRVTT-QA file {qa_file} "
                 f"is there; split '{split}' needs at least one"
             )
-        self.video_dir = find_video_dir(
-            self.data_root,
-            (VIDEO_FOLDERS[split], "videos/all", "videos"),
-            video_dir,
-            "msrvtt",
+        self.video_dir = self.find_folder(
+            "video", video_dir, [self.data_root / name for name in (VIDEO_FOLDERS[split], "videos/all", "videos")], "video_dir"
         )
 
     def samples(self) -> list[Sample]:
@@ -170,21 +167,3 @@ def question_word(question: str) -> str:
     words = question.split(maxsplit=1)
     first = words[0].lower() if words else ""
     return first if first in QUESTION_WORDS else "other"
-
-
-def find_video_dir(
-    data_root: Path, candidates: tuple[str, ...], video_dir: Path | str | None, source: str
-) -> Path:
-    """`video_dir` if given, else the first of `candidates` under `data_root` that exists."""
-    if video_dir is not None:
-        path = Path(video_dir).expanduser().absolute()
-        if not path.is_dir():
-            raise SourceError(f"{source}: video folder {path} not found")
-        return path
-    for candidate in candidates:
-        if (data_root / candidate).is_dir():
-            return data_root / candidate
-    raise SourceError(
-        f"{source}: no video folder in {data_root}; looked for "
-        f"{', '.join(candidates)} (or pass video_dir=PATH)"
-    )

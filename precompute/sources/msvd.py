@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from precompute.sources.base import Sample, SourceError, sorted_by_key
-from precompute.sources.msrvtt import find_video_dir, qa_questions_by_video
+from precompute.sources.msrvtt import qa_questions_by_video
 from precompute.sources.videos import VideoSource
 
 
@@ -49,8 +49,8 @@ class MsvdSource(VideoSource):
         for path in (self.qa_file, self.mapping_file):
             if not path.is_file():
                 raise SourceError(f"msvd: {path} not found")
-        self.video_dir = find_video_dir(
-            self.data_root, ("YouTubeClips", "videos/all", "videos"), video_dir, "msvd"
+        self.video_dir = self.find_folder(
+            "video", video_dir, [self.data_root / name for name in ("YouTubeClips", "videos/all", "videos")], "video_dir"
         )
 
     def samples(self) -> list[Sample]:

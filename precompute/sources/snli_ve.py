@@ -56,19 +56,9 @@ class SnliVeSource(Source):
         self.pairs_file = self.data_root / f"snli_ve_{SPLIT_NAMES[split]}.jsonl"
         if not self.pairs_file.is_file():
             raise SourceError(f"snli-ve: annotation file {self.pairs_file} not found")
-        if image_dir is not None:
-            self.image_dir = Path(image_dir).expanduser().absolute()
-            if not self.image_dir.is_dir():
-                raise SourceError(f"snli-ve: image folder {self.image_dir} not found")
-        else:
-            candidates = [self.data_root / folder for folder in IMAGE_FOLDERS]
-            found = [path for path in candidates if path.is_dir()]
-            if not found:
-                raise SourceError(
-                    f"snli-ve: no Flickr30k image folder; looked for "
-                    f"{', '.join(map(str, candidates))} (or pass image_dir=PATH)"
-                )
-            self.image_dir = found[0]
+        self.image_dir = self.find_folder(
+            "Flickr30k image", image_dir, [self.data_root / folder for folder in IMAGE_FOLDERS], "image_dir"
+        )
 
     def samples(self) -> list[Sample]:
         index_of = {label: i for i, label in enumerate(LABELS)}

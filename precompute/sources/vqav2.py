@@ -75,13 +75,7 @@ class Vqav2Source(Source):
         for path in (self.questions_file, self.annotations_file):
             if path is not None and not path.is_file():
                 raise SourceError(f"vqav2: {path} not found")
-        self.image_dir = (
-            self.data_root / image_folder
-            if image_dir is None
-            else Path(image_dir).expanduser().absolute()
-        )
-        if not self.image_dir.is_dir():
-            raise SourceError(f"vqav2: image folder {self.image_dir} not found")
+        self.image_dir = self.find_folder("image", image_dir, [self.data_root / image_folder], "image_dir")
 
     def samples(self) -> list[Sample]:
         questions = require_list(read_json(self.questions_file), "questions", self.questions_file)

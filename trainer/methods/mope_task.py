@@ -20,6 +20,7 @@ each expert's importance, and OUT/importance.png, expert importance over trainin
 from __future__ import annotations
 
 from dataclasses import fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ class MoPEMethod(Method):
                                   f"([D]); it holds {[(a.name, a.shape) for a in arrays]}")
             self.complementary_array = arrays[0].name
         main = reader.spec(self.main_feature)
-        if self.modality == "text" and main.model_id != model_revision(self.encoder_ref, self.encoder_revision)[0]:
+        if self.modality == "text" and main.model_id != self.encoder_provenance[0]:
             raise MethodError(f"mope: the cached {self.main_feature!r} tokens come from {main.model_id}'s tokenizer, "
                               f"but model.encoder is {self.encoder_ref}: tokenize with the encoder's own tokenizer")
 
@@ -132,8 +133,13 @@ class MoPEMethod(Method):
             self.pixel_std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
         return model
 
+    @cached_property
+    def encoder_provenance(self) -> tuple[str, str]:
+        """(id, revision) of the frozen encoder; for a local directory that digests its weights, so once per run."""
+        return model_revision(self.encoder_ref, self.encoder_revision)
+
     def backbones(self) -> dict[str, dict[str, str]]:
-        model_id, revision = model_revision(self.encoder_ref, self.encoder_revision)
+        model_id, revision = self.encoder_provenance
         return {"encoder": {"id": model_id, "revision": revision}}
 
     # ---- data ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ once per Ray actor, which keeps it resident for every shard it processes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -15,6 +16,32 @@ import torch
 from cache_schema import ClassTable, FeatureSpec, load_timm_model, model_revision
 from precompute.experts import ExpertError
 from precompute.sources import Sample, Source
+
+PROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def pretrained_source(expert: str, model_ref: str, model_config: bool = True) -> str:
+    """What `from_pretrained` takes for `model_ref`: a local `save_pretrained` directory (expanded)
+    or a hub id. A path that is not there, or (with `model_config`) a directory with no config.json,
+    is refused here, naming it, rather than surfacing as a hub lookup of a file name. Tokenizers
+    are read from directories without a model config, so they pass `model_config=False`."""
+    path = Path(model_ref).expanduser()
+    if path.is_dir():
+        if model_config and not (path / "config.json").is_file():
+            raise ExpertError(f"{expert}: {path} is not a transformers model directory (no config.json; "
+                              "write it with save_pretrained)")
+        return str(path)
+    if model_ref.startswith(("/", ".", "~")):
+        raise ExpertError(f"{expert}: {model_ref}: no such model directory")
+    return model_ref
+
+
+def has_processor_config(source: str) -> bool:
+    """Whether the checkpoint (a `pretrained_source`) ships its own preprocessing config."""
+    from transformers.utils import cached_file
+
+    return cached_file(source, PROCESSOR_CONFIG, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False) is not None
 
 
 class Expert(ABC):

@@ -28,13 +28,12 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForDepthEstimation, DPTImageProcessor, PreTrainedModel
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.models.dpt.image_processing_dpt import get_resize_output_image_size
-from transformers.utils import cached_file
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
 from precompute.experts import ExpertError
+from precompute.experts.base import PROCESSOR_CONFIG, has_processor_config, pretrained_source
 from precompute.experts.labels import LabelExpert, minmax_uint8, resize_maps
 
-PROCESSOR_CONFIG = "preprocessor_config.json"
 
 # PIL resampling codes, as image processor configs store them, -> torch interpolation modes.
 RESAMPLE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
@@ -104,25 +103,18 @@ class DepthPreprocessing:
 
 def load_depth_model(model_ref: str) -> PreTrainedModel:
     """Any `AutoModelForDepthEstimation` by hub id or local `save_pretrained` directory."""
-    path = Path(model_ref).expanduser()
-    if model_ref.startswith(("/", ".", "~")) and not path.is_dir():
-        raise ExpertError(f"depth: {model_ref}: no such model directory")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ExpertError(f"depth: {path} is not a transformers model directory (no config.json; "
-                          "write it with save_pretrained)")
+    source = pretrained_source("depth", model_ref)
     try:
-        return AutoModelForDepthEstimation.from_pretrained(str(path) if path.is_dir() else model_ref)
+        return AutoModelForDepthEstimation.from_pretrained(source)
     except (OSError, ValueError) as e:
-        hint = "" if path.is_dir() else " (offline? pass --model DIR holding a save_pretrained copy)"
+        hint = "" if Path(source).is_dir() else " (offline? pass --model DIR holding a save_pretrained copy)"
         raise ExpertError(f"depth: could not load a depth-estimation model from {model_ref!r}{hint}: {e}") from e
 
 
 def load_depth_processor(model_ref: str) -> ImageProcessingMixin:
     """The checkpoint's own image processor; DPT-Hybrid MiDaS's (384 x 384, mean/std 0.5) if it has none."""
-    path = Path(model_ref).expanduser()
-    source = str(path) if path.is_dir() else model_ref
-    if cached_file(source, PROCESSOR_CONFIG, _raise_exceptions_for_missing_entries=False,
-                   _raise_exceptions_for_connection_errors=False) is None:
+    source = pretrained_source("depth", model_ref)
+    if not has_processor_config(source):
         return DPTImageProcessor(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     try:
         return AutoImageProcessor.from_pretrained(source)

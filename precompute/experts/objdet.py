@@ -46,7 +46,6 @@ a valid label. `tables()` gives the embeddings of the detector's class names ("o
 from __future__ import annotations
 
 import heapq
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -62,6 +61,7 @@ from transformers import (
 
 from cache_schema import ArraySpec, ClassTable, FeatureSpec, config_hash, model_revision
 from precompute.experts import ExpertError
+from precompute.experts.base import pretrained_source
 from precompute.experts.class_embed import DEFAULT_TEXT_ENCODER, TextEmbedder
 from precompute.experts.labels import BACKGROUND_ID, LabelExpert, resize_maps
 from precompute.experts.seg import GENERIC_LABEL, square_input_size
@@ -107,9 +107,7 @@ class ObjDetExpert(LabelExpert):
         return ("depth",)
 
     def load(self) -> None:
-        ref = self.model_ref
-        if ref.startswith(("/", ".", "~")) and not Path(ref).expanduser().is_dir():
-            raise ExpertError(f"objdet: no such model directory {ref}")
+        ref = pretrained_source(self.name, self.model_ref)
         try:
             config = AutoConfig.from_pretrained(ref)
         except (OSError, ValueError) as e:

@@ -27,7 +27,6 @@ class-name embeddings (Prismer's 64-d CLIP + PCA vectors) the trainer turns ids 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,6 +37,7 @@ from transformers import AutoConfig, AutoImageProcessor, Mask2FormerForUniversal
 
 from cache_schema import ArraySpec, ClassTable, FeatureSpec, config_hash, model_revision
 from precompute.experts import ExpertError
+from precompute.experts.base import pretrained_source
 from precompute.experts.class_embed import DEFAULT_TEXT_ENCODER, TextEmbedder
 from precompute.experts.labels import LabelExpert
 from precompute.experts.vocab import ADE20K_CLASSES, COCO_PANOPTIC_CLASSES
@@ -84,9 +84,7 @@ class Mask2FormerSegExpert(LabelExpert):
     }
 
     def load(self) -> None:
-        ref = self.model_ref
-        if ref.startswith(("/", ".", "~")) and not Path(ref).expanduser().is_dir():
-            raise ExpertError(f"{self.name}: no such model directory {ref}")
+        ref = pretrained_source(self.name, self.model_ref)
         try:
             config = AutoConfig.from_pretrained(ref)
         except (OSError, ValueError) as e:

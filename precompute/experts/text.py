@@ -16,7 +16,6 @@ can be trimmed to its longest row before the forward).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,7 +24,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
 from precompute.experts import ExpertError
-from precompute.experts.base import Expert
+from precompute.experts.base import Expert, pretrained_source
 from precompute.sources import MediaError, Sample, Source
 
 
@@ -50,10 +49,7 @@ class TokenizedTextExpert(Expert):
 
     def load_tokenizer(self) -> None:
         ref = self.model_ref
-        path = Path(ref).expanduser()
-        if ref.startswith(("/", ".", "~")) and not path.is_dir():
-            raise ExpertError(f"{self.name}: no such model directory {ref}")
-        self.model_source = str(path) if path.is_dir() else ref
+        self.model_source = pretrained_source(self.name, ref, model_config=False)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_source)
         except (OSError, ValueError) as e:

@@ -52,16 +52,14 @@ from transformers import (
 )
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from transformers.utils import cached_file
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
 from precompute import decode_media
 from precompute.experts import ExpertError
-from precompute.experts.base import Expert
+from precompute.experts.base import PROCESSOR_CONFIG, Expert, has_processor_config, pretrained_source
 from precompute.experts.vit_cls import VitClsExpert
 from precompute.sources import MediaError, Sample, Source
 
-PROCESSOR_CONFIG = "preprocessor_config.json"
 SAMPLE_RATE = 16000  # what AST was trained on, and what its feature extractor insists on
 FRAME_OPTIONS: dict[str, Any] = {"num_frames": 8, "sampling": "uniform", "seed": 0}
 # The image processor fields that decide the pixels (the rest of its config is bookkeeping).
@@ -91,37 +89,19 @@ def frame_sampling(config: dict[str, Any]) -> dict[str, Any]:
             "rule": "decode_media.decode_video: one frame per segment; short clips repeat frames in order"}
 
 
-def model_source(model_ref: str) -> str:
-    """What `from_pretrained` takes for `model_ref`: the expanded directory, or the hub id."""
-    path = Path(model_ref).expanduser()
-    return str(path) if path.is_dir() else model_ref
-
-
-def load_encoder(expert: str, model_class: type[PreTrainedModel], model_ref: str) -> PreTrainedModel:
-    """`model_class` by hub id or local `save_pretrained` directory (a checkpoint with a task head,
-    such as the hub's video / audio classifiers, loads its encoder)."""
-    path = Path(model_ref).expanduser()
-    if model_ref.startswith(("/", ".", "~")) and not path.is_dir():
-        raise ExpertError(f"{expert}: {model_ref}: no such model directory")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ExpertError(f"{expert}: {path} is not a transformers model directory (no config.json; "
-                          "write it with save_pretrained)")
-    source = model_source(model_ref)
+def load_encoder(expert: str, model_class: type[PreTrainedModel], model_ref: str, source: str) -> PreTrainedModel:
+    """`model_class` from `source` (`pretrained_source` of `model_ref`: a hub id or local
+    `save_pretrained` directory; a checkpoint with a task head, such as the hub's video / audio
+    classifiers, loads its encoder)."""
     try:
         model_type = AutoConfig.from_pretrained(source).model_type
         if model_type == model_class.config_class.model_type:
             return model_class.from_pretrained(source)
     except (OSError, ValueError) as e:
-        hint = "" if path.is_dir() else " (offline? pass --model DIR holding a save_pretrained copy)"
+        hint = "" if Path(source).is_dir() else " (offline? pass --model DIR holding a save_pretrained copy)"
         raise ExpertError(f"{expert}: could not load a {model_class.__name__} from {model_ref!r}{hint}: {e}") from e
     raise ExpertError(f"{expert}: {model_ref} is a {model_type!r} model; this expert runs "
                       f"{model_class.config_class.model_type!r} ({model_class.__name__})")
-
-
-def has_processor_config(model_ref: str) -> bool:
-    return cached_file(model_source(model_ref), PROCESSOR_CONFIG,
-                       _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False) is not None
 
 
 class EncoderClsExpert(Expert):
@@ -132,7 +112,8 @@ class EncoderClsExpert(Expert):
     options: ClassVar[dict[str, Any]] = {"levels": 6}
 
     def load_encoder(self) -> None:
-        self.model = load_encoder(self.name, self.model_class, self.model_ref)
+        self.model_source = pretrained_source(self.name, self.model_ref)
+        self.model = load_encoder(self.name, self.model_class, self.model_ref, self.model_source)
         self.model.eval().requires_grad_(False).to(self.device, self.dtype)
         self.model_id, self.revision = model_revision(self.model_ref)
         depth = self.model.config.num_hidden_layers
@@ -178,10 +159,10 @@ class TimesformerClsExpert(EncoderClsExpert):
         config = self.model.config
         self.trained_num_frames = config.num_frames
         config.num_frames = self.config["num_frames"]  # what the layers split tokens by; see the module docstring
-        if has_processor_config(self.model_ref):
+        if has_processor_config(self.model_source):
             self.processor_origin = "checkpoint"
             try:
-                self.processor: ImageProcessingMixin = AutoImageProcessor.from_pretrained(model_source(self.model_ref))
+                self.processor: ImageProcessingMixin = AutoImageProcessor.from_pretrained(self.model_source)
             except (OSError, ValueError) as e:
                 raise ExpertError(f"{self.name}: {self.model_ref}: unreadable {PROCESSOR_CONFIG}: {e}") from e
         else:
@@ -226,7 +207,7 @@ class AstClsExpert(EncoderClsExpert):
 
     def load(self) -> None:
         self.load_encoder()
-        if has_processor_config(self.model_ref):
+        if has_processor_config(self.model_source):
             self.check_feature_extractor()
 
     def check_feature_extractor(self) -> None:
@@ -234,7 +215,7 @@ class AstClsExpert(EncoderClsExpert):
         try:
             with warnings.catch_warnings():  # the empty mel filter decode_media.fbank explains
                 warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
-                extractor = ASTFeatureExtractor.from_pretrained(model_source(self.model_ref))
+                extractor = ASTFeatureExtractor.from_pretrained(self.model_source)
         except (OSError, ValueError) as e:
             raise ExpertError(f"{self.name}: {self.model_ref}: unreadable {PROCESSOR_CONFIG}: {e}") from e
         config = self.model.config

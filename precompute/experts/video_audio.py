@@ -26,6 +26,15 @@ audio (AST, AudioSet), so the trainer reads any of them unchanged.
   normalises otherwise (AST's Speech Commands models) is refused, not fed wrong inputs. Its sequence starts with [CLS] and then a
   distillation token (DeiT); its pooler averages the two, but eP-ALM takes position 0, the [CLS],
   and so do we.
+- Augmented audio views. AST trains with SpecAugment (a random frequency band and time span
+  masked each time a clip is seen); a cache stores features, so whatever masking went into them is
+  fixed. `views=V` (default 0) stores, besides the clean [CLS] stack, V masked ones per clip
+  (array "views", [N, V, K, D]; `freqm` 48 / `timem` 192, AST's AudioSet settings), which the
+  trainer can draw on (`model.views=true` in eP-ALM). The trade-off: V views cost V+1 forward
+  passes and V+1 times the storage, and give V+1 fixed augmentations instead of a fresh one per
+  epoch; that helps against overfitting a small dataset, but is not the endless variety of
+  online masking. The masks are seeded by the clip's content and `seed`, so a re-run or resumed
+  run writes the same bytes.
 - `vit-avg-cls` is the baseline that ignores time: the `vit-cls` of each frame (same timm model,
   transform and levels), averaged over the frames in float32. It averages the per-frame float16
   rows, so it equals the mean of what `vit-cls` would store for the frames as images.
@@ -33,6 +42,7 @@ audio (AST, AudioSet), so the trainer reads any of them unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -53,7 +63,7 @@ from transformers import (
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from cache_schema import FeatureSpec, config_hash, model_revision
+from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
 from precompute import decode_media
 from precompute.experts import ExpertError
 from precompute.experts.base import PROCESSOR_CONFIG, has_processor_config, pretrained_source
@@ -187,6 +197,13 @@ class AstClsExpert(EncoderClsExpert):
                    "its final LayerNorm over the clip's 16 kHz log-mel fbank, float16 [N, K, D] (eP-ALM's audio side)")
     default_model = "MIT/ast-finetuned-audioset-10-10-0.4593"
     model_class = ASTModel
+    options = {"levels": 6, "views": 0, "freqm": 48, "timem": 192, "seed": 0}
+
+    def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
+        super().__init__(model=model, device=device, **options)
+        for option in ("views", "freqm", "timem"):
+            if self.config[option] < 0:
+                raise ExpertError(f"{self.name}: {option} must be at least 0, got {self.config[option]}")
 
     def load(self) -> None:
         self.load_encoder()
@@ -216,9 +233,17 @@ class AstClsExpert(EncoderClsExpert):
                  "frame_length_ms": decode_media.FRAME_LENGTH_MS, "frame_shift_ms": decode_media.FRAME_SHIFT_MS,
                  "mean": decode_media.AUDIOSET_MEAN, "std": decode_media.AUDIOSET_STD}
         audio = {"mono": "mean of channels", "resample": "scipy resample_poly", "silence_peak": decode_media.SILENCE_PEAK}
-        return self.cls_spec(feature, {"audio": audio, "fbank": fbank, "token": 0}, config.hidden_size,
-                             num_mel_bins=config.num_mel_bins,
-                             max_length=config.max_length)
+        views = self.config["views"]
+        if not views:
+            return self.cls_spec(feature, {"audio": audio, "fbank": fbank, "token": 0}, config.hidden_size,
+                                 num_mel_bins=config.num_mel_bins, max_length=config.max_length)
+        masking = {"views": views, "freqm": self.config["freqm"], "timem": self.config["timem"],
+                   "seed": self.config["seed"], "rule": "decode_media.mask_fbank, rng seeded by seed + clip digest"}
+        spec = self.cls_spec(feature, {"audio": audio, "fbank": fbank, "token": 0, "spec_augment": masking},
+                             config.hidden_size, num_mel_bins=config.num_mel_bins, max_length=config.max_length,
+                             views=views, freqm=self.config["freqm"], timem=self.config["timem"])
+        clean = spec.array("cls")
+        return replace(spec, arrays=(clean, ArraySpec("views", clean.dtype, (views, *clean.shape))))
 
     def read_input(self, source: Source, sample: Sample) -> np.ndarray:
         load_audio = getattr(source, "load_audio", None)
@@ -227,10 +252,24 @@ class AstClsExpert(EncoderClsExpert):
         return load_audio(sample, sample_rate=SAMPLE_RATE)
 
     def preprocess(self, waveform: np.ndarray) -> torch.Tensor:
-        """float32 mono [samples] at 16 kHz -> float32 [max_length, num_mel_bins]."""
+        """float32 mono [samples] at 16 kHz -> float32 [max_length, num_mel_bins], or with views
+        [1 + views, max_length, num_mel_bins]: the clean fbank, then the masked ones."""
         config = self.model.config
-        return torch.from_numpy(decode_media.fbank(waveform, SAMPLE_RATE, num_mel_bins=config.num_mel_bins,
-                                                   target_frames=config.max_length))
+        features = decode_media.fbank(waveform, SAMPLE_RATE, num_mel_bins=config.num_mel_bins,
+                                      target_frames=config.max_length)
+        if not self.config["views"]:
+            return torch.from_numpy(features)
+        digest = hashlib.blake2b(np.ascontiguousarray(waveform, np.float32).tobytes(), digest_size=8).digest()
+        rng = np.random.default_rng([self.config["seed"], int.from_bytes(digest, "little")])
+        views = [decode_media.mask_fbank(features, rng, self.config["freqm"], self.config["timem"])
+                 for _ in range(self.config["views"])]
+        return torch.from_numpy(np.stack([features, *views]))
+
+    def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        if not self.config["views"]:
+            return super().predict(batch, inputs)
+        cls = super().predict(batch.flatten(0, 1), inputs)["cls"].reshape(*batch.shape[:2], len(self.layers), -1)
+        return {"cls": cls[:, 0], "views": cls[:, 1:]}
 
 
 class VitAvgClsExpert(VitClsExpert):

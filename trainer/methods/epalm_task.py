@@ -6,7 +6,9 @@ metrics (official VQA accuracy for open-ended answers; BLEU/CIDEr for captions).
 
 `model.*` config keys: every `EPALMConfig` field, plus `task` (vqa | caption), `feature`,
 `blind` (train and evaluate with no visual token: the same LM and prompt, blind),
-`num_beams` (3), `max_new_tokens`, `max_length` and `caption_prompt`.
+`num_beams` (3), `max_new_tokens`, `max_length`, `caption_prompt` and `views` (train on the
+feature's cached augmented views too: each training example appears once with the clean [CLS]
+stack and once with each view, so an epoch sees every view once; evaluation reads the clean one).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from trainer.methods.epalm import EPALM, EPALMConfig
 from trainer.methods.text import encode_batch, training_answer, vqa_or_caption_metrics, vqa_prompt
 
 TASK_KEYS = {"task": "vqa", "feature": "vit-cls", "blind": False, "num_beams": 3, "max_new_tokens": None,
-             "max_length": 64, "caption_prompt": ""}
+             "max_length": 64, "caption_prompt": "", "views": False}
 
 
 class EPALMMethod(Method):
@@ -50,10 +52,18 @@ class EPALMMethod(Method):
         self.tokenizer.padding_side = "left"
 
     def feature_fields(self) -> dict[str, str]:
-        return {"visual": f"{self.task['feature']}/cls"}
+        arrays = {"visual": f"{self.task['feature']}/cls"}
+        if self.task["views"]:
+            arrays["views"] = f"{self.task['feature']}/views"
+        return arrays
 
     def check_cache(self, reader: SplitReader) -> None:
         spec = reader.spec(self.task["feature"])
+        if self.task["views"]:
+            if "views" not in {array.name for array in spec.arrays}:
+                raise MethodError(f"epalm: model.views=true, but {reader.source}/{reader.split} caches no augmented "
+                                  f"views of {self.task['feature']!r} (precompute it with --expert-opt views=N)")
+            self.num_views = spec.array("views").shape[0]
         levels, width = spec.array("cls").shape
         wanted_width = self.model_options.get("visual_dim", width)
         wanted_levels = self.model_options.get("num_levels", 6)
@@ -87,18 +97,23 @@ class EPALMMethod(Method):
                 if train:
                     example["target"] = " " + training_answer(question)
                 examples.append(example)
-            return examples
-        captions = annotations.get("captions", [])
-        prompt = self.task["caption_prompt"]
-        if train:
-            return [{"prompt": prompt, "target": " " + c} for c in captions]
-        return [{"prompt": prompt, "references": captions}] if captions else []
+        else:
+            captions = annotations.get("captions", [])
+            prompt = self.task["caption_prompt"]
+            if not train:
+                return [{"prompt": prompt, "references": captions}] if captions else []
+            examples = [{"prompt": prompt, "target": " " + c} for c in captions]
+        if train and self.task["views"]:
+            return [{**example, "view": view} for view in range(1 + self.num_views) for example in examples]
+        return examples
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         targets = [item["target"] for item in items] if all("target" in item for item in items) else None
         batch = encode_batch(self.tokenizer, [item["prompt"] for item in items], targets, self.task["max_length"])
-        batch["visual"] = torch.stack([torch.from_numpy(item["visual"]).float() for item in items])
-        batch["items"] = [{k: v for k, v in item.items() if k != "visual"} for item in items]
+        # view 0 is the clean [CLS] stack, view v > 0 the v-th cached augmented one
+        visual = [item["visual"] if item.get("view", 0) == 0 else item["views"][item["view"] - 1] for item in items]
+        batch["visual"] = torch.stack([torch.from_numpy(v).float() for v in visual])
+        batch["items"] = [{k: v for k, v in item.items() if k not in ("visual", "views")} for item in items]
         return batch
 
     def _visual(self, model: EPALM, batch: dict[str, Any]) -> torch.Tensor | None:

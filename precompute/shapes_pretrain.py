@@ -57,7 +57,7 @@ from transformers import (
     RobertaForCausalLM,
 )
 
-from precompute.sources.shapes import COLORS, PAINT, SHAPES, Scene, ShapesWorld
+from precompute.sources.shapes import COLORS, SHAPES, Scene, ShapesWorld, paint_per_patch
 from precompute.sources.shapes_video import ShapesVideoWorld
 from precompute.standins import EVAL_RESULTS, one_thread
 from precompute.standins.depth import pretrain_depth
@@ -226,15 +226,12 @@ def patch_targets(image: Image.Image, scene: Scene, patch_size: int) -> list[int
     heads only have to aggregate. Read off the rendered pixels (each colour is painted in exactly
     one RGB value and a scene's colours are distinct), so the label is exact at every edge.
     """
-    pixels = np.asarray(image, dtype=np.int16)
-    painted = np.stack([(pixels == PAINT[color]).all(axis=-1) for color in COLORS])  # [colour, H, W]
-    grid = pixels.shape[0] // patch_size
-    per_patch = painted.reshape(len(COLORS), grid, patch_size, grid, patch_size).sum(axis=(2, 4))
+    per_patch = paint_per_patch(np.asarray(image), patch_size)
     label_of_color = [0] * len(COLORS)
     for obj in scene.objects:
         label_of_color[COLORS.index(obj.color)] = 1 + COLORS.index(obj.color) * len(SHAPES) + SHAPES.index(obj.shape)
     dominant = per_patch.argmax(axis=0)
-    return [label_of_color[c] if per_patch[c, r, k] else 0 for (r, k), c in np.ndenumerate(dominant)]
+    return [label_of_color[color] if per_patch[color, patch] else 0 for patch, color in enumerate(dominant)]
 
 
 def scene_targets(world: ShapesWorld, scene: Scene, image: Image.Image, patch_size: int) -> dict[str, list[int]]:

@@ -369,6 +369,16 @@ def draw_shape(draw: ImageDraw.ImageDraw, obj: ShapeObject, n: int, fill: tuple[
         draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
 
 
+def paint_per_patch(pixels: np.ndarray, patch_size: int) -> np.ndarray:
+    """How many pixels of each colour (COLORS order) each patch of a rendered image holds:
+    int [colours, patches], patches row-major. Read off the pixels, so it is exact at every edge:
+    each colour is painted in exactly one RGB value, which the background noise never reaches."""
+    height, width = pixels.shape[0] // patch_size, pixels.shape[1] // patch_size
+    painted = np.stack([(pixels.astype(np.int16) == PAINT[color]).all(axis=-1) for color in COLORS])
+    per_patch = painted.reshape(len(COLORS), height, patch_size, width, patch_size).sum(axis=(2, 4))
+    return per_patch.reshape(len(COLORS), height * width)
+
+
 def fits(candidate: ShapeObject, placed: list[ShapeObject]) -> bool:
     """Clear of the midline, horizontally apart from and barely overlapping what is placed."""
     if abs(candidate.x - 0.5) < MIDLINE_CLEARANCE:

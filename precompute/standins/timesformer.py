@@ -31,7 +31,7 @@ from torch import nn
 from transformers import TimesformerConfig, TimesformerModel, VideoMAEImageProcessor
 
 from precompute.sources.base import Sample
-from precompute.sources.shapes import COLORS, PAINT, ShapesWorld
+from precompute.sources.shapes import COLORS, ShapesWorld, paint_per_patch
 from precompute.sources.shapes_video import DIRECTIONS, ShapesVideoSource
 from precompute.standins import save_standin, train_steps
 
@@ -101,12 +101,7 @@ def build_processor(resolution: int) -> VideoMAEImageProcessor:
 def patch_directions(frames: np.ndarray, direction_of_color: list[int], patch_size: int) -> np.ndarray:
     """Per frame and patch, the direction (1 + DIRECTIONS index) of the object most of its painted
     pixels belong to, 0 where nothing is painted: int64 [T, P], read off the rendered pixels."""
-    pixels = frames.astype(np.int16)  # [T, H, W, 3]
-    painted = np.stack([(pixels == PAINT[color]).all(axis=-1) for color in COLORS], axis=1)  # [T, colour, H, W]
-    frames_, colors, height, width = painted.shape
-    grid_h, grid_w = height // patch_size, width // patch_size
-    per_patch = painted.reshape(frames_, colors, grid_h, patch_size, grid_w, patch_size).sum(axis=(3, 5))
-    per_patch = per_patch.reshape(frames_, colors, -1)
+    per_patch = np.stack([paint_per_patch(frame, patch_size) for frame in frames])  # [T, colour, P]
     dominant = per_patch.argmax(axis=1)  # [T, P]
     directions = np.asarray(direction_of_color)[dominant]
     return np.where(per_patch.max(axis=1) > 0, directions, 0)

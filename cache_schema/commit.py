@@ -65,6 +65,7 @@ class CommitRecord:
     host: str
     device: str
     invalid: dict[str, str] = field(default_factory=dict)
+    node: str = ""  # the Ray node that wrote it: on a cluster, several nodes can share a host name
     schema_version: int = SCHEMA_VERSION
 
     def write(self, path: Path) -> None:

@@ -172,8 +172,9 @@ class CacheWriter:
         invalid: dict[str, str],
         seconds: float,
         device: str,
+        node: str = "",
     ) -> CommitRecord:
-        """Write one shard's arrays, then its commit record.
+        """Write one shard's arrays, then its commit record (`node`: the Ray node id, if any).
 
         `arrays` holds each output by its spec name: an ndarray for dense outputs (invalid samples
         zero-filled), a list with one array (ragged) or string (text) per sample otherwise. Takes
@@ -208,6 +209,7 @@ class CacheWriter:
             host=socket.gethostname(),
             device=device,
             invalid=invalid,
+            node=node,
         )
         self.layout.failure_path(source, split, spec.name, shard).unlink(missing_ok=True)
         record.write(self.layout.commit_path(source, split, spec.name, shard))

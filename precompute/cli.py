@@ -101,10 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_summary(summaries: list) -> None:
-    print(f"\n{'expert':<14}{'shards':>8}{'skipped':>9}{'done':>6}{'failed':>8}{'samples':>9}{'invalid':>9}{'samples/s':>11}")
+    print(f"\n{'expert':<14}{'shards':>8}{'skipped':>9}{'done':>6}{'failed':>8}{'samples':>9}{'invalid':>9}{'samples/s':>11}"
+          f"{'nodes':>7}")
     for s in summaries:
         print(f"{s.expert:<14}{s.shards_total:>8}{s.shards_skipped:>9}{s.shards_done:>6}{len(s.shards_failed):>8}"
-              f"{s.samples:>9}{s.invalid:>9}{s.samples_per_s:>11.1f}")
+              f"{s.samples:>9}{s.invalid:>9}{s.samples_per_s:>11.1f}{len(s.nodes):>7}")
     for s in summaries:
         if s.shards_failed:
             print(f"{s.expert}: failed shards {s.shards_failed}; see _failures/ in the cache and run again to retry", file=sys.stderr)

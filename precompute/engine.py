@@ -66,6 +66,7 @@ class ExpertSummary:
     samples: int = 0
     invalid: int = 0
     seconds: float = 0.0
+    nodes: set[str] = field(default_factory=set)  # Ray nodes that committed shards
 
     @property
     def samples_per_s(self) -> float:
@@ -106,6 +107,7 @@ class ShardWorker:
         self.writer = CacheWriter(cache)
         self.decoder = ThreadPoolExecutor(max_workers=decode_threads)
         self.device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{threads} threads"
+        self.node = ray.get_runtime_context().get_node_id()
 
     def spec(self, feature: str) -> FeatureSpec:
         return self.expert.spec(feature)
@@ -175,16 +177,18 @@ class ShardWorker:
                 valid[positions] = True
         record = self.writer.write_shard(
             self.source_name, self.source.split, spec, shard, start, [s.key for s in samples],
-            arrays, valid, invalid, time.perf_counter() - began, self.device_name,
+            arrays, valid, invalid, time.perf_counter() - began, self.device_name, node=self.node,
         )
-        return {"shard": shard, "samples": record.num_samples, "invalid": len(invalid), "seconds": record.seconds}
+        return {"shard": shard, "samples": record.num_samples, "invalid": len(invalid), "seconds": record.seconds,
+                "node": self.node}
 
 
 def init_ray(address: str | None) -> None:
     """Join a cluster (`auto` or HOST:PORT), or start a private local one on loopback.
 
     A local instance binds to 127.0.0.1 and runs no dashboard: an exposed Ray endpoint runs
-    arbitrary code for whoever reaches it.
+    arbitrary code for whoever reaches it. It is asked for by name (`address="local"`): left
+    unnamed, Ray joins whatever cluster `ray start` last started on this machine.
     """
     if ray.is_initialized():
         return
@@ -192,22 +196,26 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
 
 
 def worker_layout(workers: int | None) -> tuple[int, float, float]:
     """(actors, CPUs per actor, GPUs per actor) from what the cluster offers.
 
-    One actor per GPU when there are GPUs. On CPU, `workers` actors split the CPUs evenly and
-    each uses its share as torch threads (Ray sets OMP_NUM_THREADS from num_cpus).
+    One actor per GPU when there are GPUs. On CPU, one actor per node by default (`workers`
+    overrides), each taking an even share of the smallest node's CPUs as torch threads (Ray sets
+    OMP_NUM_THREADS from num_cpus): an actor asking for more CPUs than one node has would never
+    be scheduled, and one per node is what uses a CPU cluster without threads fighting.
     """
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
     if gpus:
         count = workers or gpus
         return count, max(1.0, cpus // count), 1.0
-    count = workers or 1
-    return count, max(1, cpus // count), 0.0
+    node_cpus = [int(node["Resources"]["CPU"]) for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU")]
+    count = workers or max(1, len(node_cpus))
+    per_node = -(-count // max(1, len(node_cpus)))
+    return count, max(1, min(node_cpus, default=cpus) // per_node), 0.0
 
 
 def run(config: RunConfig, progress: bool = True) -> list[ExpertSummary]:
@@ -236,6 +244,12 @@ def run(config: RunConfig, progress: bool = True) -> list[ExpertSummary]:
     count, cpus, gpus = worker_layout(config.workers)
     return [_run_expert(name, experts[name].requires(), config, source, plan, samples, writer, count, cpus, gpus, progress)
             for name in order]
+
+
+def has_room(cpus: float, gpus: float) -> bool:
+    """Whether the cluster has the resources of one more actor free right now."""
+    free = ray.available_resources()
+    return free.get("CPU", 0) >= cpus and free.get("GPU", 0) >= gpus
 
 
 def dependency_order(experts: dict[str, Any]) -> list[str]:
@@ -279,13 +293,17 @@ def check_inputs(name: str, spec: FeatureSpec, required: tuple[str, ...], writer
 
 def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source: Source, plan: SplitPlan, samples: list[Sample],
                 writer: CacheWriter, count: int, cpus: float, gpus: float, progress: bool) -> ExpertSummary:
-    worker_cls = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=0)
+    # SPREAD: one actor per node when there are as many actors as nodes. No restarts: a dead actor
+    # (its process or its node gone) is replaced below, where the cluster still has room for it.
+    worker_cls = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
+                                                 scheduling_strategy="SPREAD")
     cache = str(Path(config.cache).absolute())
-    actors = [
-        worker_cls.remote(name, config.models.get(name), config.expert_options.get(name, {}), config.source, source,
-                          cache, int(cpus), config.decode_threads)
-        for _ in range(count)
-    ]
+
+    def start_actor() -> Any:
+        return worker_cls.remote(name, config.models.get(name), config.expert_options.get(name, {}), config.source,
+                                 source, cache, int(cpus), config.decode_threads)
+
+    actors = [start_actor() for _ in range(count)]
     try:
         spec = ray.get(actors[0].spec.remote(name))
         tables = ray.get(actors[0].tables.remote())
@@ -339,6 +357,13 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source:
         try:
             result = ray.get(ready[0])
         except Exception as e:
+            if isinstance(e, ray.exceptions.RayActorError):  # its process or node died: retire it
+                idle.remove(actor)
+                actors.remove(actor)
+                if not actors or has_room(cpus, gpus):
+                    actors.append(start_actor())
+                    idle.append(actors[-1])
+                bar.write(f"{name}: a worker died running shard {shard} ({len(actors)} left); the shard goes back in the queue")
             if attempts[shard] <= config.retries:
                 queue.append(shard)
             else:
@@ -347,6 +372,7 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source:
                 bar.write(f"{name}: shard {shard} failed after {attempts[shard]} attempts: {type(e).__name__}")
             continue
         summary.shards_done += 1
+        summary.nodes.add(result["node"])
         summary.samples += result["samples"]
         summary.invalid += result["invalid"]
         bar.update(result["samples"])

@@ -5,15 +5,17 @@ separate process trees with a CPU each, as Slurm or KubeRay would start them on 
 other, and the cache validates.
 
 The nodes use 127.0.0.2: Ray rewrites "127.0.0.1" and "localhost" to the machine's outside address
-when it starts a worker node, and the cluster must stay on loopback. A node that joins needs
-RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to start at all; the head and the driver keep 0, which keeps
-their own addresses on loopback. Token authentication is off on this loopback-only cluster.
+when it starts a node that joins a cluster, and a test cluster must stay on loopback.
+(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps a single node on 127.0.0.1, but then no second node may
+join.) Token authentication is on, as on a real cluster: every process gets the same random token
+through RAY_AUTH_TOKEN.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +32,7 @@ from cache_schema import validate_cache
 from test_engine import CLI, wait_for_commits
 
 HOST = "127.0.0.2"
+TOKEN = secrets.token_hex(32)
 
 
 def free_port() -> int:
@@ -38,22 +41,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_env(join: bool) -> dict[str, str]:
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if join else "0"}
+def ray_env() -> dict[str, str]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    return env
 
 
-def start_node(args: list[str], log: Path, join: bool) -> subprocess.Popen:
+def start_node(args: list[str], log: Path) -> subprocess.Popen:
     """`ray start ... --block` in its own process group, so the whole node can be killed at once."""
     with log.open("w") as out:
         return subprocess.Popen(["ray", "start", *args, f"--node-ip-address={HOST}", "--num-cpus=1", "--block"],
-                                stdout=out, stderr=subprocess.STDOUT, env=ray_env(join), start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, env=ray_env(), start_new_session=True)
 
 
 def alive_nodes(address: str) -> int:
     probe = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
              "print(sum(node['Alive'] for node in ray.nodes()))" % address)
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=ray_env(join=False),
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=ray_env(),
                             timeout=60)
     return int(result.stdout.split()[-1]) if result.returncode == 0 and result.stdout.split() else 0
 
@@ -72,14 +76,14 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     address = f"{HOST}:{free_port()}"
     temp_dir = tempfile.mkdtemp(prefix="ec-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     head = start_node(["--head", f"--port={address.split(':')[1]}", "--include-dashboard=false",
-                       "--disable-usage-stats", f"--temp-dir={temp_dir}"], tmp_path / "head.log", join=False)
+                       "--disable-usage-stats", f"--temp-dir={temp_dir}"], tmp_path / "head.log")
     nodes = [head]
     try:
         deadline = time.time() + 120
         while not (Path(temp_dir) / "ray_current_cluster").exists():
             assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-2000:]
             time.sleep(0.5)
-        nodes.append(start_node([f"--address={address}"], tmp_path / "worker.log", join=True))
+        nodes.append(start_node([f"--address={address}"], tmp_path / "worker.log"))
         while alive_nodes(address) < 2:
             assert nodes[1].poll() is None and time.time() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
             time.sleep(1)
@@ -116,7 +120,7 @@ def test_precompute_spreads_over_two_nodes_and_survives_losing_one(tmp_path, tin
         CLI + ["run", "--expert", "vit-cls", "--shards", "shapes", "--model", str(tiny_vit_dir), "--cache", str(cache),
                "--limit", "3000", "--shard-size", "20", "--batch-size", "1", "--source-opt", "num=3000",
                "--address", address, "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ray_env(join=False))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ray_env())
     wait_for_commits(commits, 4, process)
     deadline = time.time() + 120
     while len(committed_nodes(commits)) < 2:  # both nodes have committed shards before one is lost
@@ -134,3 +138,45 @@ def test_precompute_spreads_over_two_nodes_and_survives_losing_one(tmp_path, tin
     assert summary[1:5] == ["150", "0", "150", "0"] and summary[-1] == "2", out[-2000:]
     assert len(committed_nodes(commits)) == 2
     assert validate_cache(cache) == (150, [])
+
+
+SHIMS = {
+    # The allocation: two node names, both this machine; `srun -w NODE CMD` runs CMD here.
+    "scontrol": 'if [ "$1 $2" = "show hostnames" ]; then printf "node-a\\nnode-b\\n"; else exit 1; fi',
+    "srun": 'while [ $# -gt 0 ]; do case "$1" in -w) shift 2 ;; -*) shift ;; *) break ;; esac; done; exec "$@"',
+    "hostname": f'if [ "$1" = "--ip-address" ]; then echo {HOST}; else exec /bin/hostname "$@"; fi',
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_slurm_script_runs_precompute_on_a_cluster_over_its_nodes(tmp_path, tiny_vit_dir):
+    """jobs/slurm/precompute.sbatch as Slurm would run it, with scontrol / srun / hostname standing in
+    for a two-node allocation on this machine: Ray head + worker, both used, then torn down."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, body in SHIMS.items():
+        (shims / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (shims / name).chmod(0o755)
+    ray_tmp = tempfile.mkdtemp(prefix="ec-slurm-", dir="/tmp")
+    cache = tmp_path / "cache"
+    env = {**ray_env(), "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
+           "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": str(Path(__file__).resolve().parents[1]),
+           "RAY_PORT": str(free_port()), "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_AUTH_TOKEN")  # the script makes the job's token
+    script = Path(__file__).resolve().parents[1] / "jobs" / "slurm" / "precompute.sbatch"
+    try:
+        result = subprocess.run(
+            ["bash", str(script), "--expert", "vit-cls", "--shards", "shapes", "--model", str(tiny_vit_dir),
+             "--cache", str(cache), "--limit", "400", "--shard-size", "20", "--source-opt", "num=400", "--no-progress"],
+            capture_output=True, text=True, env=env, timeout=540)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "2 node(s)" in result.stdout
+        summary = result.stdout.strip().splitlines()[-1].split()
+        assert summary[1:5] == ["20", "0", "20", "0"] and summary[-1] == "2", result.stdout[-2000:]
+        assert validate_cache(cache) == (20, [])
+        leftover = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
+        assert not leftover, "the script left Ray processes running"
+    finally:
+        subprocess.run(["pkill", "-9", "-f", ray_tmp], capture_output=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -27,8 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cache_schema import validate_cache
+from precompute.cli import build_parser as precompute_parser
+from trainer.cli import build_parser as trainer_parser
 from test_engine import CLI, wait_for_commits
 
 HOST = "127.0.0.2"
@@ -110,6 +114,23 @@ def committed_nodes(commits: Path) -> set[str]:
     return nodes
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("manifest", sorted((ROOT / "jobs" / "k8s").glob("*.yaml")), ids=lambda p: p.name)
+def test_kuberay_manifests_run_commands_our_clis_accept(manifest):
+    """Each RayJob's entrypoint, command by command, parses with the real `precompute` / `trainer`
+    parsers, so a renamed flag breaks this test before it breaks a cluster job."""
+    job = yaml.safe_load(manifest.read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    commands = [shlex.split(command) for command in job["spec"]["entrypoint"].split("&&")]
+    parsers = {"precompute": precompute_parser(), "trainer": trainer_parser()}
+    for command in commands:
+        parsers[command[0]].parse_args(command[1:])
+    if commands[0][:2] == ["precompute", "run"]:
+        assert "--address" in commands[0] and commands[0][commands[0].index("--address") + 1] == "auto"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_precompute_spreads_over_two_nodes_and_survives_losing_one(tmp_path, tiny_vit_dir, two_nodes):
@@ -161,10 +182,10 @@ def test_slurm_script_runs_precompute_on_a_cluster_over_its_nodes(tmp_path, tiny
     ray_tmp = tempfile.mkdtemp(prefix="ec-slurm-", dir="/tmp")
     cache = tmp_path / "cache"
     env = {**ray_env(), "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
-           "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": str(Path(__file__).resolve().parents[1]),
+           "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": str(ROOT),
            "RAY_PORT": str(free_port()), "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_AUTH_TOKEN")  # the script makes the job's token
-    script = Path(__file__).resolve().parents[1] / "jobs" / "slurm" / "precompute.sbatch"
+    script = ROOT / "jobs" / "slurm" / "precompute.sbatch"
     try:
         result = subprocess.run(
             ["bash", str(script), "--expert", "vit-cls", "--shards", "shapes", "--model", str(tiny_vit_dir),
@@ -178,5 +199,39 @@ def test_slurm_script_runs_precompute_on_a_cluster_over_its_nodes(tmp_path, tiny
         leftover = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
         assert not leftover, "the script left Ray processes running"
     finally:
+        subprocess.run(["pkill", "-9", "-f", ray_tmp], capture_output=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_job_submit_script_runs_precompute_on_the_cluster(tmp_path, tiny_vit_dir):
+    """jobs/ray/submit.sh against a head with a job server: this checkout shipped as the working
+    directory, `precompute run --address auto` run by the job's driver, token auth on."""
+    port, dashboard_port = free_port(), free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="ec-job-", dir="/tmp")
+    env = {**ray_env(), "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
+    with (tmp_path / "head.log").open("w") as log:
+        head = subprocess.Popen(["ray", "start", "--head", f"--node-ip-address={HOST}", f"--port={port}",
+                                 f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
+                                 "--disable-usage-stats", "--block"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while subprocess.run(["ray", "job", "list", "--address", f"http://{HOST}:{dashboard_port}"],
+                             capture_output=True, env=env).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(2)
+        cache = tmp_path / "cache"
+        script = ROOT / "jobs" / "ray" / "submit.sh"
+        result = subprocess.run(
+            ["bash", str(script), "precompute", "run", "--expert", "vit-cls", "--shards", "shapes", "--model",
+             str(tiny_vit_dir), "--cache", str(cache), "--limit", "100", "--shard-size", "50", "--no-progress"],
+            capture_output=True, text=True, env={**env, "RAY_ADDRESS": f"http://{HOST}:{dashboard_port}"}, timeout=400)
+        assert result.returncode == 0 and "succeeded" in result.stdout + result.stderr, result.stderr[-3000:]
+        assert "--address auto" in result.stdout
+        assert validate_cache(cache) == (2, [])
+    finally:
+        kill_node(head)
         subprocess.run(["pkill", "-9", "-f", ray_tmp], capture_output=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -13,6 +13,11 @@ feature is not committed is refused and recorded, never run on missing data. Eve
 written by exactly one actor, into exactly one Zarr storage shard, so no two writers ever share a file. A killed driver loses nothing committed: the same command plans again
 and only shards without a valid record run. A failed shard is retried on a fresh attempt; one
 that keeps failing is recorded under `_failures/` while the others finish.
+
+On a cluster (`--address`) the actors spread over the nodes: one per GPU, or on CPU-only clusters
+one per node. An actor whose process or node dies is retired, its shard goes back in the queue,
+and a replacement starts only where the cluster has room for it, so losing a node slows the run
+down instead of stalling it. Commit records name the Ray node that wrote them.
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; see `precompute experts`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = commands.add_parser("status", help="what is done, pending and failed per split and feature; samples/s")
+    p = commands.add_parser("status", help="what is done, pending and failed per split and feature; samples/s; "
+                            "how many nodes wrote its shards")
     p.add_argument("--cache", default="./cache")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -142,6 +143,7 @@ def cache_status(cache: str) -> list[dict[str, Any]]:
                 "done": len(committed), "pending": reader.num_shards - len(committed), "failed": failed,
                 "samples": samples, "invalid": sum(r.num_samples - r.num_valid for r in records),
                 "samples_per_s": round(samples / seconds, 2) if seconds else 0.0,
+                "nodes": len({(r.host, r.node) for r in records}),  # machines / Ray nodes that wrote its shards
             })
     return rows
 
@@ -151,10 +153,11 @@ def command_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'split':<20}{'feature':<14}{'shards':>7}{'done':>6}{'pending':>8}{'failed':>7}{'samples':>9}{'invalid':>8}{'samples/s':>10}")
+    print(f"{'split':<20}{'feature':<14}{'shards':>7}{'done':>6}{'pending':>8}{'failed':>7}{'samples':>9}{'invalid':>8}"
+          f"{'samples/s':>10}{'nodes':>7}")
     for r in rows:
         print(f"{r['split']:<20}{r['feature']:<14}{r['shards']:>7}{r['done']:>6}{r['pending']:>8}{len(r['failed']):>7}"
-              f"{r['samples']:>9}{r['invalid']:>8}{r['samples_per_s']:>10.1f}")
+              f"{r['samples']:>9}{r['invalid']:>8}{r['samples_per_s']:>10.1f}{r['nodes']:>7}")
     return 0
 
 

@@ -81,6 +81,8 @@ def test_precompute_spreads_over_two_nodes_and_survives_losing_one(tmp_path, tin
     assert summary[1:5] == ["150", "0", "150", "0"] and summary[-1] == "2", out[-2000:]
     assert len(committed_nodes(commits)) == 2
     assert validate_cache(cache) == (150, [])
+    status = subprocess.run(CLI + ["status", "--cache", str(cache), "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout)[0]["nodes"] == 2
 
 
 SHIMS = {

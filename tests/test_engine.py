@@ -79,7 +79,7 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_rest_finish(tmp_path, ti
     assert failure["attempts"] == 2 and "IsADirectoryError" in failure["error"]
     status = subprocess.run(CLI + ["status", "--cache", str(cache), "--json"], capture_output=True, text=True, check=True)
     [row] = json.loads(status.stdout)
-    assert (row["done"], row["pending"], row["failed"]) == (2, 1, [1])
+    assert (row["done"], row["pending"], row["failed"], row["nodes"]) == (2, 1, [1], 1)
 
 
 @pytest.mark.parametrize(

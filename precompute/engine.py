@@ -358,17 +358,17 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source:
             submit(idle.pop())
         ready, _ = ray.wait(list(running), num_returns=1)
         shard, actor = running.pop(ready[0])
-        idle.append(actor)
         try:
             result = ray.get(ready[0])
         except Exception as e:
             if isinstance(e, ray.exceptions.RayActorError):  # its process or node died: retire it
-                idle.remove(actor)
                 actors.remove(actor)
                 if not actors or has_room(cpus, gpus):
                     actors.append(start_actor())
                     idle.append(actors[-1])
                 bar.write(f"{name}: a worker died running shard {shard} ({len(actors)} left); the shard goes back in the queue")
+            else:
+                idle.append(actor)
             if attempts[shard] <= config.retries:
                 queue.append(shard)
             else:
@@ -376,6 +376,7 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source:
                 summary.shards_failed.append(shard)
                 bar.write(f"{name}: shard {shard} failed after {attempts[shard]} attempts: {type(e).__name__}")
             continue
+        idle.append(actor)
         summary.shards_done += 1
         summary.nodes.add(result["node"])
         summary.samples += result["samples"]

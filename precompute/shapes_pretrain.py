@@ -57,7 +57,7 @@ from transformers import (
     RobertaForCausalLM,
 )
 
-from precompute.sources.shapes import COLORS, SHAPES, Scene, ShapesWorld, paint_per_patch
+from precompute.sources.shapes import COLORS, MAX_OBJECTS, SHAPES, Scene, ShapesWorld, paint_per_patch
 from precompute.sources.shapes_video import ShapesVideoWorld
 from precompute.standins import EVAL_RESULTS, one_thread
 from precompute.standins.depth import pretrain_depth
@@ -68,7 +68,6 @@ from precompute.standins.timesformer import pretrain_timesformer
 # The registered timm name whose class is built; every size is overridden and recorded by timm in
 # config.json's model_args, so `local-dir:` rebuilds this exact model.
 VIT_ARCHITECTURE = "vit_tiny_patch16_224"
-MAX_OBJECTS = 3  # ShapesWorld puts 1-3 objects in a scene
 
 
 @dataclass

@@ -30,12 +30,9 @@ from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 from transformers import TimesformerConfig, TimesformerModel, VideoMAEImageProcessor
 
-from precompute.sources.base import Sample
-from precompute.sources.shapes import COLORS, ShapesWorld, paint_per_patch
+from precompute.sources.shapes import COLORS, MAX_OBJECTS, ShapesWorld, paint_per_patch
 from precompute.sources.shapes_video import DIRECTIONS, ShapesVideoSource
 from precompute.standins import save_standin, train_steps
-
-MAX_OBJECTS = 3  # ShapesWorld puts 1-3 objects in a scene
 
 
 @dataclass(frozen=True)
@@ -107,18 +104,18 @@ def patch_directions(frames: np.ndarray, direction_of_color: list[int], patch_si
     return np.where(per_patch.max(axis=1) > 0, directions, 0)
 
 
-def render_split(source: ShapesVideoSource, count: int, config: TimesformerStandinConfig,
+def render_split(source: ShapesVideoSource, config: TimesformerStandinConfig,
                  processor: VideoMAEImageProcessor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(network inputs [N, T, 3, R, R], targets) for clips 0..count-1 of the source's split."""
+    """(network inputs [N, T, 3, R, R], targets) for the source's samples, read as the expert reads
+    them; the targets come from the samples' motion labels (a scene's colours are distinct, so the
+    count is the number of colours present)."""
     pixels, targets = [], {"direction": [], "count": [], "patches": []}
-    for index in range(count):
-        scene = source.world.scene(source.split, index)
-        frames = source.load_video(Sample(key=str(index), media=f"{source.split}/{index}", annotations={}),
-                                   config.num_frames)
+    for sample in source.samples():
+        frames = source.load_video(sample, config.num_frames)
         pixels.append(processor(list(frames), return_tensors="pt")["pixel_values"][0])
-        direction = source.world.motion_labels(scene)["direction"]
+        direction = sample.annotations["labels"]["direction"]
         targets["direction"].append(direction)
-        targets["count"].append(len(scene.objects))
+        targets["count"].append(sum(d > 0 for d in direction))
         # TimeSformer orders patch tokens patch-major: (patch 0, frame 0), (patch 0, frame 1), ...
         targets["patches"].append(patch_directions(frames, direction, config.patch_size).T.reshape(-1))
     return torch.stack(pixels), {name: torch.tensor(np.asarray(v)) for name, v in targets.items()}
@@ -185,9 +182,10 @@ def pretrain_timesformer(out_dir: Path, world: ShapesWorld, resolution: int = 64
     config = replace(TimesformerStandinConfig(), **FAST) if fast else TimesformerStandinConfig()
     started = time.perf_counter()
     processor = build_processor(resolution)
-    sources = {split: ShapesVideoSource(None, split, seed=world.seed, image_size=resolution) for split in ("train", "val")}
-    train_pixels, train_targets = render_split(sources["train"], config.train_clips, config, processor)
-    val_pixels, val_targets = render_split(sources["val"], config.val_clips, config, processor)
+    train_pixels, train_targets = render_split(
+        ShapesVideoSource(None, "train", num=config.train_clips, seed=world.seed, image_size=resolution), config, processor)
+    val_pixels, val_targets = render_split(
+        ShapesVideoSource(None, "val", num=config.val_clips, seed=world.seed, image_size=resolution), config, processor)
     encoder = build_timesformer(resolution, config, seed)
     model = TimesformerWithHeads(encoder)
 

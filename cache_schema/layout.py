@@ -6,15 +6,25 @@
     CACHE/<source>/<split>/<feature>/              Zarr v3 group: one array per expert output + `valid`
     CACHE/<source>/<split>/_commits/<feature>/<shard>.json   commit record, written last
     CACHE/<source>/<split>/_failures/<feature>/<shard>.json  last error of a shard that gave up
+
+CACHE is a local directory or an fsspec URL (`s3://bucket/cache` with s3fs installed, `gs://`,
+`file://`, `memory://`): paths are `UPath`s, so the same code writes and reads both. What a local
+rename makes atomic (commit records, tables, tar shards), an object store gets from a single PUT:
+an object is either whole or absent.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import zarr
+from upath import UPath
+from zarr.storage import FsspecStore
 
 SCHEMA_VERSION = 1
 
@@ -23,12 +33,58 @@ class CacheError(Exception):
     """The cache is missing, malformed, or does not hold what was asked for."""
 
 
+def cache_path(location: str | Path) -> Path:
+    """A cache location as a path: local ones absolute (a plain `Path`), URLs as `UPath`s.
+
+    `file://` URLs stay URLs, so they go through fsspec exactly as `s3://` would.
+    """
+    if isinstance(location, UPath) or "://" in str(location):
+        path = UPath(location)
+        if path.protocol == "file":
+            path = UPath(str(location), auto_mkdir=True)
+        return path
+    return Path(location).expanduser().absolute()
+
+
+def is_local(path: Path) -> bool:
+    return not isinstance(path, UPath) or not path.protocol
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory (or prefix, on object stores) and everything under it, if it is there."""
+    if is_local(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.fs.rm(path.path, recursive=True)
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Move a finished temporary file or directory into place (atomic where the storage allows)."""
+    if is_local(tmp):
+        os.replace(tmp, target)
+    else:
+        tmp.fs.mv(tmp.path, target.path, recursive=True)
+
+
+def open_group(path: Path, mode: str) -> zarr.Group:
+    """The Zarr group at `path`, local or through fsspec (with the URL's storage options)."""
+    if is_local(path):
+        return zarr.open_group(str(path), mode=mode)
+    store = FsspecStore.from_url(str(path), storage_options=dict(path.storage_options), read_only=mode == "r")
+    return zarr.open_group(store, mode=mode)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temp file in the same directory, fsync, then rename over `path`.
 
     A reader sees either the old file or the complete new one, never a torn write; this is what
-    makes a commit record trustworthy after a kill at any instant.
+    makes a commit record trustworthy after a kill at any instant. On object stores one PUT of
+    the whole object gives the same guarantee.
     """
+    if not is_local(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1, sort_keys=True))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -55,7 +111,7 @@ class CacheLayout:
     """Paths of one cache and its manifest."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = cache_path(root)
 
     @property
     def manifest_path(self) -> Path:

@@ -1,7 +1,9 @@
 """Reading a cache: samples and annotations by index or key, features by sample.
 
 Only shards with a matching commit record are readable as data: a sample whose shard is not
-committed reads as invalid, so a half-written shard can never leak into training.
+committed reads as invalid, so a half-written shard can never leak into training. Features stored
+as WebDataset tars read through the same interface (a whole shard's tar at a time); streaming
+them in training order is the trainer's job.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache_schema.commit import vouching_record
-from cache_schema.layout import CacheError, CacheLayout, read_json
+from cache_schema.commit import CommitRecord, vouching_record
+from cache_schema.layout import CacheError, CacheLayout, open_group, read_json
 from cache_schema.spec import RAGGED_LENGTH_SUFFIX, TEXT_DTYPE, FeatureSpec
+from cache_schema.wds import empty_arrays, read_tar_shard, shard_tar_path
 from cache_schema.writer import VALID_ARRAY
 
 
@@ -75,62 +78,96 @@ class SplitReader:
         prefix = f"{self.source}/{self.split}/"
         return sorted(k[len(prefix) :] for k in self.layout.read_manifest()["features"] if k.startswith(prefix))
 
-    def spec(self, feature: str) -> FeatureSpec:
+    def _entry(self, feature: str) -> dict[str, Any]:
         entry = self.layout.read_manifest()["features"].get(f"{self.source}/{self.split}/{feature}")
         if entry is None:
             raise CacheError(
                 f"{self.layout.root}: {self.source}/{self.split} has no feature {feature!r} "
                 f"(it has: {', '.join(self.feature_names) or 'none'}); run `precompute run --expert ...` first"
             )
-        return FeatureSpec.from_dict(entry)
+        return entry
+
+    def spec(self, feature: str) -> FeatureSpec:
+        return FeatureSpec.from_dict(self._entry(feature))
 
     def feature(self, name: str) -> FeatureReader:
-        return FeatureReader(self, self.spec(name))
+        entry = self._entry(name)
+        return FeatureReader(self, FeatureSpec.from_dict(entry), entry.get("format", "zarr"))
 
 
 class FeatureReader:
-    """Random access to one feature; zarr arrays open lazily so the reader pickles into workers."""
+    """Random access to one feature, in either storage format (`zarr` or `wds`).
 
-    def __init__(self, split: SplitReader, spec: FeatureSpec):
-        self.split, self.spec = split, spec
+    Storage opens lazily so the reader pickles into DataLoader workers. Tar shards are read whole;
+    the last one read is kept, so reading samples in shard order touches each tar once.
+    """
+
+    def __init__(self, split: SplitReader, spec: FeatureSpec, format: str = "zarr"):
+        self.split, self.spec, self.format = split, spec, format
         self.path = split.layout.feature_dir(split.source, split.split, spec.name)
         self._group: zarr.Group | None = None
+        self._tar: tuple[int, dict[str, np.ndarray], np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_group": None}
+        return {**self.__dict__, "_group": None, "_tar": None}
 
     @property
     def group(self) -> zarr.Group:
         if self._group is None:
-            self._group = zarr.open_group(str(self.path), mode="r")
+            self._group = open_group(self.path, mode="r")
         return self._group
 
-    def committed_shards(self) -> list[int]:
+    def commit_records(self) -> dict[int, CommitRecord]:
+        """Shard -> the record vouching for it, for every committed shard."""
         split, spec_dict = self.split, self.spec.to_dict()
-        return [
-            shard
+        records = {
+            shard: vouching_record(split.layout.commit_path(split.source, split.split, self.spec.name, shard), spec_dict, split.shard_keys(shard))
             for shard in range(split.num_shards)
-            if vouching_record(split.layout.commit_path(split.source, split.split, self.spec.name, shard), spec_dict, split.shard_keys(shard))
-        ]
+        }
+        return {shard: record for shard, record in records.items() if record is not None}
+
+    def committed_shards(self) -> list[int]:
+        return sorted(self.commit_records())
 
     @cached_property
     def usable(self) -> np.ndarray:
-        """Per-sample bool: committed shard and valid input. The trainer's sample filter."""
+        """Per-sample bool: committed shard and valid input. The trainer's sample filter.
+
+        Tar shards are not opened for this: their records list the keys that are gaps.
+        """
         mask = np.zeros(self.split.num_samples, dtype=bool)
-        valid = self.group[VALID_ARRAY][:].astype(bool)
-        for shard in self.committed_shards():
-            start = shard * self.split.shard_size
-            stop = min(start + self.split.shard_size, self.split.num_samples)
-            mask[start:stop] = valid[start:stop]
+        valid = self.group[VALID_ARRAY][:].astype(bool) if self.format == "zarr" else None
+        for shard, record in self.commit_records().items():
+            start, stop = record.start, record.stop
+            if valid is not None:
+                mask[start:stop] = valid[start:stop]
+            else:
+                mask[start:stop] = [key not in record.invalid for key in self.split.shard_keys(shard)]
         return mask
+
+    def shard(self, shard: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """One shard's stored arrays and validity mask, whatever the format."""
+        start = shard * self.split.shard_size
+        stop = min(start + self.split.shard_size, self.split.num_samples)
+        if self.format == "zarr":
+            arrays = {name: self.group[name][start:stop] for name, _, _ in self.spec.stored_arrays()}
+            return arrays, self.group[VALID_ARRAY][start:stop]
+        if self._tar is None or self._tar[0] != shard:
+            self._tar = (shard, *read_tar_shard(shard_tar_path(self.path, shard), self.spec, self.split.shard_keys(shard)))
+        return self._tar[1], self._tar[2]
 
     def get(self, index: int) -> dict[str, Any]:
         """One sample's outputs: arrays (ragged ones cut to their length) and strings."""
+        if self.format == "zarr":
+            stored = {name: self.group[name][index] for name, _, _ in self.spec.stored_arrays()}
+        else:
+            arrays, _ = self.shard(index // self.split.shard_size)
+            stored = {name: array[index % self.split.shard_size] for name, array in arrays.items()}
         sample: dict[str, Any] = {}
         for array in self.spec.arrays:
-            value = self.group[array.name][index]
+            value = stored[array.name]
             if array.ragged:
-                value = value[: int(self.group[array.name + RAGGED_LENGTH_SUFFIX][index])]
+                value = value[: int(stored[array.name + RAGGED_LENGTH_SUFFIX])]
             elif array.dtype == TEXT_DTYPE:
                 value = str(value)
             sample[array.name] = value
@@ -140,5 +177,18 @@ class FeatureReader:
         return self.get(self.split.index_of(key))
 
     def read(self, array: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """A contiguous block of one array: whole shards at a time is the efficient pattern."""
-        return self.group[array][start:stop]
+        """A contiguous block of one array: whole shards at a time is the efficient pattern.
+
+        Tar shards that are not committed read as zeros (their samples are not `usable`).
+        """
+        if self.format == "zarr":
+            return self.group[array][start:stop]
+        stop = self.split.num_samples if stop is None else stop
+        size = self.split.shard_size
+        committed = set(self.committed_shards())
+        blocks = []
+        for shard in range(start // size, -(-stop // size)):
+            lo, hi = max(start, shard * size) - shard * size, min(stop, (shard + 1) * size) - shard * size
+            arrays = self.shard(shard)[0] if shard in committed else empty_arrays(self.spec, hi - lo)
+            blocks.append(arrays[array][lo:hi] if shard in committed else arrays[array])
+        return np.concatenate(blocks)

@@ -16,16 +16,14 @@ A table with the same name and different provenance is refused unless overwritin
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
-from cache_schema.layout import CacheError, CacheLayout
+from cache_schema.layout import CacheError, CacheLayout, open_group, publish, remove_tree
 from cache_schema.spec import config_hash
 
 TABLES_DIR = "_tables"
@@ -63,21 +61,21 @@ def write_table(root: str | Path, name: str, table: ClassTable, overwrite: bool 
                 f"{len(table.names)} classes); pass --overwrite to replace it"
             )
     tmp = target.with_name(f".{name}.{uuid.uuid4().hex}.tmp")
-    group = zarr.open_group(str(tmp), mode="w")
+    group = open_group(tmp, mode="w")
     for array_name in ("embeddings", "pca_mean", "pca_components"):
         data = getattr(table, array_name)
         group.create_array(array_name, shape=data.shape, dtype=data.dtype, fill_value=0)[...] = data
     group.attrs.update({"names": table.names, "provenance": table.provenance, "digest": table.digest})
     if target.exists():
-        shutil.rmtree(target)
-    tmp.replace(target)
+        remove_tree(target)
+    publish(tmp, target)
 
 
 def read_table(root: str | Path, name: str) -> ClassTable:
     path = table_dir(root, name)
     if not path.exists():
         raise CacheError(f"{CacheLayout(root).root}: no class table {name!r} (run the expert that makes it first)")
-    group = zarr.open_group(str(path), mode="r")
+    group = open_group(path, mode="r")
     return ClassTable(
         names=list(group.attrs["names"]),
         embeddings=group["embeddings"][:],

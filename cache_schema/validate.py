@@ -10,7 +10,6 @@ import numpy as np
 from cache_schema.commit import CommitRecord, content_checksum
 from cache_schema.layout import CacheError
 from cache_schema.reader import SplitReader, list_splits
-from cache_schema.writer import VALID_ARRAY
 
 
 @dataclass
@@ -44,8 +43,7 @@ def validate_cache(root: str | Path) -> tuple[int, list[ShardProblem]]:
                     if mismatch:
                         problems.append(ShardProblem(where, feature_name, shard, mismatch))
                         continue
-                    arrays = {name: feature.read(name, record.start, record.stop) for name, _, _ in feature.spec.stored_arrays()}
-                    valid = feature.read(VALID_ARRAY, record.start, record.stop)
+                    arrays, valid = feature.shard(shard)
                 except (CacheError, OSError, ValueError) as e:
                     problems.append(ShardProblem(where, feature_name, shard, f"unreadable: {e}"))
                     continue

@@ -2,13 +2,13 @@
 
 The driver calls `prepare_split` and `prepare_feature` once per run (cheap metadata); workers call
 `write_shard`, each for shards it alone owns. Because a precompute shard is exactly one Zarr
-storage shard of every array, two workers can never touch the same file.
+storage shard of every array (or one tar, in the WebDataset form), two workers can never touch
+the same file.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from zarr.codecs import ZstdCodec
 
 from cache_schema.commit import CommitRecord, content_checksum, keys_digest, vouching_record
-from cache_schema.layout import CacheError, CacheLayout, read_json, write_json_atomic
+from cache_schema.layout import CacheError, CacheLayout, open_group, publish, read_json, remove_tree, write_json_atomic
 from cache_schema.spec import RAGGED_LENGTH_SUFFIX, TEXT_DTYPE, FeatureSpec
+from cache_schema.wds import FORMATS, shard_tar_path, write_tar_shard
 
 VALID_ARRAY = "valid"
 
@@ -79,8 +79,13 @@ class SplitPlan:
 
 
 class CacheWriter:
-    def __init__(self, root: str | Path):
+    """Writes features in one storage `format`: `zarr` (random access) or `wds` (tar shards to stream)."""
+
+    def __init__(self, root: str | Path, format: str = "zarr"):
+        if format not in FORMATS:
+            raise CacheError(f"unknown cache format {format!r}; formats: {', '.join(FORMATS)}")
         self.layout = CacheLayout(root)
+        self.format = format
 
     def prepare_split(self, plan: SplitPlan, overwrite: bool = False) -> None:
         """Write the samples table, or check that the existing one is the same plan."""
@@ -99,7 +104,7 @@ class CacheWriter:
                     f"shard size {plan.shard_size}); use the same --limit/--shard-size, another --cache, "
                     f"or --overwrite to discard it"
                 )
-            shutil.rmtree(split_dir)
+            remove_tree(split_dir)
             manifest = self.layout.read_manifest()
             prefix = f"{plan.source}/{plan.split}/"
             manifest["features"] = {k: v for k, v in manifest["features"].items() if not k.startswith(prefix)}
@@ -110,7 +115,7 @@ class CacheWriter:
         with tmp.open("w") as f:
             for key, annotations in zip(plan.keys, plan.annotations):
                 f.write(json.dumps({"key": key, "annotations": annotations}, sort_keys=True) + "\n")
-        tmp.replace(samples_path)
+        publish(tmp, samples_path)
         write_json_atomic(header_path, header)
         manifest = self.layout.read_manifest()
         manifest["splits"][f"{plan.source}/{plan.split}"] = {
@@ -126,14 +131,23 @@ class CacheWriter:
         existing = manifest["features"].get(entry)
         feature_dir = self.layout.feature_dir(plan.source, plan.split, spec.name)
         if existing is not None:
-            if not FeatureSpec.from_dict(existing).differences(spec):
+            stored_as = existing.get("format", "zarr")
+            if not FeatureSpec.from_dict(existing).differences(spec) and stored_as == self.format:
                 return
             if not overwrite:
                 FeatureSpec.from_dict(existing).require_same(spec)
+                raise CacheError(f"{entry} is stored as {stored_as}, this run writes {self.format}; "
+                                 f"use --format {stored_as}, another --cache, or --overwrite to rewrite it")
             split_dir = self.layout.split_dir(plan.source, plan.split)
             for path in (feature_dir, split_dir / "_commits" / spec.name, split_dir / "_failures" / spec.name):
-                shutil.rmtree(path, ignore_errors=True)
-        group = zarr.open_group(str(feature_dir), mode="w")
+                remove_tree(path)
+        manifest = self.layout.read_manifest()
+        manifest["features"][entry] = {**spec.to_dict(), "format": self.format}
+        if self.format == "wds":
+            feature_dir.mkdir(parents=True, exist_ok=True)
+            self.layout.write_manifest(manifest)
+            return
+        group = open_group(feature_dir, mode="w")
         n, s = plan.num_samples, plan.shard_size
         for name, dtype, shape in spec.stored_arrays():
             group.create_array(
@@ -146,8 +160,6 @@ class CacheWriter:
                 fill_value="" if dtype == TEXT_DTYPE else 0,
             )
         group.create_array(VALID_ARRAY, shape=(n,), dtype="uint8", chunks=(s,), fill_value=0)
-        manifest = self.layout.read_manifest()
-        manifest["features"][entry] = spec.to_dict()
         self.layout.write_manifest(manifest)
 
     def committed_shards(self, plan: SplitPlan, spec: FeatureSpec) -> set[int]:
@@ -184,10 +196,14 @@ class CacheWriter:
         if set(arrays) != {a.name for a in spec.arrays}:
             raise CacheError(f"{spec.name}: expert produced arrays {sorted(arrays)}, spec says {[a.name for a in spec.arrays]}")
         stored = pack_arrays(spec, arrays, stop - start, shard)
-        group = zarr.open_group(str(self.layout.feature_dir(source, split, spec.name)), mode="r+")
-        for name, data in stored.items():
-            group[name][start:stop] = data
-        group[VALID_ARRAY][start:stop] = valid.astype(np.uint8)
+        feature_dir = self.layout.feature_dir(source, split, spec.name)
+        if self.format == "wds":
+            write_tar_shard(shard_tar_path(feature_dir, shard), spec, keys, stored, valid)
+        else:
+            group = open_group(feature_dir, mode="r+")
+            for name, data in stored.items():
+                group[name][start:stop] = data
+            group[VALID_ARRAY][start:stop] = valid.astype(np.uint8)
         record = CommitRecord(
             feature=spec.name,
             shard=shard,

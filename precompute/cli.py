@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from cache_schema import CacheError, CommitRecord, SpecMismatchError, SplitReader, list_splits, validate_cache
+from cache_schema import CacheError, SpecMismatchError, SplitReader, list_splits, validate_cache
 from precompute.experts import ALIASES, EXPERTS, ExpertError, expand_experts, expert_class, scope_options
 from precompute.sources import SOURCES, SourceError
 
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="[EXPERT=]ID_OR_PATH",
                    help="hub id, timm name or local path (default: each expert's default); with several experts, "
                         "EXPERT=ID_OR_PATH, repeatable")
-    p.add_argument("--format", choices=["zarr"], default="zarr", help="cache format (default: zarr)")
+    p.add_argument("--format", choices=["zarr", "wds"], default="zarr",
+                   help="how features are stored: zarr arrays (random access) or wds, WebDataset tar shards "
+                        "(one per precompute shard, to stream from object stores) (default: zarr)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard = per Zarr storage shard (default: 256)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default: 32)")
     p.add_argument("--limit", type=int, help="only the first N samples of the split")
@@ -117,7 +119,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     experts = expand_experts([e.strip() for e in args.expert.split(",") if e.strip()])
     config = RunConfig(
-        experts=experts, source=args.shards, data_root=args.data_root, split=args.split, cache=args.cache,
+        experts=experts, source=args.shards, data_root=args.data_root, split=args.split, cache=args.cache, format=args.format,
         models=parse_models(args.model, experts), shard_size=args.shard_size, batch_size=args.batch_size, limit=args.limit,
         address=args.address, overwrite=args.overwrite, workers=args.workers, retries=args.retries,
         source_options=parse_options(args.source_opt, "--source-opt"),
@@ -133,14 +135,14 @@ def cache_status(cache: str) -> list[dict[str, Any]]:
     for source, split in list_splits(cache):
         reader = SplitReader(cache, source, split)
         for feature in reader.feature_names:
-            committed = reader.feature(feature).committed_shards()
-            records = [CommitRecord.read(reader.layout.commit_path(source, split, feature, s)) for s in committed]
+            reader_feature = reader.feature(feature)
+            records = list(reader_feature.commit_records().values())
             failed = sorted(int(p.stem) for p in (reader.dir / "_failures" / feature).glob("*.json"))
             seconds = sum(r.seconds for r in records)
             samples = sum(r.num_samples for r in records)
             rows.append({
-                "split": f"{source}/{split}", "feature": feature, "shards": reader.num_shards,
-                "done": len(committed), "pending": reader.num_shards - len(committed), "failed": failed,
+                "split": f"{source}/{split}", "feature": feature, "format": reader_feature.format, "shards": reader.num_shards,
+                "done": len(records), "pending": reader.num_shards - len(records), "failed": failed,
                 "samples": samples, "invalid": sum(r.num_samples - r.num_valid for r in records),
                 "samples_per_s": round(samples / seconds, 2) if seconds else 0.0,
                 "nodes": len({(r.host, r.node) for r in records}),  # machines / Ray nodes that wrote its shards
@@ -153,10 +155,10 @@ def command_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'split':<20}{'feature':<14}{'shards':>7}{'done':>6}{'pending':>8}{'failed':>7}{'samples':>9}{'invalid':>8}"
+    print(f"{'split':<20}{'feature':<14}{'format':>7}{'shards':>7}{'done':>6}{'pending':>8}{'failed':>7}{'samples':>9}{'invalid':>8}"
           f"{'samples/s':>10}{'nodes':>7}")
     for r in rows:
-        print(f"{r['split']:<20}{r['feature']:<14}{r['shards']:>7}{r['done']:>6}{r['pending']:>8}{len(r['failed']):>7}"
+        print(f"{r['split']:<20}{r['feature']:<14}{r['format']:>7}{r['shards']:>7}{r['done']:>6}{r['pending']:>8}{len(r['failed']):>7}"
               f"{r['samples']:>9}{r['invalid']:>8}{r['samples_per_s']:>10.1f}{r['nodes']:>7}")
     return 0
 

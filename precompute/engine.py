@@ -27,7 +27,6 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,8 @@ class RunConfig:
     source: str
     data_root: str | None = None
     split: str = "train"
-    cache: str = "./cache"
+    cache: str = "./cache"  # a directory or an fsspec URL (s3://…, gs://…, file://…)
+    format: str = "zarr"  # or "wds": WebDataset tar shards
     models: dict[str, str] = field(default_factory=dict)  # expert name -> hub id / name / path
     shard_size: int = 256
     batch_size: int = 32
@@ -101,7 +101,7 @@ class ShardWorker:
     """
 
     def __init__(self, expert: str, model: str | None, expert_options: dict[str, Any], source_name: str,
-                 source: Source, cache: str, threads: int, decode_threads: int):
+                 source: Source, cache: str, format: str, threads: int, decode_threads: int):
         self.cache = cache
         torch.set_num_threads(threads)
         transformers_logging.disable_progress_bar()  # per-actor "Loading weights" bars would interleave with ours
@@ -109,7 +109,7 @@ class ShardWorker:
         self.expert = get_expert(expert, model=model, device=device, **expert_options)
         self.expert.load()
         self.source_name, self.source = source_name, source
-        self.writer = CacheWriter(cache)
+        self.writer = CacheWriter(cache, format)
         self.decoder = ThreadPoolExecutor(max_workers=decode_threads)
         self.device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{threads} threads"
         self.node = ray.get_runtime_context().get_node_id()
@@ -236,7 +236,7 @@ def run(config: RunConfig, progress: bool = True) -> list[ExpertSummary]:
     experts = {name: get_expert(name, model=config.models.get(name), **config.expert_options.get(name, {})) for name in names}
     order = dependency_order(experts)
     plan, samples = plan_split(source, config.source, config.shard_size, config.limit)
-    writer = CacheWriter(config.cache)
+    writer = CacheWriter(config.cache, config.format)
     writer.prepare_split(plan, overwrite=config.overwrite)
     for name in order:
         for required in experts[name].requires():
@@ -302,11 +302,11 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source:
     # (its process or its node gone) is replaced below, where the cluster still has room for it.
     worker_cls = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
                                                  scheduling_strategy="SPREAD")
-    cache = str(Path(config.cache).absolute())
+    cache = str(writer.layout.root)
 
     def start_actor() -> Any:
         return worker_cls.remote(name, config.models.get(name), config.expert_options.get(name, {}), config.source,
-                                 source, cache, int(cpus), config.decode_threads)
+                                 source, cache, config.format, int(cpus), config.decode_threads)
 
     actors = [start_actor() for _ in range(count)]
     try:

@@ -177,3 +177,23 @@ def test_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, tiny_v
     assert process.returncode == 0, err
     assert out.strip().splitlines()[-1].split()[1:5] == ["30", "0", "30", "0"]
     assert validate_cache(cache) == (30, [])
+
+
+def test_wds_format_into_a_file_url_cache_resumes_and_validates(tmp_path, tiny_vit_dir, ray_local):
+    """`--format wds --cache file://…`: tar shards through fsspec, same gaps, same commit records, same resume."""
+    root = image_folder(tmp_path / "images")
+    cache = f"file://{tmp_path}/cache"
+    config = RunConfig(experts=["vit-cls"], source="images", data_root=str(root), split="all", cache=cache, format="wds",
+                       models={"vit-cls": str(tiny_vit_dir)}, shard_size=4, batch_size=3)
+    [summary] = run(config, progress=False)
+    assert (summary.shards_done, summary.samples, summary.invalid) == (3, 9, 2)
+    assert sorted(p.name for p in (tmp_path / "cache/images/all/vit-cls").iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]
+    feature = SplitReader(cache, "images", "all").feature("vit-cls")
+    assert feature.format == "wds" and int(feature.usable.sum()) == 7
+    assert feature.get_by_key("a/img000")["cls"].shape == (6, 32) and not feature.get_by_key("broken")["cls"].any()
+    assert validate_cache(cache) == (3, [])
+    status = subprocess.run(CLI + ["status", "--cache", cache, "--json"], capture_output=True, text=True, check=True)
+    [row] = json.loads(status.stdout)
+    assert (row["format"], row["done"], row["invalid"]) == ("wds", 3, 2)
+    [again] = run(config, progress=False)
+    assert (again.shards_skipped, again.shards_done) == (3, 0)

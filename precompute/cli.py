@@ -22,13 +22,17 @@ USER_ERRORS = (SourceError, ExpertError, CacheError, SpecMismatchError)
 
 
 def parse_options(pairs: list[str], flag: str) -> dict[str, Any]:
-    """KEY=VALUE pairs; values parse as YAML scalars so `num=200` is an int."""
+    """KEY=VALUE pairs; values parse as YAML scalars so `num=200` is an int. A value YAML cannot
+    read (a glob such as `*.tar`) is taken as the string it is."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SourceError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        options[key] = yaml.safe_load(value)
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            options[key] = value
     return options
 
 

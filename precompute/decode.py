@@ -16,6 +16,7 @@ the cache. Two choices are deliberate:
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +33,22 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def decode_image(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Fully decode `path` into an 8-bit RGB image, upright per its EXIF orientation."""
-    path = Path(path)
-    check_file(path)
+def decode_image(path: Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Fully decode `path` (or an archive member's bytes) into an 8-bit RGB image, upright per its
+    EXIF orientation."""
+    if isinstance(path, bytes):
+        if not path:
+            raise MediaError("empty file (0 bytes)")
+        opened = io.BytesIO(path)
+    else:
+        opened = Path(path)
+        check_file(opened)
 
     # Everything in this block is Pillow parsing bytes it does not trust; its failures come as
     # many exception types (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error),
     # and every one of them means the same thing for us: this sample is a gap.
     try:
-        with Image.open(path) as img:
+        with Image.open(opened) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise MediaError(

@@ -42,7 +42,7 @@ import soundfile
 from scipy.signal import resample_poly
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
-from precompute.decode import check_file
+from precompute import decode  # the module, not its names: decode imports sources, which import this
 from precompute.sources.base import MediaError
 
 SAMPLINGS = ("uniform", "random")
@@ -64,7 +64,7 @@ def decode_video(path: Path | str, num_frames: int, seed: int = 0, sampling: str
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     path = Path(path)
-    check_file(path)
+    decode.check_file(path)
     # Everything below is FFmpeg parsing bytes it does not trust; any failure it raises means the
     # same thing for us: this sample is a gap.
     try:
@@ -141,7 +141,7 @@ def read_frames(path: Path, indices: list[int]) -> tuple[dict[int, np.ndarray], 
 def decode_audio(path: Path | str, sample_rate: int = 16000) -> np.ndarray:
     """The clip as float32 mono [samples] at `sample_rate` (integer PCM scaled to [-1, 1])."""
     path = Path(path)
-    check_file(path)
+    decode.check_file(path)
     try:
         samples, file_rate = soundfile.read(path, dtype="float32", always_2d=True)
     except soundfile.LibsndfileError as e:

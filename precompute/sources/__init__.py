@@ -17,12 +17,13 @@ from precompute.sources.shapes_video import ShapesVideoSource
 from precompute.sources.snli_ve import SnliVeSource
 from precompute.sources.videos import AudioFolderSource, VideoFolderSource
 from precompute.sources.vqav2 import Vqav2Source
+from precompute.sources.wds import WdsSource
 
 SOURCES: dict[str, type[Source]] = {
     cls.name: cls
     for cls in (
         ShapesSource, ImagesSource, CocoSource, Vqav2Source, Food101Source, MmImdbSource, SnliVeSource,
-        VideoFolderSource, AudioFolderSource, MsrvttSource, MsvdSource, AudiocapsSource, ShapesVideoSource,
+        VideoFolderSource, AudioFolderSource, MsrvttSource, MsvdSource, AudiocapsSource, ShapesVideoSource, WdsSource,
     )
 }
 

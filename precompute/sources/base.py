@@ -34,7 +34,7 @@ class Sample:
     """A planned sample: cheap and picklable (sent to Ray actors), no decoded pixels."""
 
     key: str  # unique within source+split, stable across runs
-    media: str  # absolute file path; for `shapes` what the world re-renders from ("train/17")
+    media: str  # absolute file path; `shapes`: what the world re-renders ("train/17"); `wds`: "TAR_URL#OFFSET+SIZE"
     annotations: dict  # JSON-serialisable text side: captions / questions+answers / labels
 
 
@@ -43,6 +43,9 @@ class Source(ABC):
     description: ClassVar[str]
     needs_data_root: ClassVar[bool]
     splits: ClassVar[tuple[str, ...]]
+    # Whether the data root may be an fsspec URL (s3://…, memory://…). Such a source gets the URL
+    # as a string, unchecked, and checks it itself: only it knows how to reach that storage.
+    accepts_urls: ClassVar[bool] = False
 
     def __init__(self, data_root: Path | str | None, split: str, **options: Any):
         """Check the root and split up front, so a typo fails before any work is scheduled.
@@ -71,10 +74,13 @@ class Source(ABC):
                     f"source '{self.name}' makes its own data and takes no data root "
                     f"(got {data_root})"
                 )
-            self.data_root: Path | None = None
+            self.data_root: Path | str | None = None  # a str only for a URL (accepts_urls)
             return
         if data_root is None:
             raise SourceError(f"source '{self.name}' needs a data root (--data-root DIR)")
+        if self.accepts_urls and "://" in str(data_root):
+            self.data_root = str(data_root)
+            return
         root = Path(data_root).expanduser().absolute()
         if not root.is_dir():
             raise SourceError(f"data root {root} does not exist or is not a directory")

@@ -1,10 +1,12 @@
 """`trainer`: train the small parts of a method against a feature cache, and score them.
 
-    trainer fit  --cache DIR --method epalm|mope|prismer [--config FILE] [--out DIR] [--max-steps N] [KEY=VALUE ...]
+    trainer fit  --cache DIR --method epalm|mope|prismer [--config FILE] [--out DIR] [--max-steps N]
+                 [--workers N] [--address auto|HOST:PORT] [KEY=VALUE ...]
     trainer eval --cache DIR --checkpoint DIR [--split S] [KEY=VALUE ...]
     trainer predict --cache DIR --checkpoint DIR --split S
 
 Any config key can be overridden with KEY=VALUE (nested with dots: model.variant=lin).
+`batch_size` is the global batch: with --workers N (Ray Train, DDP) each worker takes batch_size/N.
 Runs read only the cache: no raw images, no encoder weights. Exit code 2 on bad input.
 """
 
@@ -22,6 +24,13 @@ from trainer.methods import METHODS, MethodError
 USER_ERRORS = (CacheError, ConfigError, MethodError, FileNotFoundError)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file; KEY=VALUE arguments override it")
     p.add_argument("--out", help="run directory: checkpoint/, log.jsonl (default: ./runs/run)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: `epochs` worth)")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="data-parallel training on N Ray Train workers (DDP; one GPU each when the cluster has GPUs, "
+                        "else CPU with gloo); batch_size stays the global batch and must be a multiple of N; after a "
+                        "lost worker every rank restarts from the last checkpoint, at most max_failures times (default "
+                        "3). Default: 1, in this process")
+    p.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="run the workers on this Ray cluster (auto: the one this machine belongs to), even with one "
+                        "worker; OUT must be on storage every node sees. Default: a private local Ray when --workers > 1")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-4 model.variant=lin")
     for name, help_text in (("eval", "score a checkpoint on a split; prints metrics, writes metrics.json"),
@@ -59,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fit":
             config = load_config(args.config, args.overrides, cache=args.cache, method=args.method, out=args.out,
                                  max_steps=args.max_steps)
-            metrics = fit(config, progress=not args.no_progress)
+            workers = args.workers or 1
+            if workers == 1 and args.address is None:
+                metrics = fit(config, progress=not args.no_progress)
+            else:
+                from trainer.distributed import fit_distributed
+
+                metrics = fit_distributed(config, workers, args.address, progress=not args.no_progress)
         else:
             out = Path(args.out) if args.out else None
             metrics = evaluate_checkpoint(args.cache, Path(args.checkpoint), args.split, args.overrides, out,

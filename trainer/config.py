@@ -29,7 +29,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None  # None: `epochs` worth of steps
     epochs: float = 1.0
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch: with `trainer fit --workers N` each rank takes batch_size / N of it
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.02
@@ -42,6 +42,7 @@ class TrainConfig:
     num_workers: int = 2
     device: str = "auto"  # auto: cuda when available
     log_every: int = 10
+    max_failures: int = 3  # --workers / --address: Ray Train restarts after a lost worker, from the last checkpoint
     model: dict[str, Any] = field(default_factory=dict)  # the method's own config (e.g. EPALMConfig fields)
 
     def __post_init__(self) -> None:

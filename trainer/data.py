@@ -4,6 +4,10 @@ One cached sample often yields several training examples (five captions, many qu
 image); the method says how (`Method.expand`). Features are read whole-shard into memory when they
 fit, so a DataLoader worker does array indexing, not storage I/O, per example. Samples that are a
 recorded gap (invalid input) or sit in an uncommitted shard are left out, and counted.
+
+`train_batches` decides which examples each rank trains on at each step, for one process and for
+every rank of `trainer fit --workers N` alike (a seeded order per epoch, each global batch sliced
+across the ranks).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cache_schema import SplitReader
+from trainer.config import TrainConfig
+from trainer.methods.base import Method
 
 IN_MEMORY_LIMIT_BYTES = 2 << 30
 
@@ -54,16 +60,48 @@ class CacheExamples(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch that can start mid-epoch, so a resumed run sees the
-    examples an uninterrupted one would have seen, in the same order."""
+    """A seeded permutation per epoch, cut into global batches of `batch_size`, that can start at
+    any batch, so a resumed run sees the examples an uninterrupted one would have seen, in the same
+    order. With `world_size` ranks, rank r takes the r-th of `world_size` equal slices of every
+    global batch: the ranks' batches at step s together are exactly the one batch a single process
+    would train on at step s, and every rank gets the same number of batches (unequal counts hang
+    DDP). Only whole global batches are yielded; the remainder of the permutation waits for the
+    next epoch's draw."""
 
-    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0):
-        self.size, self.seed, self.epoch, self.start = size, seed, epoch, start
+    def __init__(self, size: int, seed: int, epoch: int = 0, start_batch: int = 0, batch_size: int = 1,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} ranks")
+        self.size, self.seed, self.epoch, self.start_batch = size, seed, epoch, start_batch
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        return iter(order[self.start :])
+        share = self.batch_size // self.world_size
+        for first in range(self.start_batch * self.batch_size, self.size - self.batch_size + 1, self.batch_size):
+            yield from order[first + self.rank * share : first + (self.rank + 1) * share]
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return max(0, self.size // self.batch_size - self.start_batch) * (self.batch_size // self.world_size)
+
+
+def train_batches(train_set: CacheExamples, method: Method, config: TrainConfig, state: dict[str, int], rank: int = 0,
+                  world_size: int = 1) -> Iterator[dict[str, Any]]:
+    """This rank's training batches, endlessly, epoch after epoch, from the data position in
+    `state` (`epoch`, `batch_in_epoch` in global batches), which it advances as batches are taken.
+
+    The one place that decides how a rank gets its batches: `config.batch_size` is the global
+    batch and each of the `world_size` ranks gets `batch_size // world_size` examples of it. A
+    single process is rank 0 of 1.
+    """
+    while True:
+        sampler = EpochSampler(len(train_set), config.seed, state["epoch"], state["batch_in_epoch"], config.batch_size,
+                               rank, world_size)
+        loader = DataLoader(train_set, batch_size=config.batch_size // world_size, sampler=sampler,
+                            collate_fn=method.collate, num_workers=config.num_workers, drop_last=True)
+        for batch in loader:
+            state["batch_in_epoch"] += 1
+            yield batch
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0

@@ -2,6 +2,8 @@
 
 fit:  cache -> examples -> AdamW (trainable params only) with warmup + cosine -> checkpoints,
       a JSONL log, periodic eval, and resume from the last checkpoint after a kill.
+train: that loop for one process; `fit` runs it here, trainer/distributed.py on every Ray Train
+      rank (build_run, then train with the DDP-wrapped model and the rank's slice of each batch).
 evaluate_checkpoint: reload frozen backbones by name + the trained tensors, score a split.
 """
 
@@ -10,19 +12,21 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cache_schema import CacheError, SplitReader, list_splits
 from trainer.checkpoint import find_checkpoint, load_trainable, read_info, save_checkpoint
 from trainer.config import TrainConfig, load_config
-from trainer.data import CacheExamples, EpochSampler
+from trainer.data import CacheExamples, train_batches
 from trainer.methods import Method, MethodError, get_method
 
 
@@ -74,11 +78,24 @@ def learning_rate_factor(step: int, config: TrainConfig, total_steps: int) -> fl
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
+@dataclass
+class Run:
+    """What one training process builds before its first step: the same in a single process and
+    on every Ray Train rank (trainer/distributed.py), so both train exactly the same thing."""
+
+    config: TrainConfig
+    method: Method
+    model: torch.nn.Module  # unwrapped: what is checkpointed and evaluated
+    train_set: CacheExamples
+    eval_reader: SplitReader | None
+    info: dict[str, Any]  # checkpoint.json, less the step
+    device: torch.device
+    total_steps: int
+
+
+def open_splits(config: TrainConfig) -> tuple[Method, str, SplitReader, SplitReader | None]:
+    """The method, the source, and the train / eval splits, checked against the method's needs:
+    cheap (headers and specs only), so a bad cache or config fails before anything heavy loads."""
     method = get_method(config)
     source = resolve_source(config)
     train_reader = SplitReader(config.cache, source, config.train_split)
@@ -87,6 +104,13 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if config.eval_split and (source, config.eval_split) in list_splits(config.cache):
         eval_reader = SplitReader(config.cache, source, config.eval_split)
         method.check_cache(eval_reader)
+    return method, source, train_reader, eval_reader
+
+
+def build_run(config: TrainConfig, device: torch.device, verbose: bool = True) -> Run:
+    """Method, model (frozen backbones + trainable parts, seeded by `config.seed`) and examples."""
+    torch.manual_seed(config.seed)
+    method, source, train_reader, eval_reader = open_splits(config)
     method_state = method.derive_state(train_reader)
     method.restore_state(method_state)
     model = method.build_model(train_reader).to(device)
@@ -96,91 +120,145 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"{config.method}: {len(train_set)} training examples from {train_reader.num_samples - train_set.skipped_samples} "
-          f"samples ({train_set.skipped_samples} skipped: invalid or uncommitted); trainable parameters "
-          f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-
+    if verbose:
+        print(f"{config.method}: {len(train_set)} training examples from {train_reader.num_samples - train_set.skipped_samples} "
+              f"samples ({train_set.skipped_samples} skipped: invalid or uncommitted); trainable parameters "
+              f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     batches_per_epoch = len(train_set) // config.batch_size
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accum))
-    optimizer = torch.optim.AdamW(method.param_groups(model), weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config, total_steps))
+    info = {"method": config.method, "backbones": method.backbones(), "source": source,
+            "features": {f: train_reader.spec(f.partition("/")[0]).to_dict() for f in method.feature_fields().values()},
+            "trainable_parameters": trainable, "method_state": method_state}
+    return Run(config, method, model, train_set, eval_reader, info, device, total_steps)
+
+
+def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train in this process, resuming from OUT/checkpoint when there is one; the final metrics."""
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    run = build_run(config, resolve_device(config.device))
+    return train(run, run.model, find_checkpoint(Path(config.out)), progress=terminal_bar if progress else None)
+
+
+def terminal_bar(total: int, initial: int, desc: str) -> tqdm:
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+
+def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int = 0, world_size: int = 1,
+          progress: Callable[[int, int, str], Any] | None = None,
+          on_save: Callable[[Path | None, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The training loop of one process: the whole run, or rank `rank` of `world_size` data-parallel ones.
+
+    `model` is what the loss runs through (`run.model`, or its DDP wrapper on a rank); `run.model`
+    is what is saved and evaluated. Every rank takes its slice of each global batch
+    (`train_batches`) and meets the others at the same steps: gradient all-reduce (DDP), the
+    logged loss, and every save. Rank 0 alone writes the log and checkpoints, evaluates and
+    shows progress (`progress(total, initial, desc)` makes a tqdm-like bar). `on_save(checkpoint
+    or None, metrics)` runs on every rank after each save (and after the final evaluation): how
+    Ray Train hears of checkpoints.
+    """
+    config, method, device, out = run.config, run.method, run.device, Path(run.config.out)
+    leader = rank == 0
+    optimizer = torch.optim.AdamW(method.param_groups(run.model), weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config, run.total_steps))
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
 
-    checkpoint = find_checkpoint(out)
     if checkpoint is not None:
-        load_trainable(model, checkpoint)
+        load_trainable(run.model, checkpoint)
         saved = torch.load(checkpoint / "training_state.pt", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
-        torch.set_rng_state(saved["rng"])
-        print(f"resuming from {checkpoint} at step {state['step']}")
+        rng = saved.get("rank_rng", [saved["rng"]])
+        if rank < len(rng):
+            torch.set_rng_state(rng[rank])
+        if leader:
+            print(f"resuming from {checkpoint} at step {state['step']}")
 
-    def batches() -> Iterator[dict[str, Any]]:
-        while True:
-            sampler = EpochSampler(len(train_set), config.seed, state["epoch"], state["batch_in_epoch"] * config.batch_size)
-            loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=method.collate,
-                                num_workers=config.num_workers, drop_last=True)
-            for batch in loader:
-                state["batch_in_epoch"] += 1
-                yield batch
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-
-    info = {"method": config.method, "backbones": method.backbones(), "source": source,
-            "features": {f: train_reader.spec(f.partition("/")[0]).to_dict() for f in method.feature_fields().values()},
-            "trainable_parameters": trainable, "method_state": method_state}
-
-    def save() -> None:
+    def save() -> Path | None:
+        rng = gather(torch.get_rng_state(), world_size)
+        if not leader:
+            return None
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "state": dict(state), "rng": torch.get_rng_state()}
-        save_checkpoint(out, model, config, {**info, "step": state["step"]}, training_state)
+                          "state": dict(state), "rng": rng[0], **({"rank_rng": rng} if world_size > 1 else {})}
+        return save_checkpoint(out, run.model, config, {**run.info, "step": state["step"]}, training_state)
 
-    log = (out / "log.jsonl").open("a")
+    log = (out / "log.jsonl").open("a") if leader else None
     model.train()
-    stream = batches()
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"fit {config.method}", disable=not progress, dynamic_ncols=True)
+    stream = train_batches(run.train_set, method, config, state, rank, world_size)
+    bar = progress(run.total_steps, state["step"], f"fit {config.method}") if progress and leader else tqdm(disable=True)
     window_start, window_examples = time.perf_counter(), 0
-    while state["step"] < total_steps:
+    while state["step"] < run.total_steps:
         loss_value = 0.0
-        for _ in range(config.grad_accum):
+        for micro in range(config.grad_accum):
             batch = next(stream)
-            with autocast(device):
-                loss = method.loss(model, batch) / config.grad_accum
-            scaler.scale(loss).backward()
+            with accumulating(model, last=micro == config.grad_accum - 1):
+                with autocast(device):
+                    loss = method.loss(model, batch) / config.grad_accum
+                scaler.scale(loss).backward()
             loss_value += loss.item()
             window_examples += len(batch["items"])
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state["step"] += 1
         bar.update(1)
-        if state["step"] % config.log_every == 0 or state["step"] == total_steps:
-            rate = window_examples / (time.perf_counter() - window_start)
-            record = {"step": state["step"], "epoch": state["epoch"], "loss": round(loss_value, 5),
-                      "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 1)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{rate:.0f}")
+        if state["step"] % config.log_every == 0 or state["step"] == run.total_steps:
+            loss_sum, examples = sum_over_ranks([loss_value, window_examples], world_size, device)
+            loss_value, rate = loss_sum / world_size, examples / (time.perf_counter() - window_start)
+            if leader:
+                record = {"step": state["step"], "epoch": state["epoch"], "loss": round(loss_value, 5),
+                          "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 1)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{rate:.0f}")
             window_start, window_examples = time.perf_counter(), 0
-        if eval_reader is not None and config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < total_steps:
-            metrics, _ = evaluate(method, model, eval_loader(method, eval_reader, config), device)
+        if (leader and run.eval_reader is not None and config.eval_every and state["step"] % config.eval_every == 0
+                and state["step"] < run.total_steps):
+            metrics, _ = evaluate(method, run.model, eval_loader(method, run.eval_reader, config), device)
             record_eval(method, out, log, state["step"], metrics)
-        if state["step"] % config.save_every == 0:
-            save()
+        if state["step"] % config.save_every == 0 and state["step"] < run.total_steps:
+            path = save()
+            if on_save is not None:
+                on_save(path, {"step": state["step"]})
     bar.close()
-    save()
-    metrics: dict[str, float] = {}
-    if eval_reader is not None:
-        metrics, predictions = evaluate(method, model, eval_loader(method, eval_reader, config), device)
+    path = save()
+    metrics: dict[str, Any] = {}
+    if leader and run.eval_reader is not None:
+        metrics, predictions = evaluate(method, run.model, eval_loader(method, run.eval_reader, config), device)
         record_eval(method, out, log, state["step"], metrics)
         write_results(out / "checkpoint", config.eval_split, metrics, predictions)
-    log.close()
+    if log is not None:
+        log.close()
+    if on_save is not None:
+        on_save(path, {"step": state["step"], **metrics})
     return metrics
+
+
+def accumulating(model: torch.nn.Module, last: bool):
+    """DDP all-reduces gradients on every backward; while accumulating micro-batches only the last needs to."""
+    return model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
+
+
+def sum_over_ranks(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    """`values` summed over the ranks (a collective: every rank calls it at the same step)."""
+    if world_size == 1:
+        return values
+    summed = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(summed)
+    return summed.tolist()
+
+
+def gather(value: Any, world_size: int) -> list[Any]:
+    """`value` from every rank, in rank order (a collective: every rank calls it at the same step)."""
+    if world_size == 1:
+        return [value]
+    values: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def record_eval(method: Method, out: Path, log, step: int, metrics: dict[str, Any]) -> None:

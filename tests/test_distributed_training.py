@@ -216,3 +216,31 @@ def test_bad_worker_counts_are_refused_before_ray_starts(cache, tiny_lm_dir, tmp
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and re.search(message, result.stderr), result.stderr[-2000:]
     assert not (tmp_path / "run" / "ray").exists()  # refused before Ray Train ran
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_workers_stream_a_webdataset_cache_for_several_epochs(tiny_lm_dir, tmp_path):
+    """Tar shards dealt unevenly (3 shards of 16 samples to 2 ranks): every rank still runs exactly
+    `batches_per_rank` batches per epoch, so the ranks meet at every all-reduce and the run ends
+    instead of hanging at the first epoch boundary."""
+    from cache_schema import SplitReader
+    from trainer.methods import get_method
+    from trainer.stream import ShardStream
+
+    cache = tmp_path / "wds-cache"
+    write_shapes_cache(cache, "train", 40, invalid={3}, format="wds")
+    overrides = settings(cache, tiny_lm_dir, 24, "save_every=10", "log_every=1", "eval_split=null")
+    config = load_config(None, overrides, out=str(tmp_path / "two"))
+    method = get_method(config)
+    stream = ShardStream(SplitReader(cache, "shapes", "train"), method.feature_fields(),
+                         lambda a: method.expand(a, train=True), 8, config.seed, world_size=2)
+    per_epoch = [stream.batches_per_rank(epoch) for epoch in range(4)]
+    assert sum(per_epoch[:2]) < 24  # the run crosses at least two epoch boundaries
+    result = subprocess.run([*CLI, "fit", "--out", str(tmp_path / "two"), "--workers", "2", "--no-progress", *overrides],
+                            capture_output=True, text=True, timeout=380)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in log if "loss" in r]
+    assert len(epochs) == 24 and epochs[-1] >= 2
+    assert [epochs.count(e) for e in range(2)] == per_epoch[:2]  # each epoch exactly the batches every rank can fill

@@ -16,20 +16,21 @@ from safetensors.torch import load_file
 from cache_schema import ArraySpec, CacheError, CacheWriter, FeatureSpec, SplitPlan, SplitReader
 from precompute.sources.shapes import ShapesSource
 from trainer.config import ConfigError, TrainConfig, load_config
-from trainer.data import CacheExamples
+from trainer.data import CacheExamples, training_examples
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
+from trainer.stream import ShardStream
 
 LEVELS, WIDTH = 4, 16
 
 
-def write_shapes_cache(root: Path, split: str, num: int, invalid: set[int] = frozenset()) -> None:
+def write_shapes_cache(root: Path | str, split: str, num: int, invalid: set[int] = frozenset(), format: str = "zarr") -> None:
     """Shapes annotations + a `vit-cls` feature written straight through the cache contract (no Ray)."""
     samples = ShapesSource(None, split, num=num).samples()
     plan = SplitPlan("shapes", split, [s.key for s in samples], [s.annotations for s in samples], shard_size=16)
     spec = FeatureSpec("vit-cls", "vit-cls", "test-vit", "r0", "p0", (ArraySpec("cls", "float16", (LEVELS, WIDTH)),),
                        {"layers": [2, 3, 4, 5]})
-    writer = CacheWriter(root)
+    writer = CacheWriter(root, format=format)
     writer.prepare_split(plan)
     writer.prepare_feature(plan, spec)
     rng = np.random.default_rng(len(split))
@@ -116,6 +117,42 @@ def test_resume_after_kill_equals_uninterrupted(cache, tiny_lm_dir, tmp_path):
     assert f"at step {step_at_kill}" in resumed.stdout
     a, b = load_file(straight / "checkpoint" / "model.safetensors"), load_file(killed / "checkpoint" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_webdataset_cache_at_a_url_streams_resumes_after_kill_and_evaluates(tiny_lm_dir, tmp_path):
+    """Tar shards behind a file:// URL (fsspec, as s3:// would be): the trainer streams them, a
+    killed run resumes mid-epoch to the same weights, and the checkpoint evaluates on the tars."""
+    cache = f"file://{tmp_path}/wds-cache"
+    write_shapes_cache(cache, "train", 40, invalid={3}, format="wds")
+    write_shapes_cache(cache, "val", 8, format="wds")
+    config = make_config(cache, tmp_path / "run", tiny_lm_dir)
+    train_set = training_examples(SplitReader(cache, "shapes", "train"), get_method(config), config)
+    reader = SplitReader(cache, "shapes", "train")
+    assert isinstance(train_set, ShardStream) and train_set.skipped_samples == 1
+    assert len(train_set) == sum(len(a["questions"]) for i, a in enumerate(reader.annotations) if i != 3)
+
+    common = ["--cache", cache, "--method", "epalm", "--max-steps", "24", "--no-progress", f"model.lm={tiny_lm_dir}",
+              "model.num_levels=2", "batch_size=4", "num_workers=2", "shuffle_buffer=16", "save_every=3", "lr=1e-3",
+              "eval_split=null"]
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--out", str(straight), *common], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "trainer.cli", "fit", "--out", str(killed), *common],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoint" / "checkpoint.json").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step_at_kill = json.loads((killed / "checkpoint" / "checkpoint.json").read_text())["step"]
+    assert step_at_kill < 24
+    resumed = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--out", str(killed), *common],
+                             capture_output=True, text=True, check=True)
+    assert f"at step {step_at_kill}" in resumed.stdout
+    a, b = load_file(straight / "checkpoint" / "model.safetensors"), load_file(killed / "checkpoint" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+    metrics = evaluate_checkpoint(cache, straight / "checkpoint", "val", [])
+    assert 0 <= metrics["vqa_accuracy"] <= 100
 
 
 def test_missing_feature_and_misfit_spec_fail_before_training(cache, tiny_lm_dir, tmp_path):

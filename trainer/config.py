@@ -40,6 +40,7 @@ class TrainConfig:
     save_every: int = 200
     max_eval_examples: int | None = None
     num_workers: int = 2
+    shuffle_buffer: int = 1000  # examples; WebDataset caches only (shards stream through this buffer)
     device: str = "auto"  # auto: cuda when available
     log_every: int = 10
     max_failures: int = 3  # --workers / --address: Ray Train restarts after a lost worker, from the last checkpoint

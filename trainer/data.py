@@ -6,12 +6,15 @@ fit, so a DataLoader worker does array indexing, not storage I/O, per example. S
 recorded gap (invalid input) or sit in an uncommitted shard are left out, and counted.
 
 `train_batches` decides which examples each rank trains on at each step, for one process and for
-every rank of `trainer fit --workers N` alike (a seeded order per epoch, each global batch sliced
-across the ranks).
+every rank of `trainer fit --workers N` alike: from a Zarr cache a seeded order per epoch, each
+global batch sliced across the ranks; from a WebDataset cache the shards stream (trainer/stream.py),
+dealt out per epoch, the same number of batches on every rank.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cache_schema import SplitReader
 from trainer.config import TrainConfig
 from trainer.methods.base import Method
+from trainer.stream import ShardStream
 
 IN_MEMORY_LIMIT_BYTES = 2 << 30
 
@@ -39,7 +43,9 @@ class CacheExamples(Dataset):
             usable &= feature.usable
             spec = feature.spec.array(array_name)
             nbytes = reader.num_samples * int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
-            self.arrays[field_name] = feature.read(array_name) if nbytes <= IN_MEMORY_LIMIT_BYTES else feature.group[array_name]
+            # tar shards have no random access: a WebDataset split (an eval split; training streams) is read whole
+            in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES or feature.format == "wds"
+            self.arrays[field_name] = feature.read(array_name) if in_memory else feature.group[array_name]
         self.skipped_samples = int((~usable).sum())
         self.examples: list[tuple[int, dict[str, Any]]] = []
         for index, annotations in enumerate(reader.annotations):
@@ -86,7 +92,16 @@ class EpochSampler(Sampler[int]):
         return max(0, self.size // self.batch_size - self.start_batch) * (self.batch_size // self.world_size)
 
 
-def train_batches(train_set: CacheExamples, method: Method, config: TrainConfig, state: dict[str, int], rank: int = 0,
+def training_examples(reader: SplitReader, method: Method, config: TrainConfig) -> CacheExamples | ShardStream:
+    """The training set: streamed shard by shard when any feature it reads is stored as tar shards."""
+    fields, expand = method.feature_fields(), functools.partial(method.expand, train=True)
+    if any(reader.feature(path.partition("/")[0]).format == "wds" for path in fields.values()):
+        return ShardStream(reader, fields, expand, config.batch_size, config.seed, num_workers=config.num_workers,
+                           shuffle_buffer=config.shuffle_buffer)
+    return CacheExamples(reader, fields, expand)
+
+
+def train_batches(train_set: CacheExamples | ShardStream, method: Method, config: TrainConfig, state: dict[str, int], rank: int = 0,
                   world_size: int = 1) -> Iterator[dict[str, Any]]:
     """This rank's training batches, endlessly, epoch after epoch, from the data position in
     `state` (`epoch`, `batch_in_epoch` in global batches), which it advances as batches are taken.
@@ -95,12 +110,32 @@ def train_batches(train_set: CacheExamples, method: Method, config: TrainConfig,
     batch and each of the `world_size` ranks gets `batch_size // world_size` examples of it. A
     single process is rank 0 of 1.
     """
+    if isinstance(train_set, ShardStream):
+        yield from stream_batches(train_set, method, config, state, rank, world_size)
+        return
     while True:
         sampler = EpochSampler(len(train_set), config.seed, state["epoch"], state["batch_in_epoch"], config.batch_size,
                                rank, world_size)
         loader = DataLoader(train_set, batch_size=config.batch_size // world_size, sampler=sampler,
                             collate_fn=method.collate, num_workers=config.num_workers, drop_last=True)
         for batch in loader:
+            state["batch_in_epoch"] += 1
+            yield batch
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+
+
+def stream_batches(stream: ShardStream, method: Method, config: TrainConfig, state: dict[str, int], rank: int,
+                   world_size: int) -> Iterator[dict[str, Any]]:
+    """`train_batches` for a WebDataset cache: exactly `batches_per_rank(epoch)` batches per epoch on
+    every rank. Resuming mid-epoch reads past the batches already trained on (same order: it is a
+    function of seed, epoch, rank and worker)."""
+    stream.rank, stream.world_size, stream.batch_size = rank, world_size, config.batch_size // world_size
+    while True:
+        stream.epoch = state["epoch"]
+        loader = DataLoader(stream, batch_size=stream.batch_size, collate_fn=method.collate, num_workers=config.num_workers,
+                            drop_last=True)
+        for batch in itertools.islice(loader, state["batch_in_epoch"], stream.batches_per_rank(state["epoch"])):
             state["batch_in_epoch"] += 1
             yield batch
         state["epoch"] += 1

@@ -26,8 +26,9 @@ from tqdm import tqdm
 from cache_schema import CacheError, SplitReader, list_splits
 from trainer.checkpoint import find_checkpoint, load_trainable, read_info, save_checkpoint
 from trainer.config import TrainConfig, load_config
-from trainer.data import CacheExamples, train_batches
+from trainer.data import CacheExamples, train_batches, training_examples
 from trainer.methods import Method, MethodError, get_method
+from trainer.stream import ShardStream
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,7 +87,7 @@ class Run:
     config: TrainConfig
     method: Method
     model: torch.nn.Module  # unwrapped: what is checkpointed and evaluated
-    train_set: CacheExamples
+    train_set: CacheExamples | ShardStream
     eval_reader: SplitReader | None
     info: dict[str, Any]  # checkpoint.json, less the step
     device: torch.device
@@ -114,7 +115,7 @@ def build_run(config: TrainConfig, device: torch.device, verbose: bool = True) -
     method_state = method.derive_state(train_reader)
     method.restore_state(method_state)
     model = method.build_model(train_reader).to(device)
-    train_set = CacheExamples(train_reader, method.feature_fields(), lambda a: method.expand(a, train=True))
+    train_set = training_examples(train_reader, method, config)
     if len(train_set) < config.batch_size:
         raise MethodError(f"{len(train_set)} training examples in {source}/{config.train_split}, fewer than one batch of {config.batch_size}")
 

@@ -6,7 +6,8 @@
 #   bash jobs/ray/submit.sh precompute run --expert depth --shards coco --data-root /data/coco --cache /shared/cache
 #   bash jobs/ray/submit.sh trainer fit --cache /shared/cache --config jobs/configs/epalm_shapes.yaml --out /shared/runs/epalm
 #
-# `precompute run` gets --address auto (the job's driver joins the cluster it was submitted to).
+# `precompute run` and `trainer fit` get --address auto (the job's driver joins the cluster it was
+# submitted to; `trainer fit --workers N` then puts its N Ray Train workers on the cluster's GPUs).
 # The cluster's image must hold expertcache's dependencies (pip install -e ".[dev]" or the
 # Dockerfile in jobs/k8s); paths (--cache, --data-root, --out) are paths on the cluster, on storage
 # every node sees. With token authentication on (Ray's default), export the cluster's token as
@@ -26,7 +27,7 @@ case "$tool" in
   trainer) command=(python -m trainer.cli "$@") ;;
   *) echo "submit.sh: the first argument must be precompute or trainer, got '$tool'" >&2; exit 2 ;;
 esac
-if [ "$tool" = precompute ] && [ "$1" = run ] && [[ " $* " != *" --address"* ]]; then
+if [[ "$tool $1" == "precompute run" || "$tool $1" == "trainer fit" ]] && [[ " $* " != *" --address"* ]]; then
   command+=(--address auto)
 fi
 # shellcheck disable=SC2086

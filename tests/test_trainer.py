@@ -99,9 +99,14 @@ def test_fit_checkpoint_holds_only_trained_tensors_and_eval_reproduces(cache, ti
 def test_resume_after_kill_equals_uninterrupted(cache, tiny_lm_dir, tmp_path):
     common = ["--cache", str(cache), "--method", "epalm", "--max-steps", "30", "--no-progress", f"model.lm={tiny_lm_dir}",
               "model.num_levels=2", "batch_size=4", "num_workers=0", "save_every=3", "lr=1e-3", "eval_split=null"]
+    assert_kill_and_resume_equals_uninterrupted(common, tmp_path, steps=30)
+
+
+def assert_kill_and_resume_equals_uninterrupted(common: list[str], tmp_path: Path, steps: int) -> Path:
+    """`trainer fit` straight through, and again SIGKILLed after its first checkpoint then rerun:
+    the resumed run says where it resumed and ends with the same weights. The straight run's OUT."""
     straight = tmp_path / "straight"
     subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--out", str(straight), *common], check=True, capture_output=True)
-
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "trainer.cli", "fit", "--out", str(killed), *common],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -111,12 +116,13 @@ def test_resume_after_kill_equals_uninterrupted(cache, tiny_lm_dir, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     step_at_kill = json.loads((killed / "checkpoint" / "checkpoint.json").read_text())["step"]
-    assert step_at_kill < 30
+    assert step_at_kill < steps
     resumed = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--out", str(killed), *common],
                              capture_output=True, text=True, check=True)
     assert f"at step {step_at_kill}" in resumed.stdout
     a, b = load_file(straight / "checkpoint" / "model.safetensors"), load_file(killed / "checkpoint" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
+    return straight
 
 
 def test_webdataset_cache_at_a_url_streams_resumes_after_kill_and_evaluates(tiny_lm_dir, tmp_path):
@@ -126,31 +132,15 @@ def test_webdataset_cache_at_a_url_streams_resumes_after_kill_and_evaluates(tiny
     write_shapes_cache(cache, "train", 40, invalid={3}, format="wds")
     write_shapes_cache(cache, "val", 8, format="wds")
     config = make_config(cache, tmp_path / "run", tiny_lm_dir)
-    train_set = training_examples(SplitReader(cache, "shapes", "train"), get_method(config), config)
     reader = SplitReader(cache, "shapes", "train")
+    train_set = training_examples(reader, get_method(config), config)
     assert isinstance(train_set, ShardStream) and train_set.skipped_samples == 1
     assert len(train_set) == sum(len(a["questions"]) for i, a in enumerate(reader.annotations) if i != 3)
 
     common = ["--cache", cache, "--method", "epalm", "--max-steps", "24", "--no-progress", f"model.lm={tiny_lm_dir}",
               "model.num_levels=2", "batch_size=4", "num_workers=2", "shuffle_buffer=16", "save_every=3", "lr=1e-3",
               "eval_split=null"]
-    straight = tmp_path / "straight"
-    subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--out", str(straight), *common], check=True, capture_output=True)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "trainer.cli", "fit", "--out", str(killed), *common],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoint" / "checkpoint.json").exists():
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    step_at_kill = json.loads((killed / "checkpoint" / "checkpoint.json").read_text())["step"]
-    assert step_at_kill < 24
-    resumed = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--out", str(killed), *common],
-                             capture_output=True, text=True, check=True)
-    assert f"at step {step_at_kill}" in resumed.stdout
-    a, b = load_file(straight / "checkpoint" / "model.safetensors"), load_file(killed / "checkpoint" / "model.safetensors")
-    assert all((a[k] == b[k]).all() for k in a)
+    straight = assert_kill_and_resume_equals_uninterrupted(common, tmp_path, steps=24)
     metrics = evaluate_checkpoint(cache, straight / "checkpoint", "val", [])
     assert 0 <= metrics["vqa_accuracy"] <= 100
 

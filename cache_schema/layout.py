@@ -39,9 +39,13 @@ def cache_path(location: str | Path) -> Path:
     `file://` URLs stay URLs, so they go through fsspec exactly as `s3://` would.
     """
     if isinstance(location, UPath) or "://" in str(location):
-        path = UPath(location)
-        if path.protocol == "file":
-            path = UPath(str(location), auto_mkdir=True)
+        try:
+            path = UPath(location)
+            if path.protocol == "file":
+                path = UPath(str(location), auto_mkdir=True)
+            path.fs  # the filesystem's package (s3fs, gcsfs) is needed now, not halfway through a run
+        except (ImportError, ValueError) as e:
+            raise CacheError(f"cache {location}: {e}") from e
         return path
     return Path(location).expanduser().absolute()
 

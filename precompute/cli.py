@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, metavar="SOURCE", help="source to read; see `precompute sources`")
     p.add_argument("--data-root", help="dataset directory in the source's published layout (not needed for `shapes`)")
     p.add_argument("--split", default="train", help="source split (default: train)")
-    p.add_argument("--cache", default="./cache", help="cache directory (default: ./cache)")
+    p.add_argument("--cache", default="./cache", help="cache directory or fsspec URL, e.g. s3://bucket/cache (default: ./cache)")
     p.add_argument("--model", action="append", default=[], metavar="[EXPERT=]ID_OR_PATH",
                    help="hub id, timm name or local path (default: each expert's default); with several experts, "
                         "EXPERT=ID_OR_PATH, repeatable")

@@ -173,3 +173,8 @@ def test_tables_and_manifest_live_on_fsspec_storage(root):
     assert json.loads(layout.manifest_path.read_text())["splits"] == {"toy/train": {"num_samples": 10, "shard_size": 4}}
     if "://" in root:
         assert isinstance(layout.root, UPath) and str(layout.root).startswith(root.split("://")[0])
+
+
+def test_an_unknown_storage_protocol_is_a_cache_error_naming_it():
+    with pytest.raises(CacheError, match="cache bogus://bucket/cache: Unsupported filesystem: 'bogus'"):
+        CacheLayout("bogus://bucket/cache")

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("fit", help="train; resumes from OUT/checkpoint when one exists")
-    p.add_argument("--cache", help="feature cache directory (default: ./cache)")
+    p.add_argument("--cache", help="feature cache directory or fsspec URL, e.g. s3://bucket/cache (default: ./cache)")
     p.add_argument("--method", choices=sorted(METHODS), help="training method (default: epalm)")
     p.add_argument("--config", help="YAML config file; KEY=VALUE arguments override it")
     p.add_argument("--out", help="run directory: checkpoint/, log.jsonl (default: ./runs/run)")
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("eval", "score a checkpoint on a split; prints metrics, writes metrics.json"),
                             ("predict", "write predictions for a split without scoring (e.g. an unlabelled test split)")):
         p = commands.add_parser(name, help=help_text)
-        p.add_argument("--cache", default="./cache", help="feature cache directory (default: ./cache)")
+        p.add_argument("--cache", default="./cache", help="feature cache directory or fsspec URL, e.g. s3://bucket/cache (default: ./cache)")
         p.add_argument("--checkpoint", required=True, help="a run's checkpoint directory (OUT/checkpoint)")
         p.add_argument("--split", help="split to use (default: the config's eval_split)")
         p.add_argument("--out", help="where metrics.json / predictions go (default: the checkpoint directory)")

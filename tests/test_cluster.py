@@ -93,16 +93,21 @@ SHIMS = {
 }
 
 
+def slurm_shims(folder: Path) -> Path:
+    """A folder of executables standing in for scontrol / srun / hostname (SHIMS), for PATH."""
+    folder.mkdir()
+    for name, body in SHIMS.items():
+        (folder / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_slurm_script_runs_precompute_on_a_cluster_over_its_nodes(tmp_path, tiny_vit_dir):
     """jobs/slurm/precompute.sbatch as Slurm would run it, with scontrol / srun / hostname standing in
     for a two-node allocation on this machine: Ray head + worker, both used, then torn down."""
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    for name, body in SHIMS.items():
-        (shims / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (shims / name).chmod(0o755)
+    shims = slurm_shims(tmp_path / "bin")
     ray_tmp = tempfile.mkdtemp(prefix="ec-slurm-", dir="/tmp")
     cache = tmp_path / "cache"
     env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from precompute.loopback_cluster import free_port
-from test_cluster import ROOT, SHIMS
+from test_cluster import ROOT, slurm_shims
 from test_trainer import write_shapes_cache
 from trainer.config import load_config
 from trainer.data import EpochSampler
@@ -181,11 +181,7 @@ def test_slurm_script_trains_on_a_ray_cluster_over_its_nodes(cache, tiny_lm_dir,
     """jobs/slurm/train.sbatch as Slurm would run it on a two-node CPU allocation (scontrol / srun /
     hostname stood in for, as in test_cluster.py): a Ray cluster over both nodes, `trainer fit
     --workers 2 --address auto` on it, `trainer eval` of the result, nothing of Ray left behind."""
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    for name, body in SHIMS.items():
-        (shims / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (shims / name).chmod(0o755)
+    shims = slurm_shims(tmp_path / "bin")
     ray_tmp = tempfile.mkdtemp(prefix="ec-train-", dir="/tmp")
     env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_NUM_NODES": "2",
            "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": str(ROOT), "RAY_PORT": str(free_port()), "RAY_TMPDIR": ray_tmp}

@@ -189,6 +189,8 @@ class FeatureReader:
         blocks = []
         for shard in range(start // size, -(-stop // size)):
             lo, hi = max(start, shard * size) - shard * size, min(stop, (shard + 1) * size) - shard * size
-            arrays = self.shard(shard)[0] if shard in committed else empty_arrays(self.spec, hi - lo)
-            blocks.append(arrays[array][lo:hi] if shard in committed else arrays[array])
+            if shard in committed:
+                blocks.append(self.shard(shard)[0][array][lo:hi])
+            else:
+                blocks.append(empty_arrays(self.spec, hi - lo)[array])
         return np.concatenate(blocks)

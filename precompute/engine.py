@@ -132,21 +132,18 @@ class ShardWorker:
         except Exception as e:  # a preprocessing crash on one odd input is that input's gap too
             return f"preprocess failed: {type(e).__name__}: {e}"
 
-    def _inputs(self, required: list[str], start: int, stop: int) -> dict[str, dict[str, np.ndarray]]:
-        """The required features' stored arrays for this shard's samples."""
+    def _inputs(self, required: list[str], shard: int) -> dict[str, dict[str, np.ndarray]]:
+        """The required features' stored arrays for this shard's samples (one tar read per feature
+        in the WebDataset form; the driver only sends shards whose inputs are committed)."""
         if not required:
             return {}
         reader = SplitReader(self.cache, self.source_name, self.source.split)
-        inputs = {}
-        for name in required:
-            feature = reader.feature(name)
-            inputs[name] = {array: feature.read(array, start, stop) for array, _, _ in feature.spec.stored_arrays()}
-        return inputs
+        return {name: reader.feature(name).shard(shard)[0] for name in required}
 
     def run_shard(self, spec: FeatureSpec, shard: int, start: int, samples: list[Sample], batch_size: int,
                   required: list[str]) -> dict[str, Any]:
         began = time.perf_counter()
-        inputs = self._inputs(required, start, start + len(samples))
+        inputs = self._inputs(required, shard)
         pending = deque(self.decoder.submit(self._decode, s) for s in samples[: 2 * batch_size])
         next_submit = len(pending)
         arrays: dict[str, Any] = {}

@@ -29,6 +29,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 
+from cache_schema import CacheLayout
 from trainer.checkpoint import find_checkpoint, read_info
 from trainer.cli import USER_ERRORS
 from trainer.config import ConfigError, TrainConfig
@@ -88,8 +89,7 @@ def fit_distributed(config: TrainConfig, workers: int, address: str | None = Non
     open_splits(config)  # a bad cache or config fails here, not once per worker restart
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    local_cache = "://" not in config.cache
-    config = replace(config, out=str(out), cache=str(Path(config.cache).resolve()) if local_cache else config.cache)
+    config = replace(config, out=str(out), cache=str(CacheLayout(config.cache).root))  # what every worker reads
     init_ray(address)
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = config.device.startswith("cuda") or (config.device == "auto" and gpus > 0)

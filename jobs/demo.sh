@@ -20,7 +20,9 @@
 #     and its blind baseline again on shapes-video (which way is each shape moving?), same LM;
 #  5. `trainer eval` all nine on held-out scenes and write DIR/summary.json (headline figures, percent).
 #
-# Uses the active Python environment when expertcache is installed there, else creates .venv.
+# Runs in its own environment, .venv beside this checkout, which it creates and installs with
+# jobs/install.sh (the project's one install step) on first use, and again whenever pyproject.toml
+# or install.sh change; so the first command works from a fresh clone with nothing prepared.
 set -euo pipefail
 
 OUT=./demo-out
@@ -34,13 +36,18 @@ while [ $# -gt 0 ]; do
 done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if ! python3 -c "import precompute, trainer" 2>/dev/null || ! command -v precompute >/dev/null; then
-  if [ ! -x "$ROOT/.venv/bin/python" ]; then
-    python3 -m venv "$ROOT/.venv"
+VENV="$ROOT/.venv"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/jobs/install.sh" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$WANT" ]; then
+  printf '\n== 0/5 install expertcache into %s (once; a few minutes)\n' "$VENV"
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV" || { echo "demo.sh: could not create $VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
   fi
-  "$ROOT/.venv/bin/pip" install -e "$ROOT[dev]"
-  export PATH="$ROOT/.venv/bin:$PATH"
+  bash "$ROOT/jobs/install.sh" "$VENV/bin/python"
+  echo "$WANT" > "$VENV/.installed"
 fi
+unset VIRTUAL_ENV PYTHONHOME
+export PATH="$VENV/bin:$PATH"
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"

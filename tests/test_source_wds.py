@@ -113,7 +113,7 @@ def test_planning_keys_captions_order_and_info(shards):
     assert source.info() == {
         "source": "wds", "split": "train", "data_root": str(shards), "tars_glob": "*.tar", "caption": "txt",
         "val_shards": 0, "tars": ["00000.tar", "00001.tar", "00002.tar"], "samples": 5, "failed_downloads": 1,
-        "missing_tars": ["00003.tar"],
+        "missing_tars": ["00003.tar"], "damaged_tars": [], "problems": [],
     }
     assert get_source("wds", shards, "train").samples() == samples  # deterministic
 
@@ -196,8 +196,9 @@ def test_bad_roots_are_named(tmp_path, shards):
     (shards / "00009.tar").write_bytes((shards / "00002.tar").read_bytes())
     with pytest.raises(SourceError, match="'000020000' is in both .*00002.tar and .*00009.tar"):
         get_source("wds", shards, "train").samples()
-    (shards / "00001.tar").write_bytes(b"this is no tar" * 100)
-    with pytest.raises(SourceError, match="00001.tar"):
+    for name in ("00000.tar", "00001.tar", "00002.tar", "00009.tar"):  # no tar readable: nothing to run
+        (shards / name).write_bytes(b"this is no tar" * 100)
+    with pytest.raises(SourceError, match="no tar in .* could be read: 00000.tar: not readable as a tar"):
         get_source("wds", shards, "train").samples()
 
 

@@ -28,12 +28,30 @@ SOURCES: dict[str, type[Source]] = {
 }
 
 
-def get_source(name: str, data_root: Path | str | None, split: str | None, **options) -> Source:
-    """The named source over `data_root`; `split=None` means the source's first split."""
+def resolve_split(name: str, split: str | None) -> str:
+    """The split a run over source `name` reads: `split` when given; else `train` where the source
+    has one, else its only split (`images`, `videos`, `audio` have just `all`). A source with
+    several splits and no `train` makes the user choose, with the splits listed.
+
+    Why not always `train`: `--shards images` with no `--split` must just work, and a default
+    that silently picked some other split of a many-split source would be a guess.
+    """
     if name not in SOURCES:
         raise SourceError(f"unknown source '{name}'; known sources: {', '.join(SOURCES)}")
-    cls = SOURCES[name]
-    return cls(data_root, cls.splits[0] if split is None else split, **options)
+    if split is not None:
+        return split
+    splits = SOURCES[name].splits
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return splits[0]
+    raise SourceError(f"source '{name}' has no split 'train'; choose one with --split: {', '.join(splits)}")
 
 
-__all__ = ["SOURCES", "MediaError", "Sample", "Source", "SourceError", "get_source"]
+def get_source(name: str, data_root: Path | str | None, split: str | None, **options) -> Source:
+    """The named source over `data_root`; `split=None` picks as `resolve_split` says."""
+    split = resolve_split(name, split)  # also refuses an unknown source
+    return SOURCES[name](data_root, split, **options)
+
+
+__all__ = ["SOURCES", "MediaError", "Sample", "Source", "SourceError", "get_source", "resolve_split"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,7 +112,14 @@ class Source(ABC):
         )
 
     def info(self) -> dict:
-        """What was read, for the cache's provenance record (JSON-serialisable)."""
+        """What was read, for the cache's provenance record (JSON-serialisable).
+
+        Two keys have a meaning beyond the record, and `precompute run` prints them: `problems`,
+        lines naming data the source holds but could not read (a damaged tar: which, how many
+        samples expected, how many found); a run whose split has any exits 1, as for a failed
+        shard. And `notes`, lines counting entries left out by design (a caption whose image is
+        not in the file list, a path that leaves the image folder), so nothing is dropped silently.
+        """
         return {
             "source": self.name,
             "split": self.split,
@@ -155,3 +163,29 @@ def sorted_by_key(samples: list[Sample], path: Path) -> list[Sample]:
         if before.key == after.key:
             raise SourceError(f"annotation file {path} lists sample '{after.key}' twice")
     return ordered
+
+
+def portable_name(name: str) -> str:
+    """`name` as valid UTF-8 text: each byte of a file name that is not UTF-8 (os.walk hands it
+    back as a lone surrogate, 'caf\\udce9') becomes %XX ('caf%E9').
+
+    Keys, digests and JSON records must be text; a Latin-1 name copied from an old archive would
+    otherwise crash planning at the first `.encode()`. Valid names are returned unchanged, so the
+    keys of existing caches stay what they were; the escaped form is stable across runs and
+    machines. (It could equal a real name containing '%E9'; key collisions are refused anyway.)
+    """
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in name)
+
+
+def path_inside(folder: Path | str, name: str) -> Path | None:
+    """`folder / name` when it stays inside `folder`, else None (`name` may be absolute).
+
+    Annotation files name their media by relative path; one naming `../x.jpg` or `/etc/x.jpg`
+    would read from outside the dataset. Checked on the written path, not through symlinks:
+    a dataset may link its image folder elsewhere, that is the user's choice, not the file's.
+    """
+    base = os.path.normpath(folder)
+    joined = os.path.normpath(os.path.join(base, name))  # an absolute `name` replaces `folder`
+    if not joined.startswith(base.rstrip(os.sep) + os.sep):
+        return None
+    return Path(joined)

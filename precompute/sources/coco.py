@@ -16,6 +16,12 @@ file names the 2014 folders; when only the 2017 folders are on disk the same ima
 there (2017 train+val is exactly 2014 train+val, renamed and regrouped).
 
 Key: the COCO image id, zero-padded to 12 digits as in the 2017 file names ("000000391895").
+
+An image entry whose `file_name` (Karpathy: `filepath`/`filename`) leads outside the image folder
+(`../x.jpg`, `/etc/x.jpg`) is never read: it stays in the split as a recorded gap whose reason
+names it, so one bad entry costs one sample, not the dataset. Captions whose `image_id` is not
+among the file's images cannot be placed; they are counted in `info()` and printed by the run.
+Both counts are `notes` of `info()`.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from PIL import Image
 
 from precompute import decode
 from precompute.sources.base import (
+    MediaError,
     Sample,
     Source,
     SourceError,
     entries_of,
+    path_inside,
     read_json,
     require_list,
     sorted_by_key,
@@ -62,6 +70,9 @@ class CocoSource(Source):
         **options,
     ):
         super().__init__(data_root, split, **options)
+        # What planning left out, for info(): counts, and the lines the run prints.
+        self.counted: dict[str, int] = {}
+        self.notes: list[str] = []
         if year is not None and str(year) not in YEARS:
             raise SourceError(f"coco: year must be one of {', '.join(YEARS)}, got {year!r}")
         self.karpathy_file = self._find_karpathy_file(karpathy)
@@ -122,6 +133,8 @@ class CocoSource(Source):
         return path
 
     def samples(self) -> list[Sample]:
+        self.counted: dict[str, int] = {}
+        self.notes: list[str] = []
         if self.karpathy_file is None:
             return self._official_samples()
         return self._karpathy_samples()
@@ -135,17 +148,38 @@ class CocoSource(Source):
         samples = []
         with entries_of(path):
             for annotation in sorted(annotations, key=lambda a: a["id"]):
-                captions[annotation["image_id"]].append(annotation["caption"].strip())
+                captions[int(annotation["image_id"])].append(annotation["caption"].strip())
             for image in images:
                 image_id = int(image["id"])
                 samples.append(
                     Sample(
                         key=f"{image_id:012d}",
-                        media=str(self.image_dir / image["file_name"]),
+                        media=os.path.join(self.image_dir, image["file_name"]),
                         annotations={"captions": captions.get(image_id, []), "image_id": image_id},
                     )
                 )
-        return sorted_by_key(samples, path)
+        image_ids = {s.annotations["image_id"] for s in samples}
+        orphans = sum(len(c) for image_id, c in captions.items() if image_id not in image_ids)
+        self.counted["captions_without_image"] = orphans
+        if orphans:
+            self.notes.append(f"{orphans} caption(s) of {path} name an image_id that is not in its images; left out")
+        return self._outside_noted(sorted_by_key(samples, path))
+
+    def _outside_noted(self, samples: list[Sample]) -> list[Sample]:
+        """`samples`, after counting those whose file name leaves the image folder (gaps at decode)."""
+        outside = [s for s in samples if path_inside(self._media_root(), s.media) is None]
+        self.counted["paths_outside_image_folder"] = len(outside)
+        if outside:
+            self.notes.append(
+                f"{len(outside)} image(s) of {self.annotation_file} have a file name leading outside "
+                f"{self._media_root()} (first: {outside[0].key} -> {outside[0].media}); recorded as gaps, not read"
+            )
+        return samples
+
+    def _media_root(self) -> Path:
+        """The folder every image of the split must be inside: the split's image folder, or with
+        Karpathy's file (which names the 2014 folders) the data root."""
+        return self.data_root if self.karpathy_file is not None else self.image_dir
 
     def _karpathy_samples(self) -> list[Sample]:
         path = self.karpathy_file
@@ -160,19 +194,19 @@ class CocoSource(Source):
                 samples.append(
                     Sample(
                         key=f"{image_id:012d}",
-                        media=str(image_path(image)),
+                        media=os.fspath(image_path(image)),
                         annotations={
                             "captions": [s["raw"].strip() for s in image["sentences"]],
                             "image_id": image_id,
                         },
                     )
                 )
-        return sorted_by_key(samples, path)
+        return self._outside_noted(sorted_by_key(samples, path))
 
     def _karpathy_image_locator(self):
         """Where an entry of Karpathy's file lives on this disk (its own 2014 path, or 2017's)."""
         if self.year == "2014":
-            return lambda image: self.data_root / image["filepath"] / image["filename"]
+            return lambda image: os.path.join(self.data_root, image["filepath"], image["filename"])
         train_dir = self._require_dir(self.data_root / "train2017")
         val_dir = self._require_dir(self.data_root / "val2017")
         in_val = set(os.listdir(val_dir))
@@ -184,12 +218,19 @@ class CocoSource(Source):
         return locate
 
     def load_image(self, sample: Sample) -> Image.Image:
-        return decode.decode_image(Path(sample.media))
+        path = path_inside(self._media_root(), sample.media)
+        if path is None:
+            raise MediaError(f"file name leads outside the image folder {self._media_root()}: {sample.media}; not read")
+        return decode.decode_image(path)
 
     def info(self) -> dict:
+        if not self.counted:
+            self.samples()
         return {
             **super().info(),
             "annotation_file": str(self.annotation_file),
             "karpathy": self.karpathy_file is not None,
             "year": self.year,
+            **self.counted,
+            "notes": list(self.notes),
         }

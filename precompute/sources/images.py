@@ -9,19 +9,23 @@ The key is the path relative to the data root, without its extension, in posix f
 (`birds/0001.JPG` -> `birds/0001`), so keys match across machines and operating systems. Two
 files differing only in extension would share a key; that is refused rather than guessed.
 Hidden entries (names starting with '.') are skipped: they are macOS resource forks (`._x.jpg`),
-thumbnail caches and version-control folders, never dataset images.
+thumbnail caches and version-control folders, never dataset images. A name that is not valid
+UTF-8 (Latin-1 names from old archives) is kept: its key has each such byte as %XX
+(the bytes `caf\\xe9.jpg` -> `caf%E9`), and the file is read by its real name.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
 from PIL import Image
 
 from precompute import decode
-from precompute.sources.base import Sample, Source, SourceError
+from precompute.sources.base import MediaError, Sample, Source, SourceError, portable_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -38,17 +42,18 @@ class ImagesSource(Source):
         return folder_samples(self.data_root, IMAGE_EXTENSIONS)
 
     def load_image(self, sample: Sample) -> Image.Image:
-        return decode.decode_image(Path(sample.media))
+        with portable_reasons():
+            return decode.decode_image(Path(sample.media))
 
 
 def folder_samples(root: Path, extensions: tuple[str, ...]) -> list[Sample]:
     """One sample per file under `root` with one of `extensions`, keyed by its relative path."""
     path_by_key: dict[str, Path] = {}
     for path in find_files(root, extensions):
-        key = path.relative_to(root).with_suffix("").as_posix()
+        key = portable_name(path.relative_to(root).with_suffix("").as_posix())
         if key in path_by_key:
             raise SourceError(
-                f"{path_by_key[key]} and {path} would share the sample key '{key}'; "
+                f"{portable_name(str(path_by_key[key]))} and {portable_name(str(path))} would share the sample key '{key}'; "
                 "rename one of them"
             )
         path_by_key[key] = path
@@ -74,3 +79,13 @@ def find_files(root: Path, extensions: tuple[str, ...]) -> list[Path]:
             if not f.startswith(".") and f.lower().endswith(extensions)
         )
     return found
+
+
+@contextmanager
+def portable_reasons() -> Iterator[None]:
+    """A MediaError whose reason names a file whose name is not UTF-8 says it with %XX escapes:
+    the reason is stored in the cache as text."""
+    try:
+        yield
+    except MediaError as e:
+        raise MediaError(portable_name(str(e))) from e.__cause__

@@ -9,7 +9,7 @@ pointed at a video dataset fails on its first sample with a reason instead of gu
 any letter case (.MP4 from cameras, .WAV from recorders); the key is the path relative to the data
 root without its extension, in posix form; two files that would share a key are refused; hidden
 entries (macOS `._x.mp4` forks, `.git`) are skipped; symlinked folders are followed but never
-around a loop.
+around a loop; a name that is not valid UTF-8 gets a key with %XX escapes, as in `images`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from PIL import Image
 
 from precompute import decode_media
 from precompute.sources.base import MediaError, Sample, Source
-from precompute.sources.images import folder_samples
+from precompute.sources.images import folder_samples, portable_reasons
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -38,7 +38,8 @@ class VideoSource(Source):
         self, sample: Sample, num_frames: int, seed: int = 0, sampling: str = "uniform"
     ) -> np.ndarray:
         """`num_frames` RGB frames [T, H, W, 3] uint8; raises MediaError(reason) when undecodable."""
-        return decode_media.decode_video(Path(sample.media), num_frames, seed=seed, sampling=sampling)
+        with portable_reasons():
+            return decode_media.decode_video(Path(sample.media), num_frames, seed=seed, sampling=sampling)
 
 
 class AudioSource(Source):
@@ -49,7 +50,8 @@ class AudioSource(Source):
 
     def load_audio(self, sample: Sample, sample_rate: int = 16000) -> np.ndarray:
         """The clip as float32 mono at `sample_rate`; raises MediaError(reason) when unusable."""
-        return decode_media.decode_audio(Path(sample.media), sample_rate)
+        with portable_reasons():
+            return decode_media.decode_audio(Path(sample.media), sample_rate)
 
 
 class VideoFolderSource(VideoSource):

@@ -15,6 +15,12 @@ One sample per IMAGE, not per question: features are computed per image, and eac
 several questions (5.4 on average). Key: the COCO image id zero-padded to 12 digits. Annotations:
 {"image_id", "questions": [{"question_id", "question", "answers": [10 strings], "answer_type",
 "multiple_choice_answer"}]}, questions sorted by id; on test splits only id and question.
+
+Nothing goes missing silently: an image that is not on disk is a recorded gap at decode (its
+questions stay in the split's annotations), and answers whose question is not in the question
+file, which cannot be placed, are counted in `info()` (`answers_without_question`, and a note the
+run prints). Image paths are built from the integer image id, so no entry can point outside
+the image folder.
 """
 
 from __future__ import annotations
@@ -76,12 +82,22 @@ class Vqav2Source(Source):
             if path is not None and not path.is_file():
                 raise SourceError(f"vqav2: {path} not found")
         self.image_dir = self.find_folder("image", image_dir, [self.data_root / image_folder], "image_dir")
+        # What planning could not place, for info().
+        self.counted: dict[str, int] | None = None
+        self.notes: list[str] = []
 
     def samples(self) -> list[Sample]:
         questions = require_list(read_json(self.questions_file), "questions", self.questions_file)
         answers_by_question = self._answers_by_question()
         questions_by_image: dict[int, list[dict]] = defaultdict(list)
         with entries_of(self.questions_file):
+            asked = {int(q["question_id"]) for q in questions}
+            unplaced = 0 if answers_by_question is None else len(answers_by_question.keys() - asked)
+            self.counted = {"answers_without_question": unplaced}
+            self.notes = [
+                f"{unplaced} answer entr{'y' if unplaced == 1 else 'ies'} of {self.annotations_file} name a "
+                f"question_id that is not in {self.questions_file}; left out"
+            ] if unplaced else []
             for q in sorted(questions, key=lambda q: q["question_id"]):
                 entry = {"question_id": int(q["question_id"]), "question": q["question"]}
                 if answers_by_question is not None:
@@ -122,8 +138,12 @@ class Vqav2Source(Source):
         return decode.decode_image(Path(sample.media))
 
     def info(self) -> dict:
+        if self.counted is None:
+            self.samples()
         return {
             **super().info(),
+            **self.counted,
+            "notes": list(self.notes),
             "questions_file": str(self.questions_file),
             "annotations_file": (
                 None if self.annotations_file is None else str(self.annotations_file)

@@ -22,11 +22,21 @@ Options: `tars` (a glob over tar file names, default `*.tar`; e.g. `0000*.tar` f
 Planning opens each tar once and reads its member headers and small text members; tarfile seeks
 over the image bytes, which on a local disk are never read. Each sample's media is the tar's URL
 with the image member's data offset and size (`URL#OFFSET+SIZE`), so an actor fetches one image
-with one ranged read instead of the whole tar. A tar that tarfile cannot read is a SourceError
-naming it (img2dataset leaves one behind when killed mid-shard: rerun img2dataset, or leave the
-tar out with `tars=`). Shards that a parquet or `_stats.json` lists but whose tar is missing, and
-the failed downloads the parquets record (status other than `success`, never in the tar), are
-counted in `info()`, the cache's provenance record.
+with one ranged read instead of the whole tar.
+
+A damaged tar is not the end of the dataset, and not a silent loss either. tarfile stops at the
+first header it cannot parse as if the archive had ended, so each tar is checked: the samples
+read must number what img2dataset says it wrote (`successes` in `_stats.json`, else the parquet's
+rows with status `success`), reading must stop at tar's end-of-archive marker (two zero blocks;
+only required where img2dataset left no count, as it does when killed mid-shard), and no image may
+run past the end of the file. A tar failing any check keeps the samples read before the damage,
+and is listed in `info()` (`damaged_tars`: tar, expected, found, reason) and in its `problems`,
+which `precompute run` prints, naming the tar, before exiting 1; the other tars are processed as
+usual. Only when no tar can be read at all is it a SourceError (exit 2). Rerun img2dataset for the
+shard (a changed sample list is a new plan: `--overwrite`), or leave the tar out with `tars=`.
+Shards that a parquet or `_stats.json` lists but whose tar is missing, and the failed downloads
+the parquets record (status other than `success`, never in the tar), are counted in `info()`, the
+cache's provenance record.
 """
 
 from __future__ import annotations
@@ -97,7 +107,21 @@ class WdsSource(Source):
 
     def samples(self) -> list[Sample]:
         tar_names, missing = self._split_tars()
-        samples = sorted((s for name in tar_names for s in self._tar_samples(name)), key=lambda s: s.key)
+        counts = {name: self._img2dataset_counts(name) for name in tar_names}
+        damaged: list[dict[str, Any]] = []
+        found: list[Sample] = []
+        for name in tar_names:
+            tar_samples, reason = self._tar_samples(name, counts[name]["successes"])
+            found.extend(tar_samples)
+            if reason is not None:
+                damaged.append({"tar": name, "expected": counts[name]["successes"], "found": len(tar_samples),
+                                "reason": reason})
+        if len(damaged) == len(tar_names) and not found:
+            raise SourceError(
+                f"wds: no tar in {self.root_url} could be read: "
+                + "; ".join(f"{d['tar']}: {d['reason']}" for d in damaged)
+            )
+        samples = sorted(found, key=lambda s: s.key)
         for before, after in zip(samples, samples[1:]):
             if before.key == after.key:  # within one tar _tar_samples refuses it; here across two
                 raise SourceError(
@@ -107,8 +131,15 @@ class WdsSource(Source):
         self.seen = {
             "tars": tar_names,
             "samples": len(samples),
-            "failed_downloads": sum(self._failed_downloads(name) for name in tar_names),
+            "failed_downloads": sum(c["failed"] for c in counts.values()),
             "missing_tars": missing,
+            "damaged_tars": damaged,
+            "problems": [
+                f"damaged tar {self.fs.unstrip_protocol(posixpath.join(self.root, d['tar']))}: img2dataset wrote "
+                f"{'an unknown number of' if d['expected'] is None else d['expected']} samples, {d['found']} "
+                f"readable ({d['reason']}); rerun img2dataset for it"
+                for d in damaged
+            ],
         }
         return samples
 
@@ -160,55 +191,98 @@ class WdsSource(Source):
         cut = len(tar_names) - self.val_shards
         return (tar_names[cut:] if self.split == "val" else tar_names[:cut]), missing
 
-    def _tar_samples(self, tar_name: str) -> list[Sample]:
-        """One sample per image member of one tar, read in one pass over its headers."""
+    def _tar_samples(self, tar_name: str, expected: int | None) -> tuple[list[Sample], str | None]:
+        """One sample per image member of one tar, read in one pass over its headers; and why the
+        tar is damaged (None when it is whole). The samples before any damage are kept."""
         path = posixpath.join(self.root, tar_name)
         url = self.fs.unstrip_protocol(path)
         images: dict[str, tarfile.TarInfo] = {}
         captions: dict[str, str] = {}
         urls: dict[str, str] = {}
+        reason, size = None, 0
         try:
+            size = self.fs.size(path)
             with self.fs.open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
-                for member in tar:
-                    match = MEMBER_NAME.match(member.name)
-                    if not member.isfile() or match is None:
-                        continue
-                    key, extension = match.groups()
-                    if f".{extension.lower()}" in IMAGE_EXTENSIONS:
-                        if key in images:
-                            raise SourceError(f"wds: {url} holds two images for key '{key}'")
-                        images[key] = member
-                    elif extension == self.caption_extension:
-                        captions[key] = member_text(tar, member, url).strip()
-                    elif extension == "json" and "url" in (metadata := member_json(tar, member, url)):
-                        urls[key] = metadata["url"]
-        except (tarfile.TarError, OSError) as e:
-            raise SourceError(
-                f"wds: cannot read tar {url}: {e} (an interrupted img2dataset shard? rerun it, or leave "
-                "the tar out with tars=GLOB)"
-            ) from e
+                try:
+                    for member in tar:
+                        match = MEMBER_NAME.match(member.name)
+                        if not member.isfile() or match is None:
+                            continue
+                        key, extension = match.groups()
+                        if f".{extension.lower()}" in IMAGE_EXTENSIONS:
+                            if key in images:
+                                raise SourceError(f"wds: {url} holds two images for key '{key}'")
+                            images[key] = member
+                        elif extension == self.caption_extension:
+                            captions[key] = member_text(tar, member, url).strip()
+                        elif extension == "json" and "url" in (metadata := member_json(tar, member, url)):
+                            urls[key] = metadata["url"]
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    reason = f"unreadable after byte {tar.offset}: {e}"
+                else:
+                    reason = self._end_of_archive(file, tar.offset, size, expected)
+        except (tarfile.TarError, OSError, EOFError) as e:  # not a tar from its first header on
+            reason = f"not readable as a tar: {e}"
+        cut = [key for key, member in images.items() if member.offset_data + member.size > size]
+        for key in cut:  # an image whose bytes run past the end of the file: the tar was cut inside it
+            del images[key]
+            reason = reason or f"cut inside the image of '{key}'"
+        if reason is None and expected is not None and len(images) != expected:
+            reason = f"img2dataset counted {expected} samples, the tar holds {len(images)}"
         samples = []
         for key, member in images.items():
             annotations: dict[str, Any] = {"captions": [captions[key]] if captions.get(key) else []}
             if key in urls:
                 annotations["url"] = urls[key]
             samples.append(Sample(key, f"{url}#{member.offset_data}+{member.size}", annotations))
-        return samples
+        return samples, reason
 
-    def _failed_downloads(self, tar_name: str) -> int:
-        """Rows of the shard's parquet whose status is not `success`: img2dataset lists every url
-        it tried there, but only the successes are in the tar. 0 when there is no parquet."""
+    @staticmethod
+    def _end_of_archive(file: Any, offset: int, size: int, expected: int | None) -> str | None:
+        """Why reading stopped at `offset` before the tar's real end, or None.
+
+        tarfile ends its member list at the first header it cannot parse, as if the archive ended
+        there. A whole tar ends with zero blocks; data there instead is a damaged header, and the
+        members after it are lost. A tar that just stops at a member boundary, with no zero
+        blocks, was cut short: only img2dataset's count can tell whether anything is missing, so
+        it is damage only when there is no count to check (a shard killed mid-write has none).
+        """
+        file.seek(offset)
+        tail = file.read(2 * tarfile.BLOCKSIZE)
+        if tail.strip(b"\0"):
+            return f"damaged member header at byte {offset} of {size}"
+        if len(tail) < 2 * tarfile.BLOCKSIZE and expected is None:
+            return f"ends at byte {offset} without tar's end-of-archive blocks (cut short?)"
+        return None
+
+    def _img2dataset_counts(self, tar_name: str) -> dict[str, int | None]:
+        """What img2dataset says it put in the tar (`successes`: from `_stats.json`, else the
+        parquet's rows with status `success`; None with neither) and how many downloads failed.
+
+        The parquet lists every url img2dataset tried, but only the successes are in the tar."""
         import pyarrow.parquet  # a fraction of a second to import; only planning needs it
 
-        path = posixpath.join(self.root, tar_name.removesuffix(".tar") + ".parquet")
-        if not self.fs.isfile(path):
-            return 0
-        try:
-            with self.fs.open(path, "rb") as file:
-                statuses = pyarrow.parquet.read_table(file, columns=["status"]).column("status").to_pylist()
-        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
-            raise SourceError(f"wds: cannot read the status column of {self.fs.unstrip_protocol(path)}: {e}") from e
-        return sum(status != "success" for status in statuses)
+        shard = tar_name.removesuffix(".tar")
+        successes = failed = None
+        path = posixpath.join(self.root, shard + ".parquet")
+        if self.fs.isfile(path):
+            try:
+                with self.fs.open(path, "rb") as file:
+                    statuses = pyarrow.parquet.read_table(file, columns=["status"]).column("status").to_pylist()
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+                raise SourceError(f"wds: cannot read the status column of {self.fs.unstrip_protocol(path)}: {e}") from e
+            successes = sum(status == "success" for status in statuses)
+            failed = len(statuses) - successes
+        path = posixpath.join(self.root, shard + "_stats.json")
+        if self.fs.isfile(path):
+            try:
+                with self.fs.open(path, "rb") as file:
+                    stats = json.load(file)
+            except (OSError, ValueError) as e:
+                raise SourceError(f"wds: cannot read {self.fs.unstrip_protocol(path)}: {e}") from e
+            if isinstance(stats, dict) and isinstance(stats.get("successes"), int):
+                successes = stats["successes"]
+        return {"successes": successes, "failed": failed or 0}
 
 
 def open_filesystem(url: str) -> tuple[AbstractFileSystem, str]:

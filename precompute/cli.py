@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert name(s), comma-separated, or `prismer` for all of Prismer's; see `precompute experts`")
     p.add_argument("--shards", required=True, metavar="SOURCE", help="source to read; see `precompute sources`")
     p.add_argument("--data-root", help="dataset directory in the source's published layout (not needed for `shapes`)")
-    p.add_argument("--split", default="train", help="source split (default: train)")
+    p.add_argument("--split", help="source split (default: train, or the source's only split, e.g. `all` for images)")
     p.add_argument("--cache", default="./cache", help="cache directory or fsspec URL, e.g. s3://bucket/cache (default: ./cache)")
     p.add_argument("--model", action="append", default=[], metavar="[EXPERT=]ID_OR_PATH",
                    help="hub id, timm name or local path (default: each expert's default); with several experts, "
@@ -131,7 +131,11 @@ def command_run(args: argparse.Namespace) -> int:
     )
     summaries = run(config, progress=not args.no_progress)
     print_summary(summaries)
-    return 1 if any(s.shards_failed for s in summaries) else 0
+    from precompute.sources import resolve_split  # the source's notes and problems, as planning recorded them
+    info = SplitReader(args.cache, args.shards, resolve_split(args.shards, args.split)).header.get("source_info", {})
+    for line in info.get("notes", []) + info.get("problems", []):
+        print(f"{args.shards}: {line}", file=sys.stderr)
+    return 1 if info.get("problems") or any(s.shards_failed for s in summaries) else 0
 
 
 def cache_status(cache: str) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from cache_schema.models import load_timm_model
 from cache_schema.reader import FeatureReader, SplitReader, list_splits
 from cache_schema.tables import ClassTable, read_table, write_table
 from cache_schema.spec import TEXT_DTYPE, ArraySpec, FeatureSpec, SpecMismatchError, config_hash, model_revision
-from cache_schema.validate import ShardProblem, validate_cache
+from cache_schema.validate import PendingShards, ShardProblem, pending_shards, validate_cache
 from cache_schema.writer import CacheWriter, SplitPlan
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "CommitRecord",
     "FeatureReader",
     "FeatureSpec",
+    "PendingShards",
     "ShardProblem",
     "SpecMismatchError",
     "SplitPlan",
@@ -33,6 +34,7 @@ __all__ = [
     "list_splits",
     "load_timm_model",
     "model_revision",
+    "pending_shards",
     "read_table",
     "validate_cache",
     "write_table",

@@ -43,6 +43,13 @@ def content_checksum(arrays: dict[str, np.ndarray], valid: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def gap_category(reason: str, width: int = 40) -> str:
+    """A gap's reason cut to its kind, for counting: decoders write `KIND: DETAIL` ("cannot decode:
+    OSError: ...", "file not found: /data/x.jpg"), so the text before the first ':' groups them."""
+    kind = str(reason).split(":", 1)[0].strip() or "no reason"
+    return kind if len(kind) <= width else kind[: width - 3] + "..."
+
+
 @dataclass
 class CommitRecord:
     feature: str

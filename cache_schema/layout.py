@@ -19,6 +19,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +80,29 @@ def open_group(path: Path, mode: str) -> zarr.Group:
     return zarr.open_group(store, mode=mode)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (`os.umask` can only be
+    read by setting it, which races with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temp file in the same directory, fsync, then rename over `path`.
 
     A reader sees either the old file or the complete new one, never a torn write; this is what
     makes a commit record trustworthy after a kill at any instant. On object stores one PUT of
-    the whole object gives the same guarantee.
+    the whole object gives the same guarantee. The file gets the mode any other file would
+    (0666 less the umask), not mkstemp's 0600: a cache shared on a cluster must stay readable
+    to the users the umask lets in.
     """
     if not is_local(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +111,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
             f.flush()
@@ -100,6 +120,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` (a full disk, a file size limit, a read-only or
+    vanished directory) into a CacheError naming the path, so the command line reports one line."""
+    try:
+        yield
+    except OSError as e:
+        raise CacheError(f"{path}: cannot write: {e.strerror or e}") from e
 
 
 def read_json(path: Path) -> Any:
@@ -148,5 +178,25 @@ class CacheLayout:
         write_json_atomic(self.manifest_path, manifest)
 
     def require_exists(self) -> None:
+        if is_local(self.root) and self.root.exists() and not self.root.is_dir():
+            raise CacheError(f"{self.root}: not a feature cache (a file, not a directory)")
         if not self.manifest_path.exists():
             raise CacheError(f"{self.root}: not a feature cache (no cache.json)")
+
+    def require_writable(self) -> None:
+        """Refuse, before any work, a local location that cannot hold a cache: a file, or a place
+        this process may not write (a read-only mount, a directory without write permission).
+
+        Object stores are not probed: their permissions show at the first write.
+        """
+        if not is_local(self.root):
+            return
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            what = "is a file" if existing == self.root else f"is under {existing}, a file"
+            raise CacheError(f"cache {self.root} {what}, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            where = "" if existing == self.root else f" (cannot create it in {existing})"
+            raise CacheError(f"cache {self.root}: not writable{where}")

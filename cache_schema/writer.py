@@ -19,7 +19,8 @@ import numpy as np
 from zarr.codecs import ZstdCodec
 
 from cache_schema.commit import CommitRecord, content_checksum, keys_digest, vouching_record
-from cache_schema.layout import CacheError, CacheLayout, open_group, publish, read_json, remove_tree, write_json_atomic
+from cache_schema.layout import (CacheError, CacheLayout, is_local, open_group, publish, read_json, remove_tree, write_json_atomic,
+                                 writing)
 from cache_schema.spec import RAGGED_LENGTH_SUFFIX, TEXT_DTYPE, FeatureSpec
 from cache_schema.wds import FORMATS, shard_tar_path, write_tar_shard
 
@@ -96,6 +97,8 @@ class CacheWriter:
             existing = read_json(header_path)
             same = all(existing.get(k) == header[k] for k in ("num_samples", "shard_size", "keys_digest"))
             if same:
+                if f"{plan.source}/{plan.split}" not in self.layout.read_manifest()["splits"]:
+                    self._register_split(plan)  # an earlier run stopped between split.json and cache.json
                 return
             if not overwrite:
                 raise CacheError(
@@ -109,23 +112,49 @@ class CacheWriter:
             prefix = f"{plan.source}/{plan.split}/"
             manifest["features"] = {k: v for k, v in manifest["features"].items() if not k.startswith(prefix)}
             self.layout.write_manifest(manifest)
-        split_dir.mkdir(parents=True, exist_ok=True)
         samples_path = split_dir / "samples.jsonl"
         tmp = samples_path.with_suffix(".jsonl.tmp")
-        with tmp.open("w") as f:
-            for key, annotations in zip(plan.keys, plan.annotations):
-                f.write(json.dumps({"key": key, "annotations": annotations}, sort_keys=True) + "\n")
-        publish(tmp, samples_path)
-        write_json_atomic(header_path, header)
-        manifest = self.layout.read_manifest()
-        manifest["splits"][f"{plan.source}/{plan.split}"] = {
-            "num_samples": plan.num_samples,
-            "shard_size": plan.shard_size,
-        }
-        self.layout.write_manifest(manifest)
+        # The plan counts only once split.json and then cache.json name it. A write that fails
+        # (full disk, file size limit) leaves neither behind, so nothing half-written looks planned.
+        written = None
+        try:
+            with writing(split_dir):
+                split_dir.mkdir(parents=True, exist_ok=True)
+            with writing(samples_path):
+                with tmp.open("w") as f:
+                    for key, annotations in zip(plan.keys, plan.annotations):
+                        f.write(json.dumps({"key": key, "annotations": annotations}, sort_keys=True) + "\n")
+                publish(tmp, samples_path)
+            with writing(header_path):
+                write_json_atomic(header_path, header)
+            written = header_path
+            self._register_split(plan)
+        except BaseException:
+            if is_local(tmp):
+                tmp.unlink(missing_ok=True)
+            if written is not None:
+                written.unlink(missing_ok=True)
+            raise
+
+    def _register_split(self, plan: SplitPlan) -> None:
+        with writing(self.layout.manifest_path):
+            manifest = self.layout.read_manifest()
+            manifest["splits"][f"{plan.source}/{plan.split}"] = {
+                "num_samples": plan.num_samples,
+                "shard_size": plan.shard_size,
+            }
+            self.layout.write_manifest(manifest)
 
     def prepare_feature(self, plan: SplitPlan, spec: FeatureSpec, overwrite: bool = False) -> None:
-        """Register the feature's spec and create its arrays; refuse a different spec."""
+        """Register the feature's spec and create its arrays; refuse a different spec.
+
+        The manifest entry is written last: arrays half-created on a full disk are not a feature
+        yet, and the next run creates them afresh.
+        """
+        with writing(self.layout.feature_dir(plan.source, plan.split, spec.name)):
+            self._prepare_feature(plan, spec, overwrite)
+
+    def _prepare_feature(self, plan: SplitPlan, spec: FeatureSpec, overwrite: bool) -> None:
         manifest = self.layout.read_manifest()
         entry = f"{plan.source}/{plan.split}/{spec.name}"
         existing = manifest["features"].get(entry)
@@ -193,6 +222,7 @@ class CacheWriter:
         the shard's own keys rather than the plan so a worker is sent only its shard.
         """
         stop = start + len(keys)
+        check_gap_reasons(spec.name, shard, keys, valid, invalid)
         if set(arrays) != {a.name for a in spec.arrays}:
             raise CacheError(f"{spec.name}: expert produced arrays {sorted(arrays)}, spec says {[a.name for a in spec.arrays]}")
         stored = pack_arrays(spec, arrays, stop - start, shard)
@@ -236,6 +266,26 @@ class CacheWriter:
             self.layout.failure_path(plan.source, plan.split, feature, shard),
             {"shard": shard, "error": error, "attempts": attempts, "host": socket.gethostname()},
         )
+
+
+def check_gap_reasons(feature: str, shard: int, keys: list[str], valid: np.ndarray, invalid: dict[str, str]) -> None:
+    """Refuse to commit a shard whose invalid samples do not each carry a reason.
+
+    A gap without a reason is a sample lost silently: a committed shard is never run again, so
+    a worker that produced nothing (a batch loop that never ran) must fail, not commit.
+    """
+    valid = np.asarray(valid, dtype=bool)
+    if len(valid) != len(keys):
+        raise CacheError(f"{feature} shard {shard}: {len(valid)} validity flags for {len(keys)} samples")
+    gaps = [key for key, ok in zip(keys, valid) if not ok]
+    unexplained = [key for key in gaps if not str(invalid.get(key, "")).strip()]
+    if unexplained:
+        raise CacheError(f"{feature} shard {shard}: {len(unexplained)} of {len(keys)} samples are invalid without a "
+                         f"reason (first: {unexplained[0]!r}); refusing to commit them as gaps")
+    stray = sorted(set(invalid) - set(gaps))
+    if stray:
+        raise CacheError(f"{feature} shard {shard}: a reason is given for {len(stray)} sample(s) that are valid or not "
+                         f"in the shard (first: {stray[0]!r})")
 
 
 def pack_arrays(spec: FeatureSpec, arrays: dict[str, Any], count: int, shard: int) -> dict[str, np.ndarray]:

@@ -1,7 +1,9 @@
 """`precompute`: run frozen experts over a dataset into a feature cache, and inspect the cache.
 
-Exit codes: 0 success; 1 some shards failed (the rest are committed; run again to retry them);
-2 bad input (unknown expert/source, missing data root, malformed annotations, spec mismatch).
+Exit codes: 0 success; 1 some shards failed (the rest are committed; run again to retry them),
+or `validate` found a problem or shards still pending; 2 bad input (unknown expert/source, missing
+data root, malformed annotations, spec mismatch, an option out of range, a cache location that
+cannot be written).
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ from typing import Any
 
 import yaml
 
-from cache_schema import CacheError, SpecMismatchError, SplitReader, list_splits, validate_cache
+from cache_schema import CacheError, CacheLayout, SpecMismatchError, SplitReader, list_splits, pending_shards, validate_cache
+from cache_schema.commit import gap_category
 from precompute.experts import ALIASES, EXPERTS, ExpertError, expand_experts, expert_class, scope_options
 from precompute.sources import SOURCES, SourceError
 
-USER_ERRORS = (SourceError, ExpertError, CacheError, SpecMismatchError)
+
+
+class UsageError(Exception):
+    """A command-line value out of its range (argparse checks only that it parses)."""
+
+
+USER_ERRORS = (SourceError, ExpertError, CacheError, SpecMismatchError, UsageError)
 
 
 def parse_options(pairs: list[str], flag: str) -> dict[str, Any]:
@@ -34,6 +43,36 @@ def parse_options(pairs: list[str], flag: str) -> dict[str, Any]:
         except yaml.YAMLError:
             options[key] = value
     return options
+
+
+def split_pairs(pairs: list[str], flag: str) -> dict[str, str]:
+    """KEY=VALUE pairs as the text typed: expert options are typed by each expert's defaults
+    (`precompute.experts.option_value`), so `field=yes` stays the string it is."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ExpertError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        options[key] = value
+    return options
+
+
+# Run options that count something: (flag, attribute, least allowed value).
+RUN_COUNTS = (("--shard-size", "shard_size", 1), ("--batch-size", "batch_size", 1), ("--limit", "limit", 1),
+              ("--workers", "workers", 1), ("--retries", "retries", 0))
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Refuse out-of-range counts and an unwritable cache location before any work or write.
+
+    A batch size below 1 would commit every shard with no sample processed and no reason given;
+    a limit below 1 would plan a silently cut split.
+    """
+    for flag, attribute, least in RUN_COUNTS:
+        value = getattr(args, attribute)
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    CacheLayout(args.cache).require_writable()
 
 
 def parse_models(values: list[str], experts: list[str]) -> dict[str, str]:
@@ -80,16 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; see `precompute experts`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    cache_help = "cache directory or fsspec URL to read (default: ./cache)"
     p = commands.add_parser("status", help="what is done, pending and failed per split and feature; samples/s; "
-                            "how many nodes wrote its shards")
-    p.add_argument("--cache", default="./cache")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+                            "how many nodes wrote its shards; how many samples are gaps and why")
+    p.add_argument("--cache", default="./cache", help=cache_help)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (with every gap's key and reason)")
 
-    p = commands.add_parser("validate", help="re-check every committed shard's checksum; exit 0 only if all check out")
-    p.add_argument("--cache", default="./cache")
+    p = commands.add_parser("validate", help="re-check every committed shard's checksum and gap reasons and list "
+                            "pending shards; exit 0 only for a complete, intact cache")
+    p.add_argument("--cache", default="./cache", help=cache_help)
+    p.add_argument("--allow-pending", action="store_true",
+                   help="check only the committed shards: exit 0 if they check out, whatever is still pending")
 
     p = commands.add_parser("preview", help="write a PNG grid of one sample's image and its labels, colour-mapped")
-    p.add_argument("--cache", default="./cache")
+    p.add_argument("--cache", default="./cache", help=cache_help)
     p.add_argument("--key", required=True, help="sample key (see samples.jsonl), e.g. shapes-val-000003")
     p.add_argument("--split", metavar="SOURCE/SPLIT", help="where to look (default: every split of the cache)")
     p.add_argument("--out", help="PNG path (default: preview-KEY.png)")
@@ -119,6 +162,7 @@ def print_summary(summaries: list) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    check_run_args(args)
     from precompute.engine import RunConfig, run  # torch, timm and Ray: only when there is work
 
     experts = expand_experts([e.strip() for e in args.expert.split(",") if e.strip()])
@@ -127,7 +171,7 @@ def command_run(args: argparse.Namespace) -> int:
         models=parse_models(args.model, experts), shard_size=args.shard_size, batch_size=args.batch_size, limit=args.limit,
         address=args.address, overwrite=args.overwrite, workers=args.workers, retries=args.retries,
         source_options=parse_options(args.source_opt, "--source-opt"),
-        expert_options=scope_options(parse_options(args.expert_opt, "--expert-opt"), experts),
+        expert_options=scope_options(split_pairs(args.expert_opt, "--expert-opt"), experts),
     )
     summaries = run(config, progress=not args.no_progress)
     print_summary(summaries)
@@ -148,12 +192,18 @@ def cache_status(cache: str) -> list[dict[str, Any]]:
             failed = sorted(int(p.stem) for p in (reader.dir / "_failures" / feature).glob("*.json"))
             seconds = sum(r.seconds for r in records)
             samples = sum(r.num_samples for r in records)
+            gaps = {key: reason for r in records for key, reason in r.invalid.items()}
+            reasons: dict[str, int] = {}
+            for reason in gaps.values():
+                reasons[gap_category(reason)] = reasons.get(gap_category(reason), 0) + 1
             rows.append({
                 "split": f"{source}/{split}", "feature": feature, "format": reader_feature.format, "shards": reader.num_shards,
                 "done": len(records), "pending": reader.num_shards - len(records), "failed": failed,
                 "samples": samples, "invalid": sum(r.num_samples - r.num_valid for r in records),
+                "invalid_reasons": dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0]))),
                 "samples_per_s": round(samples / seconds, 2) if seconds else 0.0,
                 "nodes": len({(r.host, r.node) for r in records}),  # machines / Ray nodes that wrote its shards
+                "gaps": gaps,  # every invalid sample's key and the reason its shard recorded
             })
     return rows
 
@@ -168,15 +218,27 @@ def command_status(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['split']:<20}{r['feature']:<14}{r['format']:>7}{r['shards']:>7}{r['done']:>6}{r['pending']:>8}{len(r['failed']):>7}"
               f"{r['samples']:>9}{r['invalid']:>8}{r['samples_per_s']:>10.1f}{r['nodes']:>7}")
+    for r in rows:
+        if r["invalid"]:
+            counts = ", ".join(f"{count} {reason}" for reason, count in r["invalid_reasons"].items())
+            print(f"{r['split']} {r['feature']}: {r['invalid']} invalid: {counts}")
     return 0
 
 
 def command_validate(args: argparse.Namespace) -> int:
+    """Exit 0 only for a complete, intact cache (with --allow-pending: intact committed shards)."""
     checked, problems = validate_cache(args.cache)
+    pending = pending_shards(args.cache)
     for problem in problems:
         print(problem, file=sys.stderr)
-    print(f"{checked} committed shards checked, {len(problems)} problems")
-    return 1 if problems else 0
+    for item in pending:
+        print(f"pending: {item}", file=sys.stderr)
+    count = sum(len(item.pending) for item in pending)
+    print(f"{checked} committed shards checked, {len(problems)} problems" + (f", {count} shards pending" if pending else ""))
+    if pending and not args.allow_pending and not problems:
+        print("the cache is incomplete: run the same `precompute run` again to finish it, or pass --allow-pending "
+              "to check only what is committed", file=sys.stderr)
+    return 1 if problems or (pending and not args.allow_pending) else 0
 
 
 def command_experts(_: argparse.Namespace) -> int:

@@ -1,12 +1,20 @@
 """Checkpoints hold only what was trained, plus the names of what stayed frozen.
 
     OUT/checkpoint/model.safetensors   trainable tensors only (a few MB)
-    OUT/checkpoint/checkpoint.json     method, step, frozen backbones (id + revision), cache specs
-    OUT/checkpoint/config.yaml         the resolved training config
+    OUT/checkpoint/checkpoint.json     method, step, frozen backbones (id + revision), cache specs,
+                                       config_changes (see below)
+    OUT/checkpoint/config.yaml         the resolved training config (the one in force at `step`)
     OUT/checkpoint/training_state.pt   optimizer, schedule, data position, RNG: for resuming only
 
 A new checkpoint is written beside the old one and swapped in by rename, so a kill at any
 instant leaves one complete checkpoint to resume from.
+
+A run resumed with a different config would leave a false record of how the checkpoint was
+made, so `trainer fit` refuses one (`check_resume`) unless the user accepts it
+(`--allow-config-change`); an accepted change is appended to checkpoint.json's `config_changes`,
+`{"step": S, "changes": {key: {"from": old, "to": new}}}` with S the step it resumed from, and
+config.yaml holds the new values. Only keys that cannot change what is trained
+(`COSMETIC_KEYS`) may change freely; they are recorded all the same.
 """
 
 from __future__ import annotations
@@ -19,10 +27,82 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.config import TrainConfig, save_config
+from cache_schema import CacheError, CacheLayout
+from trainer.config import ConfigError, TrainConfig, load_config, save_config
 from trainer.methods.base import MethodError
 
 CHECKPOINT_DIR = "checkpoint"
+COSMETIC_KEYS = frozenset({"num_workers", "log_every", "device", "max_failures"})  # how it runs, not what it trains
+UNSET = object()
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"lm": x}} -> {"model.lm": x}: the dotted keys KEY=VALUE overrides name."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def comparable(config: TrainConfig) -> dict[str, Any]:
+    """The config's keys as a resume compares them: `out` is where the checkpoint is, not how it
+    was made, and a cache is its resolved root (`./cache` and its absolute path are one cache)."""
+    flat = flatten(config.to_dict())
+    flat.pop("out")
+    try:
+        flat["cache"] = str(CacheLayout(flat["cache"]).root)
+    except (CacheError, ValueError, OSError):
+        pass
+    return flat
+
+
+def config_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) for every key that differs; UNSET where one lacks it."""
+    a, b = comparable(old), comparable(new)
+    return {key: (a.get(key, UNSET), b.get(key, UNSET)) for key in sorted(set(a) | set(b))
+            if a.get(key, UNSET) != b.get(key, UNSET)}
+
+
+def show(value: Any) -> str:
+    return "(unset)" if value is UNSET else repr(value)
+
+
+def check_resume(out: Path, config: TrainConfig, allow_change: bool = False) -> dict[str, tuple[Any, Any]]:
+    """The config changes a `fit` into `out` would resume with (none without a checkpoint there).
+
+    Raises ConfigError naming every key that differs from the checkpoint's config, unless the
+    keys are cosmetic (COSMETIC_KEYS) or `allow_change`; writes nothing.
+    """
+    previous = find_checkpoint(out)
+    if previous is None:
+        return {}
+    changes = config_changes(load_config(previous / "config.yaml", []), config)
+    refused = {key: change for key, change in changes.items() if key not in COSMETIC_KEYS}
+    if refused and not allow_change:
+        listed = ", ".join(f"{key} {show(old)} -> {show(new)}" for key, (old, new) in refused.items())
+        raise ConfigError(f"{previous} (step {read_info(previous)['step']}) was made with a different config: {listed}; "
+                          f"resume with its values, train into a new --out, or pass --allow-config-change to continue "
+                          f"with the new ones (recorded in checkpoint.json's config_changes)")
+    return changes
+
+
+def recorded_changes(out: Path, config: TrainConfig) -> list[dict[str, Any]]:
+    """checkpoint.json's `config_changes` for a save of `config` into `out`: the previous
+    checkpoint's list, plus an entry at its step if `config` differs from the config it holds."""
+    previous = find_checkpoint(out)
+    if previous is None:
+        return []
+    prior = read_info(previous)
+    history = list(prior.get("config_changes", []))
+    changes = config_changes(load_config(previous / "config.yaml", []), config)
+    if changes:
+        history.append({"step": prior["step"], "changes": {
+            key: {**({} if old is UNSET else {"from": old}), **({} if new is UNSET else {"to": new})}
+            for key, (old, new) in changes.items()}})
+    return history
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -32,6 +112,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(out: Path, model: torch.nn.Module, config: TrainConfig, info: dict[str, Any],
                     training_state: dict[str, Any]) -> Path:
+    history = recorded_changes(out, config)
+    info = {**info, **({"config_changes": history} if history else {})}
     final = out / CHECKPOINT_DIR
     staging, previous = out / f"{CHECKPOINT_DIR}.tmp", out / f"{CHECKPOINT_DIR}.old"
     shutil.rmtree(staging, ignore_errors=True)

@@ -1,12 +1,15 @@
 """`trainer`: train the small parts of a method against a feature cache, and score them.
 
     trainer fit  --cache DIR --method epalm|mope|prismer [--config FILE] [--out DIR] [--max-steps N]
-                 [--workers N] [--address auto|HOST:PORT] [KEY=VALUE ...]
+                 [--workers N] [--address auto|HOST:PORT] [--allow-config-change] [KEY=VALUE ...]
     trainer eval --cache DIR --checkpoint DIR [--split S] [KEY=VALUE ...]
     trainer predict --cache DIR --checkpoint DIR --split S
 
-Any config key can be overridden with KEY=VALUE (nested with dots: model.variant=lin).
+Any config key can be overridden with KEY=VALUE (nested with dots: model.variant=lin); every
+value is checked against its type and range before anything runs.
 `batch_size` is the global batch: with --workers N (Ray Train, DDP) each worker takes batch_size/N.
+`fit` into an OUT that holds a checkpoint resumes it, with the config it was made with: a different
+one is refused unless --allow-config-change (then recorded in checkpoint.json's config_changes).
 Runs read only the cache: no raw images, no encoder weights. Exit code 2 on bad input.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", metavar="auto|HOST:PORT",
                    help="run the workers on this Ray cluster (auto: the one this machine belongs to), even with one "
                         "worker; OUT must be on storage every node sees. Default: a private local Ray when --workers > 1")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume OUT's checkpoint although the config differs from the one it was made with; the "
+                        "new values apply from the resumed step and checkpoint.json records the change. Default: "
+                        "refuse, naming the keys (num_workers, log_every, device and max_failures may always change)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-4 model.variant=lin")
     for name, help_text in (("eval", "score a checkpoint on a split; prints metrics, writes metrics.json"),
@@ -61,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out_dir(out: str | Path) -> None:
+    """A run directory must be a directory, or creatable as one, and writable; checked before any
+    work so a wrong --out is one line rather than a traceback after the model has loaded."""
+    path = Path(out).expanduser()
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"out: {existing} is a file, not a directory" + ("" if existing == path else f" (in {out})"))
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out: {existing} is not writable" + ("" if existing == path else f" (to create {out})"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # KEY=VALUE overrides may also follow the flags; anything else left over is an error
@@ -69,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
+    from trainer.checkpoint import check_resume, show
     from trainer.config import load_config
     from trainer.loop import evaluate_checkpoint, fit
 
@@ -76,14 +96,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fit":
             config = load_config(args.config, args.overrides, cache=args.cache, method=args.method, out=args.out,
                                  max_steps=args.max_steps)
+            check_out_dir(config.out)
+            changes = check_resume(Path(config.out), config, args.allow_config_change)
+            if changes:
+                print("resuming with a changed config (recorded in checkpoint.json's config_changes): " +
+                      ", ".join(f"{key} {show(old)} -> {show(new)}" for key, (old, new) in changes.items()))
             workers = args.workers or 1
             if workers == 1 and args.address is None:
-                metrics = fit(config, progress=not args.no_progress)
+                metrics = fit(config, progress=not args.no_progress, allow_config_change=args.allow_config_change)
             else:
                 from trainer.distributed import fit_distributed
 
                 metrics = fit_distributed(config, workers, args.address, progress=not args.no_progress)
         else:
+            if args.out:
+                check_out_dir(args.out)
             out = Path(args.out) if args.out else None
             metrics = evaluate_checkpoint(args.cache, Path(args.checkpoint), args.split, args.overrides, out,
                                           score=args.command == "eval")

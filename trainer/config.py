@@ -1,74 +1,93 @@
-"""Training configuration: one dataclass, a YAML file, and `key=value` overrides.
+"""Training configuration: one typed dataclass, a YAML file, and `key=value` overrides.
 
 Every key of the YAML file can be overridden on the command line (`lr=3e-4`,
 `model.variant=lin`), and the resolved config is saved beside the checkpoint, so a checkpoint
 always says exactly how it was made.
+
+The dataclass's type hints are the whole check: pydantic validates every value against its type
+and range (the `Field(ge=…)` beside it) when a config is made, so `batch_size=0`, `max_steps=1.5`,
+`seed=true` or `model=3` is one line naming the key, before anything loads or is written.
+Values are strict: no bool for a number, no fraction for a count, no string for either (except a
+number YAML 1.1 left as a string, `1e-4`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
 
 
 class ConfigError(Exception):
-    """Unknown key, unparseable value or unreadable config file."""
+    """Unknown key, unparseable or out-of-range value, or unreadable config file."""
 
 
-@dataclass
-class TrainConfig:
-    method: str = "epalm"
-    cache: str = "./cache"
-    source: str | None = None  # None: the cache's only source
-    train_split: str = "train"
-    eval_split: str = "val"
-    out: str = "./runs/run"
-    seed: int = 0
-    max_steps: int | None = None  # None: `epochs` worth of steps
-    epochs: float = 1.0
-    batch_size: int = 32  # the global batch: with `trainer fit --workers N` each rank takes batch_size / N of it
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.02
-    warmup_steps: int = 100
-    min_lr: float = 1e-6
-    grad_clip: float = 1.0
-    eval_every: int = 0  # steps; 0: only at the end
-    save_every: int = 200
-    max_eval_examples: int | None = None
-    num_workers: int = 2
-    shuffle_buffer: int = 1000  # examples; WebDataset caches only (shards stream through this buffer)
-    device: str = "auto"  # auto: cuda when available
-    log_every: int = 10
-    max_failures: int = 3  # --workers / --address: Ray Train restarts after a lost worker, from the last checkpoint
-    model: dict[str, Any] = field(default_factory=dict)  # the method's own config (e.g. EPALMConfig fields)
-
-    def __post_init__(self) -> None:
-        # YAML 1.1 reads `1e-4` (no dot) as a string; the float fields must still be floats.
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "float" and isinstance(value, (str, int)):
-                try:
-                    setattr(self, f.name, float(value))
-                except ValueError:
-                    raise ConfigError(f"{f.name}: expected a number, got {value!r}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def parse_scalar(raw: str) -> Any:
-    """A YAML scalar, with `1e-4`-style numbers read as floats (YAML 1.1 would keep them strings)."""
-    value = yaml.safe_load(raw)
+def yaml_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; a float field still takes it as the number it is."""
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
             pass
     return value
+
+
+Float = Annotated[float, BeforeValidator(yaml_float)]
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+
+
+@dataclass(config=ConfigDict(strict=True))
+class TrainConfig:
+    method: str = "epalm"
+    cache: str = "./cache"
+    source: str | None = None  # None: the cache's only source
+    train_split: str = "train"
+    eval_split: str | None = "val"  # None: no evaluation
+    out: str = "./runs/run"
+    seed: NonNegative = 0
+    max_steps: Positive | None = None  # None: `epochs` worth of steps
+    epochs: Annotated[Float, Field(gt=0)] = 1.0
+    batch_size: Positive = 32  # the global batch: with `trainer fit --workers N` each rank takes batch_size / N of it
+    grad_accum: Positive = 1
+    lr: Annotated[Float, Field(gt=0)] = 1e-4
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.02
+    warmup_steps: NonNegative = 100
+    min_lr: Annotated[Float, Field(ge=0)] = 1e-6
+    grad_clip: Annotated[Float, Field(gt=0)] = 1.0
+    eval_every: NonNegative = 0  # steps; 0: only at the end
+    save_every: Positive = 200
+    max_eval_examples: Positive | None = None
+    num_workers: NonNegative = 2
+    shuffle_buffer: Positive = 1000  # examples; WebDataset caches only (shards stream through this buffer)
+    device: str = "auto"  # auto: cuda when available
+    log_every: Positive = 10
+    max_failures: NonNegative = 3  # --workers / --address: Ray Train restarts after a lost worker, from the last checkpoint
+    model: dict[str, Any] = field(default_factory=dict)  # the method's own config (e.g. EPALMConfig fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe(error: ValidationError) -> str:
+    """pydantic's report as one line, `key: what is wrong, got VALUE` per bad key."""
+    by_key: dict[str, dict[str, Any]] = {}
+    for problem in error.errors():
+        key = str(problem["loc"][0]) if problem["loc"] else "config"
+        # `int | None` reports a failure per member; the one that is not "should be None" says why
+        if key not in by_key or by_key[key]["type"] == "none_required":
+            by_key[key] = problem
+    return "; ".join(f"{key}: {problem['msg'].removeprefix('Input ')}, got {problem['input']!r}"
+                     for key, problem in by_key.items())
+
+
+def parse_scalar(raw: str) -> Any:
+    """A YAML scalar, with `1e-4`-style numbers read as floats (YAML 1.1 would keep them strings)."""
+    return yaml_float(yaml.safe_load(raw))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -87,6 +106,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def make_config(data: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from plain data, every key known and every value of its type and in its range."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; known: {sorted(known)}")
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(describe(e)) from None
+
+
 def load_config(path: str | Path | None, overrides: list[str], **flags: Any) -> TrainConfig:
     """File, then explicit CLI flags (None = not given), then `key=value` overrides."""
     data: dict[str, Any] = {}
@@ -99,11 +130,7 @@ def load_config(path: str | Path | None, overrides: list[str], **flags: Any) -> 
             raise ConfigError(f"config {path}: expected a mapping at the top level")
     data.update({k: v for k, v in flags.items() if v is not None})
     apply_overrides(data, overrides)
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}; known: {sorted(known)}")
-    return TrainConfig(**data)
+    return make_config(data)
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

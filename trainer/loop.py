@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cache_schema import CacheError, SplitReader, list_splits
-from trainer.checkpoint import find_checkpoint, load_trainable, read_info, save_checkpoint
+from trainer.checkpoint import check_resume, find_checkpoint, load_trainable, read_info, save_checkpoint
 from trainer.config import TrainConfig, load_config
 from trainer.data import CacheExamples, train_batches, training_examples
 from trainer.methods import Method, MethodError, get_method
@@ -133,10 +133,16 @@ def build_run(config: TrainConfig, device: torch.device, verbose: bool = True) -
     return Run(config, method, model, train_set, eval_reader, info, device, total_steps)
 
 
-def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train in this process, resuming from OUT/checkpoint when there is one; the final metrics."""
-    Path(config.out).mkdir(parents=True, exist_ok=True)
+def fit(config: TrainConfig, progress: bool = True, allow_config_change: bool = False) -> dict[str, Any]:
+    """Train in this process, resuming from OUT/checkpoint when there is one; the final metrics.
+
+    A checkpoint made with another config is refused (ConfigError) unless `allow_config_change`
+    (trainer/checkpoint.py: check_resume); nothing is written before the run is built, so bad
+    input leaves OUT as it was.
+    """
+    check_resume(Path(config.out), config, allow_config_change)
     run = build_run(config, resolve_device(config.device))
+    Path(config.out).mkdir(parents=True, exist_ok=True)
     return train(run, run.model, find_checkpoint(Path(config.out)), progress=terminal_bar if progress else None)
 
 
@@ -167,8 +173,11 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
     if checkpoint is not None:
         load_trainable(run.model, checkpoint)
         saved = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        configured = [{key: value for key, value in group.items() if key not in ("params", "lr")}
+                      for group in optimizer.param_groups]
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        apply_config_to_restored(optimizer, scheduler, configured, config, run.total_steps)
         state = saved["state"]
         rng = saved.get("rank_rng", [saved["rng"]])
         if rank < len(rng):
@@ -237,6 +246,21 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
     if on_save is not None:
         on_save(path, {"step": state["step"], **metrics})
     return metrics
+
+
+def apply_config_to_restored(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                             configured: list[dict[str, Any]], config: TrainConfig, total_steps: int) -> None:
+    """Restored optimizer and schedule state carry the hyperparameters of the run that saved them
+    (weight decay, base learning rates); a resume with an accepted config change
+    (`--allow-config-change`) must train with the new ones, as checkpoint.json records. With no
+    change this leaves the restored state exactly as it was (the kill-and-resume tests)."""
+    for group, values in zip(optimizer.param_groups, configured):
+        group.update({key: value for key, value in values.items() if group.get(key) != value})
+    bases = [group["initial_lr"] for group in optimizer.param_groups]
+    if bases != scheduler.base_lrs:
+        scheduler.base_lrs = bases
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * learning_rate_factor(scheduler.last_epoch, config, total_steps)  # as LambdaLR sets it
 
 
 def accumulating(model: torch.nn.Module, last: bool):

@@ -8,8 +8,9 @@ batch becomes a loss, and how to score predictions.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +22,71 @@ from trainer.config import TrainConfig
 
 class MethodError(Exception):
     """The cache or config does not fit the method (missing feature, wrong width, bad option)."""
+
+
+T = TypeVar("T")
+
+
+def looks_local(ref: str) -> bool:
+    """Whether a model reference means a path on this machine rather than a hub id: it starts
+    like a path, or the folder it names inside already exists (`models/opt` beside `models/`)."""
+    if ref.startswith(("/", "./", "../", "~")) or ref in (".", ".."):
+        return True
+    parent = Path(ref).parent
+    return parent != Path(".") and parent.is_dir()
+
+
+def check_model_ref(key: str, ref: Any, revision: str | None = None, timm_name: bool = False) -> str:
+    """`ref` (the value of config key `key`) if a frozen model can be loaded from it, else a
+    one-line MethodError: cheap, so a method checks its references when it is made, before
+    anything is written or any weights load.
+
+    A missing local path is not passed on to the hub client (which reports it as a malformed
+    repo id, in a long traceback); with HF_HUB_OFFLINE=1 a hub id (for `timm_name`, the hub repo
+    of that timm model) must already be in the local Hugging Face cache.
+    """
+    if not isinstance(ref, str) or not ref:
+        raise MethodError(f"{key}: expected a hub id or a local path, got {ref!r}")
+    if Path(ref).expanduser().exists():
+        return ref
+    if looks_local(ref):
+        raise MethodError(f"{key}: {ref} does not exist (a local path; a hub id looks like org/name)")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo = ref
+    if timm_name:
+        import timm
+
+        pretrained = timm.models.get_pretrained_cfg(ref)
+        if pretrained is None or not pretrained.hf_hub_id:
+            raise MethodError(f"{key}: {ref} is neither a local directory nor a timm model name with hub weights")
+        repo = pretrained.hf_hub_id
+    if constants.HF_HUB_OFFLINE:
+        try:
+            cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+        except ValueError as e:  # not a well-formed repo id
+            raise MethodError(f"{key}: {ref} is not a local path, nor a hub id ({one_line(e)})") from None
+        if not isinstance(cached, str):
+            raise MethodError(f"{key}: {ref} is not a local path, and as a hub id it is not in the local Hugging Face "
+                              f"cache while HF_HUB_OFFLINE=1 (download it once with network access, or give a local directory)")
+    return ref
+
+
+def load_frozen(key: str, ref: str, load: Callable[[], T], revision: str | None = None, timm_name: bool = False) -> T:
+    """`load()` of the frozen model config key `key` names, after `check_model_ref`; what the hub
+    client or the model class raises about it (missing or unreadable files, a model of the wrong
+    kind) becomes one MethodError line naming the key."""
+    check_model_ref(key, ref, revision, timm_name)
+    try:
+        return load()
+    except (OSError, ValueError) as e:
+        raise MethodError(f"{key}: cannot load {ref}: {one_line(e)}") from e
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an exception's message (hub errors run to several lines of advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 class Method(ABC):

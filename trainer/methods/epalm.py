@@ -157,6 +157,11 @@ def causal_attention_bias(text_is_real: Tensor, num_prefix: int, num_queries: in
     return bias.masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)
 
 
+def load_lm(ref: str, revision: str | None = None) -> OPTForCausalLM:
+    """The frozen OPT, in float32 with SDPA attention (eP-ALM passes its own 4D mask)."""
+    return OPTForCausalLM.from_pretrained(ref, revision=revision, dtype=torch.float32, attn_implementation="sdpa")
+
+
 class EPALM(nn.Module):
     """A frozen `OPTForCausalLM` with eP-ALM's visual injection, soft prompt and adapters.
 
@@ -167,9 +172,7 @@ class EPALM(nn.Module):
     def __init__(self, config: EPALMConfig, lm: OPTForCausalLM | None = None) -> None:
         super().__init__()
         if lm is None:
-            lm = OPTForCausalLM.from_pretrained(
-                config.lm, revision=config.lm_revision, dtype=torch.float32, attn_implementation="sdpa"
-            )
+            lm = load_lm(config.lm, config.lm_revision)
         if not isinstance(lm, OPTForCausalLM):
             raise TypeError(f"eP-ALM adapts an OPTForCausalLM, got {type(lm).__name__}")
         if lm.config._attn_implementation not in ("eager", "sdpa"):

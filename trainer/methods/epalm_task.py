@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from cache_schema import SplitReader, model_revision
-from trainer.methods.base import Method, MethodError
-from trainer.methods.epalm import EPALM, EPALMConfig
+from trainer.methods.base import Method, MethodError, load_frozen
+from trainer.methods.epalm import EPALM, EPALMConfig, load_lm
 from trainer.methods.text import encode_batch, training_answer, vqa_or_caption_metrics, vqa_prompt
 
 TASK_KEYS = {"task": "vqa", "feature": "vit-cls", "blind": False, "num_beams": 3, "max_new_tokens": None,
@@ -48,7 +48,8 @@ class EPALMMethod(Method):
         if "lm" not in options:
             raise MethodError("epalm: model.lm (the frozen OPT: hub id or local path) is required")
         self.model_options = options
-        self.tokenizer = AutoTokenizer.from_pretrained(options["lm"], revision=options.get("lm_revision"))
+        self.tokenizer = load_frozen("model.lm", options["lm"], lambda: AutoTokenizer.from_pretrained(
+            options["lm"], revision=options.get("lm_revision")), options.get("lm_revision"))
         self.tokenizer.padding_side = "left"
 
     def feature_fields(self) -> dict[str, str]:
@@ -84,7 +85,9 @@ class EPALMMethod(Method):
                    **self.model_options}
         self.cached_levels = spec.array("cls").shape[0]
         try:
-            return EPALM(EPALMConfig(**options))
+            config = EPALMConfig(**options)
+            lm = load_frozen("model.lm", config.lm, lambda: load_lm(config.lm, config.lm_revision), config.lm_revision)
+            return EPALM(config, lm)
         except ValueError as e:
             raise MethodError(f"epalm: {e}") from e
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from cache_schema import SplitReader, load_timm_model, model_revision
 from trainer.eval.classification import accuracy, f1_scores
-from trainer.methods.base import Method, MethodError
+from trainer.methods.base import Method, MethodError, check_model_ref, load_frozen
 from trainer.methods.mope import MoPE, MoPEConfig, prompted_encoder, routing_statistics
 
 MODALITIES = {  # main modality -> (default encoder, main feature, default complementary feature)
@@ -56,6 +56,7 @@ class MoPEMethod(Method):
         self.modality = modality
         self.encoder_ref = str(options.pop("encoder", default_encoder))
         self.encoder_revision = options.pop("encoder_revision", None)
+        check_model_ref("model.encoder", self.encoder_ref, self.encoder_revision, timm_name=modality == "image")
         self.main_feature = options.pop("main_feature", default_main)
         self.complementary = options.pop("complementary", default_complementary) or None
         known = {f.name for f in fields(MoPEConfig)} - set(DECIDED_BY_CACHE)
@@ -108,14 +109,13 @@ class MoPEMethod(Method):
     # ---- model -----------------------------------------------------------------------------------
 
     def _load_encoder(self) -> nn.Module:
-        try:
-            if self.modality == "image":
-                return load_timm_model(self.encoder_ref)
-            from transformers import AutoModel
+        if self.modality == "image":
+            return load_frozen("model.encoder", self.encoder_ref, lambda: load_timm_model(self.encoder_ref), timm_name=True)
+        from transformers import AutoModel
 
-            return AutoModel.from_pretrained(self.encoder_ref, revision=self.encoder_revision)
-        except (OSError, ValueError) as e:
-            raise MethodError(f"mope: cannot load model.encoder={self.encoder_ref}: {e}") from e
+        return load_frozen("model.encoder", self.encoder_ref,
+                           lambda: AutoModel.from_pretrained(self.encoder_ref, revision=self.encoder_revision),
+                           self.encoder_revision)
 
     def build_model(self, reader: SplitReader) -> nn.Module:
         encoder = self._load_encoder().eval()

@@ -36,10 +36,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from cache_schema import CacheError, SplitReader, model_revision, read_table
+from cache_schema import CacheError, SplitReader, load_timm_model, model_revision, read_table
 from trainer.augment import AugmentConfig, augment_views
-from trainer.methods.base import Method, MethodError
-from trainer.methods.prismer import EMBEDDING_DIM, NUM_IDS, ExpertInput, Prismer, PrismerConfig
+from trainer.methods.base import Method, MethodError, check_model_ref, load_frozen
+from trainer.methods.prismer import EMBEDDING_DIM, NUM_IDS, ExpertInput, Prismer, PrismerConfig, load_decoder
 from trainer.methods.text import encode_batch, training_answer, vqa_or_caption_metrics, vqa_prompt
 
 # expert (as recorded in the cached spec) -> (array read, augmentation kind, channels)
@@ -95,12 +95,11 @@ class PrismerMethod(Method):
             raise MethodError(f"prismer: unknown model option(s) {unknown}; known: {sorted(known | set(TASK_KEYS) | {'experts'})}")
         self.model_options = options
         defaults = PrismerConfig()
-        self.vision_ref = options.get("vision", defaults.vision)
+        self.vision_ref = check_model_ref("model.vision", options.get("vision", defaults.vision), timm_name=True)
         self.lm_ref = options.get("lm", defaults.lm)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.lm_ref, revision=options.get("lm_revision"))
-        except (OSError, ValueError) as e:
-            raise MethodError(f"prismer: cannot load the tokenizer of model.lm={self.lm_ref!r}: {e}") from e
+        self.lm_revision = options.get("lm_revision")
+        self.tokenizer = load_frozen("model.lm", self.lm_ref, lambda: AutoTokenizer.from_pretrained(
+            self.lm_ref, revision=self.lm_revision), self.lm_revision)
         self.tokenizer.padding_side = "left"
         self.answer_list: list[str] = []
         self.vocabularies: dict[str, np.ndarray] = {}
@@ -157,8 +156,10 @@ class PrismerMethod(Method):
                 experts.append(ExpertInput(name, ids=True, instances=name == "objdet"))
                 if name != "ocrdet":
                     self.vocabularies[name] = self.class_vectors(reader, name)
+        vit = load_frozen("model.vision", self.vision_ref, lambda: load_timm_model(self.vision_ref), timm_name=True)
+        lm = load_frozen("model.lm", self.lm_ref, lambda: load_decoder(self.lm_ref, self.lm_revision), self.lm_revision)
         try:
-            model = Prismer(PrismerConfig(**{**self.model_options, "experts": experts}))
+            model = Prismer(PrismerConfig(**{**self.model_options, "experts": experts}), vit, lm)
         except (OSError, TypeError, ValueError) as e:
             raise MethodError(f"prismer: {e}") from e
         data_config = resolve_data_config({}, model=model.vision.vit)

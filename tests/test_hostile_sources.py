@@ -123,11 +123,20 @@ def test_damaged_header_in_the_middle_keeps_what_is_readable_and_says_what_is_lo
 
 def test_tar_cut_at_a_member_boundary_is_counted_against_img2dataset(wds_root):
     tar = wds_root / "00000.tar"
-    tar.write_bytes(tar.read_bytes()[:header_offsets(tar)[3]])  # three whole samples, no end blocks
+    cut = header_offsets(tar)[3]
+    tar.write_bytes(tar.read_bytes()[:cut])  # three whole samples, no end blocks
     source = get_source("wds", wds_root, "train")
     assert len(source.samples()) == 3 + 2
-    assert source.info()["damaged_tars"] == [{"tar": "00000.tar", "expected": 4, "found": 3,
-                                              "reason": "img2dataset counted 4 samples, the tar holds 3"}]
+    assert source.info()["damaged_tars"] == [
+        {"tar": "00000.tar", "expected": 4, "found": 3,
+         "reason": f"ends at byte {cut}, a member boundary, with no end-of-archive blocks: cut short"}]
+
+
+def test_a_whole_tar_holding_fewer_samples_than_img2dataset_counted_is_damage(wds_root):
+    (wds_root / "00001_stats.json").write_text(json.dumps({"successes": 3}))  # the tar has 2
+    (damaged,) = get_source("wds", wds_root, "train").info()["damaged_tars"]
+    assert damaged == {"tar": "00001.tar", "expected": 3, "found": 2,
+                       "reason": "holds 2 samples where img2dataset counted 3"}
 
 
 def test_cut_tar_without_img2dataset_counts_is_caught_by_its_missing_end(wds_root):
@@ -140,7 +149,7 @@ def test_cut_tar_without_img2dataset_counts_is_caught_by_its_missing_end(wds_roo
     tar.write_bytes(whole[:cut])
     assert get_source("wds", wds_root, "train").info()["damaged_tars"] == [
         {"tar": "00002.tar", "expected": None, "found": 2,
-         "reason": f"ends at byte {cut} without tar's end-of-archive blocks (cut short?)"}]
+         "reason": f"ends at byte {cut}, a member boundary, with no end-of-archive blocks: cut short"}]
 
 
 def test_tar_cut_inside_an_image_drops_that_image_and_says_so(wds_root):

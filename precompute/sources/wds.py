@@ -199,7 +199,7 @@ class WdsSource(Source):
         images: dict[str, tarfile.TarInfo] = {}
         captions: dict[str, str] = {}
         urls: dict[str, str] = {}
-        reason, size = None, 0
+        reason, size, stop = None, 0, None
         try:
             size = self.fs.size(path)
             with self.fs.open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
@@ -220,15 +220,19 @@ class WdsSource(Source):
                 except (tarfile.TarError, OSError, EOFError) as e:
                     reason = f"unreadable after byte {tar.offset}: {e}"
                 else:
-                    reason = self._end_of_archive(file, tar.offset, size, expected)
+                    reason, unterminated = self._end_of_archive(file, tar.offset, size)
+                    if unterminated:
+                        stop = tar.offset
         except (tarfile.TarError, OSError, EOFError) as e:  # not a tar from its first header on
             reason = f"not readable as a tar: {e}"
         cut = [key for key, member in images.items() if member.offset_data + member.size > size]
         for key in cut:  # an image whose bytes run past the end of the file: the tar was cut inside it
             del images[key]
             reason = reason or f"cut inside the image of '{key}'"
+        if reason is None and stop is not None and (expected is None or len(images) != expected):
+            reason = f"ends at byte {stop}, a member boundary, with no end-of-archive blocks: cut short"
         if reason is None and expected is not None and len(images) != expected:
-            reason = f"img2dataset counted {expected} samples, the tar holds {len(images)}"
+            reason = f"holds {len(images)} samples where img2dataset counted {expected}"
         samples = []
         for key, member in images.items():
             annotations: dict[str, Any] = {"captions": [captions[key]] if captions.get(key) else []}
@@ -238,22 +242,21 @@ class WdsSource(Source):
         return samples, reason
 
     @staticmethod
-    def _end_of_archive(file: Any, offset: int, size: int, expected: int | None) -> str | None:
-        """Why reading stopped at `offset` before the tar's real end, or None.
+    def _end_of_archive(file: Any, offset: int, size: int) -> tuple[str | None, bool]:
+        """Why reading stopped at `offset` before the tar's real end (or None), and whether the
+        tar just stops there, at a member boundary, without its end blocks.
 
         tarfile ends its member list at the first header it cannot parse, as if the archive ended
         there. A whole tar ends with zero blocks; data there instead is a damaged header, and the
-        members after it are lost. A tar that just stops at a member boundary, with no zero
-        blocks, was cut short: only img2dataset's count can tell whether anything is missing, so
-        it is damage only when there is no count to check (a shard killed mid-write has none).
+        members after it are lost. A tar that just stops, with no zero blocks, was cut short: only
+        img2dataset's count can tell whether anything is missing, so the caller counts it as
+        damage when the count differs or there is none (a shard killed mid-write has none).
         """
         file.seek(offset)
         tail = file.read(2 * tarfile.BLOCKSIZE)
         if tail.strip(b"\0"):
-            return f"damaged member header at byte {offset} of {size}"
-        if len(tail) < 2 * tarfile.BLOCKSIZE and expected is None:
-            return f"ends at byte {offset} without tar's end-of-archive blocks (cut short?)"
-        return None
+            return f"damaged member header at byte {offset} of {size}", False
+        return None, len(tail) < 2 * tarfile.BLOCKSIZE
 
     def _img2dataset_counts(self, tar_name: str) -> dict[str, int | None]:
         """What img2dataset says it put in the tar (`successes`: from `_stats.json`, else the

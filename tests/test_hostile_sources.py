@@ -227,6 +227,22 @@ def test_a_name_that_is_not_utf8_gets_a_stable_key_and_is_read(tmp_path):
     assert "caf%E9" in str(gone.value)
 
 
+def test_a_tar_member_name_that_is_not_utf8_keys_as_percent_escapes(wds_root):
+    """A tar written with raw bytes names (GNU format, as old tools do): tarfile reads the name back
+    surrogate-escaped, which crashed the keys digest like a file name on disk."""
+    with tarfile.open(wds_root / "00002.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in (("caf\udce9.jpg", image_bytes(7)), ("caf\udce9.txt", b"a caption")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    source = get_source("wds", wds_root, "train")
+    samples = {s.key: s for s in source.samples()}
+    keys_digest(list(samples))
+    assert samples["caf%E9"].annotations["captions"] == ["a caption"]
+    assert source.load_image(samples["caf%E9"]).size == (24, 24)
+    assert source.info()["damaged_tars"] == []
+
+
 @pytest.mark.parametrize("source_name, extension", [("videos", b".mp4"), ("audio", b".wav")])
 def test_clip_folders_key_undecodable_names_too(tmp_path, source_name, extension):
     root = tmp_path / source_name

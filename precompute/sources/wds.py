@@ -27,9 +27,9 @@ with one ranged read instead of the whole tar.
 A damaged tar is not the end of the dataset, and not a silent loss either. tarfile stops at the
 first header it cannot parse as if the archive had ended, so each tar is checked: the samples
 read must number what img2dataset says it wrote (`successes` in `_stats.json`, else the parquet's
-rows with status `success`), reading must stop at tar's end-of-archive marker (two zero blocks;
-only required where img2dataset left no count, as it does when killed mid-shard), and no image may
-run past the end of the file. A tar failing any check keeps the samples read before the damage,
+rows with status `success`), reading must stop at tar's end-of-archive marker (two zero blocks; a
+tar that just stops at a member boundary is damage where the count differs or there is none, as
+when img2dataset was killed mid-shard), and no image may run past the end of the file. A tar failing any check keeps the samples read before the damage,
 and is listed in `info()` (`damaged_tars`: tar, expected, found, reason) and in its `problems`,
 which `precompute run` prints, naming the tar, before exiting 1; the other tars are processed as
 usual. Only when no tar can be read at all is it a SourceError (exit 2). Rerun img2dataset for the
@@ -55,7 +55,7 @@ from fsspec.spec import AbstractFileSystem
 from PIL import Image
 
 from precompute import decode
-from precompute.sources.base import MediaError, Sample, Source, SourceError
+from precompute.sources.base import MediaError, Sample, Source, SourceError, portable_name
 from precompute.sources.images import IMAGE_EXTENSIONS
 
 # webdataset's own split of a member name: key = folders + name up to the first dot, then the rest.
@@ -238,7 +238,8 @@ class WdsSource(Source):
             annotations: dict[str, Any] = {"captions": [captions[key]] if captions.get(key) else []}
             if key in urls:
                 annotations["url"] = urls[key]
-            samples.append(Sample(key, f"{url}#{member.offset_data}+{member.size}", annotations))
+            # a member name that is not UTF-8 (tarfile hands it back surrogate-escaped) keys as %XX
+            samples.append(Sample(portable_name(key), f"{url}#{member.offset_data}+{member.size}", annotations))
         return samples, reason
 
     @staticmethod

@@ -100,6 +100,24 @@ class CommitRecord:
             return f"{self.num_samples} samples recorded, the plan has {len(keys)}"
         if self.keys_digest != keys_digest(keys):
             return "keys digest differs from the samples table"
+        return self.gap_problem(keys)
+
+    def gap_problem(self, keys: list[str]) -> str | None:
+        """Why this record's gaps do not account for its invalid samples, or None.
+
+        Every invalid sample must carry a reason: a record with unexplained gaps (what a worker
+        that processed nothing once committed) vouches for nothing, so the shard runs again.
+        """
+        unknown = sorted(set(self.invalid) - set(keys))
+        if unknown:
+            return f"gap reasons name {len(unknown)} key(s) not in this shard (first: {unknown[0]!r})"
+        gaps = self.num_samples - self.num_valid
+        if gaps != len(self.invalid):
+            return (f"{gaps} invalid sample(s) but {len(self.invalid)} with a reason: "
+                    "gaps without a reason are samples lost silently")
+        blank = sorted(key for key, reason in self.invalid.items() if not str(reason).strip())
+        if blank:
+            return f"{len(blank)} gap(s) with an empty reason (first: {blank[0]!r})"
         return None
 
 

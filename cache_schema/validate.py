@@ -49,25 +49,6 @@ class PendingShards:
         return f"{self.split} {self.feature}: {len(self.pending)} of {self.total} shards pending (no commit record){failed}"
 
 
-def gap_reason_problem(record: CommitRecord, keys: list[str]) -> str | None:
-    """Why `record`'s list of gaps does not account for its invalid samples, or None.
-
-    Every invalid sample must carry a reason: a commit with unexplained gaps is data lost
-    silently (the shard is never run again).
-    """
-    unknown = sorted(set(record.invalid) - set(keys))
-    if unknown:
-        return f"gap reasons name {len(unknown)} key(s) not in this shard (first: {unknown[0]!r})"
-    gaps = record.num_samples - record.num_valid
-    if gaps != len(record.invalid):
-        return (f"{gaps} invalid sample(s) but {len(record.invalid)} with a reason: "
-                "gaps without a reason are samples lost silently")
-    blank = sorted(key for key, reason in record.invalid.items() if not str(reason).strip())
-    if blank:
-        return f"{len(blank)} gap(s) with an empty reason (first: {blank[0]!r})"
-    return None
-
-
 def read_shard(feature: FeatureReader, shard: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """A shard's stored arrays and validity mask; an error names the array (Zarr) or tar that fails."""
     if feature.format != "zarr":
@@ -91,7 +72,7 @@ def check_shard(reader: SplitReader, feature: FeatureReader, spec_dict: dict[str
     except (CacheError, OSError) as e:
         return f"commit record unreadable: {e}"
     keys = reader.shard_keys(shard)
-    mismatch = record.mismatch(spec_dict, keys) or gap_reason_problem(record, keys)
+    mismatch = record.mismatch(spec_dict, keys)  # spec, keys, and a reason for every gap
     if mismatch:
         return mismatch
     try:

@@ -122,6 +122,8 @@ def test_validate_rejects_gaps_without_a_reason(tmp_path):
     record_path.write_text(json.dumps(record))
     result = cli("validate", "--cache", str(tmp_path))
     assert result.returncode == 1 and "shard 0: 1 gap(s) with an empty reason (first: 'k01')" in result.stderr
+    # Such a record vouches for nothing: a rerun computes the shard again instead of skipping it.
+    assert CacheWriter(tmp_path).committed_shards(make_plan(), make_spec()) == {1, 2}
 
 
 # 3: a corrupt zstd chunk is one shard's problem; the others are still checked ------------------------

@@ -175,9 +175,9 @@ def test_bad_experts_or_models_are_refused_before_training(tmp_path, tiny_vit_di
         fit(make_config(root, tmp_path / "b", tiny_vit_dir, tiny_roberta_dir, experts=["edge"]), progress=False)
     with pytest.raises(MethodError, match="unknown expert"):
         get_method(make_config(root, tmp_path / "c", tiny_vit_dir, tiny_roberta_dir, experts=["sonar"]))
-    with pytest.raises(MethodError, match="no such model directory"):
+    with pytest.raises(MethodError, match=r"model.vision: .*no-vit does not exist \(a local path"):
         fit(make_config(root, tmp_path / "e", tmp_path / "no-vit", tiny_roberta_dir, experts=["depth"]), progress=False)
-    with pytest.raises(MethodError, match="cannot load the tokenizer"):
+    with pytest.raises(MethodError, match=r"model.lm: .*no-lm does not exist \(a local path"):
         get_method(make_config(root, tmp_path / "f", tiny_vit_dir, tmp_path / "no-lm"))
     with pytest.raises(MethodError, match="not a RoBERTa checkpoint"):
         fit(make_config(root, tmp_path / "g", tiny_vit_dir, tiny_lm_dir, experts=["depth"]), progress=False)

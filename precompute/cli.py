@@ -163,7 +163,7 @@ def print_summary(summaries: list) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     check_run_args(args)
-    from precompute.engine import RunConfig, run  # torch, timm and Ray: only when there is work
+    from precompute.engine import InfrastructureError, RunConfig, run  # torch, timm and Ray: only when there is work
 
     experts = expand_experts([e.strip() for e in args.expert.split(",") if e.strip()])
     config = RunConfig(
@@ -173,7 +173,11 @@ def command_run(args: argparse.Namespace) -> int:
         source_options=parse_options(args.source_opt, "--source-opt"),
         expert_options=scope_options(split_pairs(args.expert_opt, "--expert-opt"), experts),
     )
-    summaries = run(config, progress=not args.no_progress)
+    try:
+        summaries = run(config, progress=not args.no_progress)
+    except InfrastructureError as e:  # a Ray worker or node died: not bad input, and a rerun resumes
+        print(f"precompute run: error: {e}", file=sys.stderr)
+        return 1
     print_summary(summaries)
     from precompute.sources import resolve_split  # the source's notes and problems, as planning recorded them
     info = SplitReader(args.cache, args.shards, resolve_split(args.shards, args.split)).header.get("source_info", {})

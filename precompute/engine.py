@@ -108,13 +108,22 @@ class ShardWorker:
         torch.set_num_threads(threads)
         transformers_logging.disable_progress_bar()  # per-actor "Loading weights" bars would interleave with ours
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.expert = get_expert(expert, model=model, device=device, **expert_options)
-        self.expert.load()
+        self.load_error: str | None = None
+        try:
+            self.expert = get_expert(expert, model=model, device=device, **expert_options)
+            self.expert.load()
+        except Exception as e:  # the model's fault: kept for `loaded`, so the actor's own death means only that
+            lines = str(e).strip().splitlines()
+            self.load_error = lines[0] if isinstance(e, ExpertError) and lines else f"{type(e).__name__}: {lines[0] if lines else ''}"
         self.source_name, self.source = source_name, source
         self.writer = CacheWriter(cache, format)
         self.decoder = ThreadPoolExecutor(max_workers=decode_threads)
         self.device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{threads} threads"
         self.node = ray.get_runtime_context().get_node_id()
+
+    def loaded(self) -> str | None:
+        """None once the model is loaded; else why it could not load (one line)."""
+        return self.load_error
 
     def spec(self, feature: str) -> FeatureSpec:
         return self.expert.spec(feature)
@@ -144,6 +153,8 @@ class ShardWorker:
 
     def run_shard(self, spec: FeatureSpec, shard: int, start: int, samples: list[Sample], batch_size: int,
                   required: list[str]) -> dict[str, Any]:
+        if self.load_error is not None:  # a replacement actor whose model did not load
+            raise ExpertError(self.load_error)
         began = time.perf_counter()
         inputs = self._inputs(required, shard)
         pending = deque(self.decoder.submit(self._decode, s) for s in samples[: 2 * batch_size])
@@ -185,6 +196,25 @@ class ShardWorker:
         )
         return {"shard": shard, "samples": record.num_samples, "invalid": len(invalid), "seconds": record.seconds,
                 "node": self.node}
+
+
+class InfrastructureError(Exception):
+    """Something under the run died (a Ray actor's process, a node): not the input's fault, exit 1.
+    Nothing committed is lost, so running the same command again resumes."""
+
+
+def what_died(error: Exception) -> str:
+    """One line naming what a Ray error says died: the process and node of a dead actor and Ray's
+    reason, or the error's own first line."""
+    if isinstance(error, ray.exceptions.RayActorError):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        fields = dict(line.split(": ", 1) for line in lines if line.split(": ", 1)[0] in ("pid", "ip", "class_name"))
+        reason = next((line for line in lines if line.startswith("The actor is dead because")), lines[0] if lines else "")
+        reason = reason.split(" Some common causes")[0][:300]  # Ray's guesses at why follow
+        where = " on ".join(f"{key} {fields[key]}".removeprefix("ip ") for key in ("pid", "ip") if key in fields)
+        return f"{where}: {reason}" if where else reason
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def init_ray(address: str | None) -> None:
@@ -267,12 +297,14 @@ def run(config: RunConfig, progress: bool = True) -> list[ExpertSummary]:
 
     Experts run in dependency order (`prismer` expands to all of Prismer's, depth before objdet).
     """
-    source = get_source(config.source, config.data_root, config.split, **config.source_options)
     names = expand_experts(config.experts)
     unknown_models = set(config.models) - set(names)
     if unknown_models:
         raise ExpertError(f"--model given for {sorted(unknown_models)}, which this run does not include ({', '.join(names)})")
     experts = {name: get_expert(name, model=config.models.get(name), **config.expert_options.get(name, {})) for name in names}
+    for expert in experts.values():  # a model that cannot load: one line now, not a Ray traceback after planning
+        expert.check_model()
+    source = get_source(config.source, config.data_root, config.split, **config.source_options)
     order = dependency_order(experts)
     plan, samples = plan_split(source, config.source, config.shard_size, config.limit)
     writer = CacheWriter(config.cache, config.format)
@@ -349,13 +381,19 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source:
 
     actors = [start_actor() for _ in range(count)]
     try:
-        spec = ray.get(actors[0].spec.remote(name))
-        tables = ray.get(actors[0].tables.remote())
-    except ray.exceptions.RayError as e:
+        load_error = ray.get(actors[0].loaded.remote())
+        if load_error is None:
+            spec = ray.get(actors[0].spec.remote(name))
+            tables = ray.get(actors[0].tables.remote())
+    except ray.exceptions.RayError as e:  # not the model: the actor's process or node is gone
         for actor in actors:
             ray.kill(actor)
-        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
-        raise ExpertError(f"expert {name!r} could not load model {config.models.get(name) or 'default'}: {cause}") from e
+        raise InfrastructureError(f"the Ray worker for expert {name!r} died ({what_died(e)}): infrastructure failure; "
+                                  "run again to resume") from e
+    if load_error is not None:
+        for actor in actors:
+            ray.kill(actor)
+        raise ExpertError(f"expert {name!r} could not load model {config.models.get(name) or 'default'}: {load_error}")
     try:
         spec, inputs_ready, refusal = check_inputs(name, spec, required, writer, plan)
         writer.prepare_feature(plan, spec, overwrite=config.overwrite)

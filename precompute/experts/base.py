@@ -6,6 +6,8 @@ once per Ray actor, which keeps it resident for every shard it processes.
 
 from __future__ import annotations
 
+import json
+import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +36,62 @@ def pretrained_source(expert: str, model_ref: str, model_config: bool = True) ->
     if model_ref.startswith(("/", ".", "~")):
         raise ExpertError(f"{expert}: {model_ref}: no such model directory")
     return model_ref
+
+
+def looks_local(model_ref: str) -> bool:
+    """Whether `model_ref` names a file or directory here rather than a hub id or timm name."""
+    return model_ref.startswith(("/", ".", "~")) or Path(model_ref).expanduser().exists()
+
+
+def check_model_files(expert: str, model_ref: str) -> None:
+    """Refuse a local model that cannot load, in the driver, before anything is written or Ray starts.
+
+    What can be checked without loading: the path exists; every JSON file at its top (config.json,
+    the preprocessor and tokenizer configs) parses; every *.safetensors file's header parses and
+    the file is as long as the header's tensors need (a copy cut short is the usual damage).
+    Pickled weights (*.bin, *.pt) cannot be checked without unpickling them: the actor reports those.
+    Hub ids and timm names pass: they are resolved where the model loads.
+    """
+    if not looks_local(model_ref):
+        return
+    path = Path(model_ref).expanduser()
+    if not path.exists():
+        raise ExpertError(f"{expert}: {model_ref}: no such model file or directory")
+    if path.is_dir():
+        for config in sorted(c for c in path.glob("*.json") if c.is_file()):  # not a FIFO: that would block here
+            try:
+                json.loads(config.read_bytes())
+            except (OSError, ValueError) as e:
+                raise ExpertError(f"{expert}: {config}: not readable JSON ({type(e).__name__}: {e})") from None
+        weights = sorted(w for w in path.rglob("*.safetensors") if w.is_file())
+    else:
+        weights = [path] if path.suffix == ".safetensors" and path.is_file() else []
+    for weight in weights:
+        check_safetensors(expert, weight)
+
+
+def check_safetensors(expert: str, path: Path) -> None:
+    """A safetensors file is an 8-byte little-endian header length, a JSON header naming each
+    tensor's byte range in the data that follows, and the data: refuse one whose header does not
+    parse or whose data ends before the last tensor does."""
+    try:
+        with path.open("rb") as f:
+            size = path.stat().st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+        needed = 8 + length + max(ends, default=0)
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ExpertError(f"{expert}: {path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if size < needed:
+        raise ExpertError(f"{expert}: {path}: truncated safetensors file ({size} bytes; its tensors need {needed})")
 
 
 def has_processor_config(source: str) -> bool:
@@ -80,6 +138,10 @@ class Expert(ABC):
     @abstractmethod
     def load(self) -> None:
         """Load weights (once per actor)."""
+
+    def check_model(self) -> None:
+        """Refuse, in the driver and without loading it, a model that cannot load (`check_model_files`)."""
+        check_model_files(self.name, self.model_ref)
 
     def load_frozen_timm(self) -> torch.nn.Module:
         """`model_ref` as a frozen timm model on this expert's device and dtype; sets the provenance

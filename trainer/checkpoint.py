@@ -70,6 +70,14 @@ def show(value: Any) -> str:
     return "(unset)" if value is UNSET else repr(value)
 
 
+def saved_config(checkpoint: Path) -> TrainConfig:
+    """The config a checkpoint was made with; a bad one is a ConfigError naming its file."""
+    try:
+        return load_config(checkpoint / "config.yaml", [])
+    except ConfigError as e:
+        raise ConfigError(f"{checkpoint / 'config.yaml'}: {e}") from None
+
+
 def check_resume(out: Path, config: TrainConfig, allow_change: bool = False) -> dict[str, tuple[Any, Any]]:
     """The config changes a `fit` into `out` would resume with (none without a checkpoint there).
 
@@ -79,7 +87,7 @@ def check_resume(out: Path, config: TrainConfig, allow_change: bool = False) -> 
     previous = find_checkpoint(out)
     if previous is None:
         return {}
-    changes = config_changes(load_config(previous / "config.yaml", []), config)
+    changes = config_changes(saved_config(previous), config)
     refused = {key: change for key, change in changes.items() if key not in COSMETIC_KEYS}
     if refused and not allow_change:
         listed = ", ".join(f"{key} {show(old)} -> {show(new)}" for key, (old, new) in refused.items())
@@ -97,7 +105,7 @@ def recorded_changes(out: Path, config: TrainConfig) -> list[dict[str, Any]]:
         return []
     prior = read_info(previous)
     history = list(prior.get("config_changes", []))
-    changes = config_changes(load_config(previous / "config.yaml", []), config)
+    changes = config_changes(saved_config(previous), config)
     if changes:
         history.append({"step": prior["step"], "changes": {
             key: {**({} if old is UNSET else {"from": old}), **({} if new is UNSET else {"to": new})}

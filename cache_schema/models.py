@@ -8,8 +8,10 @@ The cache records that reference and `model_revision` of it, so both stages must
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # reading a cache (status, validate) must not pay for importing torch
+    import torch
 
 
 def load_timm_model(model: str) -> torch.nn.Module:

@@ -39,8 +39,6 @@ from pathlib import Path
 import av
 import numpy as np
 import soundfile
-from scipy.signal import resample_poly
-from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
 from precompute import decode  # the module, not its names: decode imports sources, which import this
 from precompute.sources.base import MediaError
@@ -162,6 +160,8 @@ def decode_audio(path: Path | str, sample_rate: int = 16000) -> np.ndarray:
 def resample(waveform: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     if from_rate == to_rate:
         return waveform.astype(np.float32, copy=False)
+    from scipy.signal import resample_poly  # here: listing a dataset must not import scipy.signal
+
     common = gcd(from_rate, to_rate)
     return resample_poly(waveform, to_rate // common, from_rate // common).astype(np.float32)
 
@@ -189,6 +189,8 @@ def fbank(
             f"({frame_length} samples at {sample_rate} Hz)"
         )
     fft_length = 1 << (frame_length - 1).bit_length()
+    from transformers.audio_utils import spectrogram  # here: reading a cache must not import transformers
+
     window, mel_filters = kaldi_window_and_filters(sample_rate, frame_length, fft_length, num_mel_bins)
     log_mel = spectrogram(
         waveform,
@@ -234,6 +236,8 @@ def mask_fbank(features: np.ndarray, rng: np.random.Generator, freqm: int, timem
 def kaldi_window_and_filters(
     sample_rate: int, frame_length: int, fft_length: int, num_mel_bins: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    from transformers.audio_utils import mel_filter_bank, window_function
+
     window = window_function(frame_length, "hann", periodic=False)
     # At 16 kHz with 128 bins, filter 3 is so narrow that no FFT bin falls inside it, so it is
     # all zeros and its output is the floor. Kaldi's filters (and so AST's training inputs) have

@@ -43,7 +43,7 @@ def ray_local():
     """One local Ray for the whole test session (starting Ray costs seconds)."""
     import ray
 
-    from precompute.engine import init_ray
+    from raysession import init_ray
 
     init_ray(None)
     yield ray

@@ -35,7 +35,7 @@ from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cache_schema import CacheLayout
-from precompute.engine import start_local_ray
+from raysession import init_ray as start_ray
 from trainer.checkpoint import find_checkpoint, read_info
 from trainer.cli import USER_ERRORS
 from trainer.config import ConfigError, TrainConfig
@@ -45,20 +45,11 @@ RUN_NAME = "train"  # OUT/ray/train: Ray Train's run; a new `trainer fit` with t
 
 
 def init_ray(address: str | None) -> None:
-    """Join a cluster (`auto` or HOST:PORT), or start a private local one that listens on loopback
-    only and runs no dashboard, as `precompute run` does (`precompute.engine.start_local_ray`).
-
-    Locally, gloo and NCCL open their own sockets on the loopback interface too (by default they
-    take the interface the machine's hostname resolves to)."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
-    else:
-        loopback = next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), "lo")
-        env_vars = {name: os.environ.get(name, loopback) for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
-        start_local_ray(runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner, "env_vars": env_vars})
+    """`raysession.init_ray`; on the private local Ray, gloo and NCCL open their own sockets on the
+    loopback interface too (by default they take the interface the machine's hostname resolves to)."""
+    loopback = next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), "lo")
+    env_vars = {name: os.environ.get(name, loopback) for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    start_ray(address, runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner, "env_vars": env_vars})
 
 
 @dataclass

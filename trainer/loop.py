@@ -27,7 +27,8 @@ from cache_schema import CacheError, SplitReader, list_splits
 from trainer.checkpoint import check_resume, find_checkpoint, load_trainable, read_info, save_checkpoint
 from trainer.config import TrainConfig, load_config
 from trainer.data import CacheExamples, train_batches, training_examples
-from trainer.methods import Method, MethodError, get_method
+from trainer.methods import MethodError, get_method
+from trainer.methods.base import Method
 from trainer.stream import ShardStream
 
 

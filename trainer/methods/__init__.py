@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from trainer.config import TrainConfig
-from trainer.methods.base import Method, MethodError
+from trainer.methods.errors import MethodError
+
+if TYPE_CHECKING:  # torch: only when a method is built, not for `trainer --help`
+    from trainer.config import TrainConfig
+    from trainer.methods.base import Method
 
 METHODS: dict[str, str] = {
     "epalm": "trainer.methods.epalm_task:EPALMMethod",
@@ -21,4 +25,4 @@ def get_method(config: TrainConfig) -> Method:
     return getattr(importlib.import_module(module), attribute)(config)
 
 
-__all__ = ["METHODS", "Method", "MethodError", "get_method"]
+__all__ = ["METHODS", "MethodError", "get_method"]

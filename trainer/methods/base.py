@@ -18,10 +18,7 @@ from torch.utils.data import DataLoader
 
 from cache_schema import SplitReader
 from trainer.config import TrainConfig
-
-
-class MethodError(Exception):
-    """The cache or config does not fit the method (missing feature, wrong width, bad option)."""
+from trainer.methods.errors import MethodError
 
 
 T = TypeVar("T")

@@ -256,7 +256,8 @@ class TabletopWorld:
         return (x, y0, x + width, y0 + height)
 
     def _layers(self, scene: TabletopScene, n: int) -> dict[str, np.ndarray]:
-        """Every per-pixel truth at n x n: instance, inverse depth, normals, semantic class."""
+        """Every per-pixel truth at n x n: instance, inverse depth (round objects bulge toward the
+        viewer, so depth alone tells flat from round, as it does in the world), normals, class."""
         rows = (np.arange(n) + 0.5) / n
         floor = rows > HORIZON
         inverse_depth_rows = np.where(floor, (rows - HORIZON) / FLOOR_SCALE, 0.0)
@@ -271,8 +272,11 @@ class TabletopWorld:
         for i, obj in enumerate(scene.objects):  # far to near: nearer pixels overwrite
             mask = self._mask(obj, n)
             instances[mask] = i
-            inverse_depth[mask] = 1.0 / obj.z
-            normals[mask] = self._normals(obj, n)[mask]
+            surface = self._normals(obj, n)
+            # a round object's surface comes toward the viewer by up to its radius (in world units)
+            relief = 0.0 if obj.form == "flat" else obj.size * obj.z / FLOOR_SCALE / 2 * surface[mask][:, 2]
+            inverse_depth[mask] = 1.0 / (obj.z - relief)
+            normals[mask] = surface[mask]
             classes[mask] = SEG_CLASSES.index(obj.shape)
         return {"instances": instances, "inverse_depth": inverse_depth.astype(np.float32),
                 "normals": normals.astype(np.float32), "classes": classes.astype(np.uint8)}

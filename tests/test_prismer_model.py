@@ -54,13 +54,74 @@ def test_resampler_output_shape_does_not_depend_on_the_number_of_experts():
         assert resampler(tokens).shape == (2, 8, WIDTH)
 
 
-def test_vision_tokens_are_rgb_tokens_plus_a_fixed_number_of_expert_tokens(tiny_roberta_dir):
+def open_gates(model: Prismer, value: float = 0.5) -> Prismer:
+    """Gates as training would leave them, so the latents (and so the expert labels) reach the output."""
+    with torch.no_grad():
+        model.vision.gates.fill_(value)
+    return model
+
+
+def test_vision_tokens_are_the_rgb_tokens_whatever_the_experts(tiny_roberta_dir):
+    """The latents travel through the ViT but the decoder reads the [CLS] + patch tokens only."""
     rgb = torch.randn(2, 3, IMAGE, IMAGE)
     grid_tokens = (IMAGE // 8) ** 2
     for experts in ([], SIX_EXPERTS[:1], SIX_EXPERTS[:3], SIX_EXPERTS):
-        model = tiny_prismer(tiny_roberta_dir, experts).eval()
+        model = open_gates(tiny_prismer(tiny_roberta_dir, experts)).eval()
         tokens = model.vision(rgb, expert_inputs(experts, 2))
-        assert tokens.shape == (2, 1 + grid_tokens + (8 if experts else 0), WIDTH)
+        assert tokens.shape == (2, 1 + grid_tokens, WIDTH)
+        assert model.vision.resampler is not None and model.vision.gates.shape == (2,)
+    bare = tiny_prismer(tiny_roberta_dir, [], baseline_latents=False)
+    assert bare.vision.resampler is None and bare.vision.gates is None
+
+
+def shared_weights_from(source: Prismer, target: Prismer) -> None:
+    """Copy every parameter and buffer the two models share (all but the expert stems)."""
+    missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith(("vision.stems.", "vision.instance_embedding")) for name in missing)
+
+
+def test_with_and_without_experts_start_as_the_same_pretrained_model(tiny_roberta_dir):
+    """The fair comparison: given the same shared weights, both arms give the same logits at the
+    start (the zero gates keep the latents out of the RGB tokens), and their RGB tokens are
+    exactly the frozen ViT's; one optimiser step opens the experts arm's gates and its output moves."""
+    baseline = tiny_prismer(tiny_roberta_dir, experts=[]).train()
+    with_experts = tiny_prismer(tiny_roberta_dir).train()
+    shared_weights_from(baseline, with_experts)
+    rgb, labels = torch.randn(2, 3, IMAGE, IMAGE), expert_inputs(SIX_EXPERTS, 2)
+    ids = torch.randint(4, 20, (2, 6))
+    with torch.no_grad():
+        for mode in ("eval", "train"):  # train mode draws instance embeddings: still no effect through a shut gate
+            getattr(baseline, mode)(), getattr(with_experts, mode)()
+            reference = baseline(rgb, {}, ids, torch.ones_like(ids)).logits
+            assert torch.equal(with_experts(rgb, labels, ids, torch.ones_like(ids)).logits, reference)
+        assert torch.allclose(with_experts.vision(rgb, labels), tiny_vit().eval().forward_features(rgb), atol=1e-6)
+        # the latents do differ between the arms: only the gate keeps them out
+        assert not torch.allclose(with_experts.vision.latents(2, labels, rgb.new_zeros(2, 1, WIDTH)),
+                                  baseline.vision.latents(2, {}, rgb.new_zeros(2, 1, WIDTH)))
+    with_experts.train()
+    optimizer = torch.optim.AdamW([p for p in with_experts.parameters() if p.requires_grad], lr=1e-2)
+    loss = with_experts(rgb, labels, ids, torch.ones_like(ids), labels=ids).loss
+    loss.backward()
+    assert with_experts.vision.gates.grad.abs().min() > 0
+    optimizer.step()
+    assert with_experts.vision.gates.abs().min() > 0
+    with torch.no_grad():
+        with_experts.eval(), baseline.eval()
+        after = with_experts.vision(rgb, labels)
+        before = baseline.vision(rgb, {})
+        assert not torch.allclose(after, before, atol=1e-4)
+        # and what moved it is the expert input: other labels now give other tokens
+        assert not torch.allclose(after, with_experts.vision(rgb, expert_inputs(SIX_EXPERTS, 2, seed=1)), atol=1e-6)
+
+
+def test_trainable_budget_differs_between_the_arms_by_the_expert_stems_only(tiny_roberta_dir):
+    def trainable(model: Prismer) -> dict[str, int]:
+        return {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+
+    baseline, with_experts = trainable(tiny_prismer(tiny_roberta_dir, [])), trainable(tiny_prismer(tiny_roberta_dir))
+    assert set(baseline) < set(with_experts)
+    assert all(name.startswith(("vision.stems.", "vision.instance_embedding")) for name in set(with_experts) - set(baseline))
+    assert "vision.gates" in baseline and any(name.startswith("vision.resampler.") for name in baseline)
 
 
 def test_adaptors_start_as_the_identity(tiny_roberta_dir):
@@ -117,7 +178,7 @@ def test_only_the_policys_parameters_train_and_frozen_weights_do_not_move(tiny_r
 
 
 def test_batched_generation_with_left_padding_equals_one_row_at_a_time(tiny_roberta_dir):
-    model = tiny_prismer(tiny_roberta_dir).eval()
+    model = open_gates(tiny_prismer(tiny_roberta_dir)).eval()
     rgb, labels = torch.randn(2, 3, IMAGE, IMAGE), expert_inputs(SIX_EXPERTS, 2)
     input_ids = torch.tensor([[1, 1, 0, 7, 8], [0, 9, 10, 11, 12]])
     attention_mask = (input_ids != 1).long()
@@ -132,7 +193,7 @@ def test_batched_generation_with_left_padding_equals_one_row_at_a_time(tiny_robe
 
 
 def test_rank_picks_the_candidate_with_the_best_mean_log_likelihood(tiny_roberta_dir):
-    model = tiny_prismer(tiny_roberta_dir).eval()
+    model = open_gates(tiny_prismer(tiny_roberta_dir)).eval()
     rgb, labels = torch.randn(2, 3, IMAGE, IMAGE), expert_inputs(SIX_EXPERTS, 2)
     input_ids = torch.tensor([[1, 0, 7, 8], [0, 9, 10, 11]])
     attention_mask = (input_ids != 1).long()
@@ -160,3 +221,5 @@ def test_bad_configs_are_refused():
         PrismerConfig(experts=[ExpertInput("depth", 1), ExpertInput("depth", 1)])
     with pytest.raises(ValueError, match="heads must divide"):
         ExpertsResampler(width=30, num_latents=4, layers=1, heads=4)
+    with pytest.raises(ValueError, match="gate_lr_scale must be > 0"):
+        PrismerConfig(gate_lr_scale=0)

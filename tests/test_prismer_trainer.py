@@ -137,7 +137,7 @@ def test_fit_trains_small_parts_and_eval_reproduces_from_the_checkpoint(cache, t
     checkpoint = out / "checkpoint"
     tensors = load_file(checkpoint / "model.safetensors")
     trained_parts = ("vision.stems.", "vision.resampler.", "vision.adaptors.", "vision.instance_embedding",
-                     "vision_projection.")
+                     "vision.gates", "vision_projection.")
     assert all(name.startswith(trained_parts) or ".crossattention." in name for name in tensors)
     assert any(name.startswith("vision.resampler.") for name in tensors) and not any("vision.vit." in n for n in tensors)
     info = json.loads((checkpoint / "checkpoint.json").read_text())
@@ -150,11 +150,62 @@ def test_fit_trains_small_parts_and_eval_reproduces_from_the_checkpoint(cache, t
     assert len(predictions) == 16 and all(p["prediction"] in answers for p in predictions)
 
 
-def test_no_experts_is_the_rgb_only_baseline(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
+def test_no_experts_is_the_rgb_only_baseline_with_the_same_latents(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
+    """The baseline trains the resampler's latents and gates too (no stems: no expert input); the
+    trainable count of each run is in checkpoint.json. baseline_latents=false is the bare ViT."""
     out = tmp_path / "run"
     fit(make_config(cache, out, tiny_vit_dir, tiny_roberta_dir, experts=[]), progress=False)
     tensors = load_file(out / "checkpoint" / "model.safetensors")
-    assert not any(name.startswith(("vision.stems.", "vision.resampler.")) for name in tensors)
+    assert not any(name.startswith("vision.stems.") for name in tensors)
+    assert "vision.gates" in tensors and "vision.resampler.latents" in tensors
+    info = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    assert info["trainable_parameters"] == sum(t.numel() for t in tensors.values())
+    bare = tmp_path / "bare"
+    fit(make_config(cache, bare, tiny_vit_dir, tiny_roberta_dir, experts=[], baseline_latents=False), progress=False)
+    assert not any(name.startswith(("vision.resampler.", "vision.gates")) for name in load_file(bare / "checkpoint" / "model.safetensors"))
+
+
+def test_gates_train_without_weight_decay_at_their_own_rate(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
+    config = make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir, experts=["depth"], gate_lr_scale=5.0)
+    method = get_method(config)
+    reader = SplitReader(cache, "shapes", "train")
+    model = method.build_model(reader)
+    groups = method.param_groups(model)
+    assert len(groups) == 2 and groups[1]["params"] == [model.vision.gates]
+    assert groups[1]["lr"] == 5 * config.lr and groups[1]["weight_decay"] == 0
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_shuffled_experts_read_another_samples_labels_deterministically(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
+    """model.shuffle_experts: every expert field comes from one other usable sample (the same one for
+    all of a sample's labels), a function of the seed; RGB and questions stay the sample's own."""
+    reader = SplitReader(cache, "shapes", "train")
+
+    def examples(seed: int, shuffle: bool) -> CacheExamples:
+        config = make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir, shuffle_experts=shuffle)
+        config.seed = seed
+        method = get_method(config)
+        return CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True),
+                             sources=method.feature_sources)
+
+    own, shuffled, again, other_seed = examples(0, False), examples(0, True), examples(0, True), examples(1, True)
+    assert set(shuffled.sources) == set(own.arrays) - {"rgb"}
+    sources = shuffled.sources["depth"]
+    assert sorted(sources.tolist()) == list(range(reader.num_samples))  # a permutation ...
+    assert all(sources[i] != i for i in range(reader.num_samples))  # ... with no sample reading itself
+    assert np.array_equal(sources, again.sources["depth"]) and not np.array_equal(sources, other_seed.sources["depth"])
+    for i in range(reader.num_samples):
+        mine, theirs = shuffled[i], own[int(sources[i])]
+        assert np.array_equal(mine["rgb"], own[i]["rgb"]) and mine["prompts"] == own[i]["prompts"]
+        for name in ("depth", "normal", "seg-coco", "objdet", "objdet:classes", "ocrdet", "ocrdet:embeddings"):
+            assert np.array_equal(mine[name], theirs[name]), name
+    assert sum(not np.array_equal(shuffled[i]["depth"], own[i]["depth"]) for i in range(reader.num_samples)) > 0.8 * reader.num_samples
+    # evaluation reads through the same hook: the run's eval split is deranged by the same seed
+    out = tmp_path / "shuffled"
+    metrics = fit(make_config(cache, out, tiny_vit_dir, tiny_roberta_dir, shuffle_experts=True), progress=False)
+    assert 0 <= metrics["vqa_accuracy"] <= 100
+    with pytest.raises(MethodError, match="shuffle_experts needs experts"):
+        get_method(make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir, experts=[], shuffle_experts=True))
 
 
 def test_captioning_and_open_ended_vqa_generate(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):

@@ -32,8 +32,11 @@ IN_MEMORY_LIMIT_BYTES = 2 << 30
 
 class CacheExamples(Dataset):
     def __init__(self, reader: SplitReader, features: dict[str, str], expand: Callable[[dict[str, Any]], list[dict[str, Any]]],
-                 max_examples: int | None = None):
-        """`features` maps a batch field name to `feature/array` in the cache (e.g. visual -> vit-cls/cls)."""
+                 max_examples: int | None = None,
+                 sources: Callable[[SplitReader, np.ndarray], dict[str, np.ndarray]] | None = None):
+        """`features` maps a batch field name to `feature/array` in the cache (e.g. visual -> vit-cls/cls);
+        `sources(reader, usable)` (a method's `feature_sources`) may say that a field of sample i is
+        read from another sample (a shuffled-input control)."""
         self.reader = reader
         usable = np.ones(reader.num_samples, dtype=bool)
         self.arrays: dict[str, Any] = {}
@@ -47,6 +50,7 @@ class CacheExamples(Dataset):
             in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES or feature.format == "wds"
             self.arrays[field_name] = feature.read(array_name) if in_memory else feature.group[array_name]
         self.skipped_samples = int((~usable).sum())
+        self.sources = sources(reader, usable) if sources is not None else {}
         self.examples: list[tuple[int, dict[str, Any]]] = []
         for index, annotations in enumerate(reader.annotations):
             if usable[index]:
@@ -61,7 +65,8 @@ class CacheExamples(Dataset):
         index, example = self.examples[i]
         item = {"key": self.reader.keys[index], **example}
         for field_name, array in self.arrays.items():
-            item[field_name] = np.asarray(array[index])
+            source = self.sources.get(field_name)
+            item[field_name] = np.asarray(array[index if source is None else int(source[index])])
         return item
 
 
@@ -98,7 +103,7 @@ def training_examples(reader: SplitReader, method: Method, config: TrainConfig) 
     if any(reader.feature(path.partition("/")[0]).format == "wds" for path in fields.values()):
         return ShardStream(reader, fields, expand, config.batch_size, config.seed, num_workers=config.num_workers,
                            shuffle_buffer=config.shuffle_buffer)
-    return CacheExamples(reader, fields, expand)
+    return CacheExamples(reader, fields, expand, sources=method.feature_sources)
 
 
 def train_batches(train_set: CacheExamples | ShardStream, method: Method, config: TrainConfig, state: dict[str, int], rank: int = 0,

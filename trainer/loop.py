@@ -54,7 +54,7 @@ def autocast(device: torch.device):
 
 def eval_loader(method: Method, reader: SplitReader, config: TrainConfig) -> DataLoader:
     examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=False),
-                             max_examples=config.max_eval_examples)
+                             max_examples=config.max_eval_examples, sources=method.feature_sources)
     return DataLoader(examples, batch_size=config.batch_size, collate_fn=method.collate, num_workers=config.num_workers)
 
 

@@ -139,6 +139,12 @@ class Method(ABC):
     def restore_state(self, state: dict[str, Any]) -> None:
         """Take back what `derive_state` returned, before `build_model` when evaluating a checkpoint."""
 
+    def feature_sources(self, reader: SplitReader, usable: Any) -> dict[str, Any]:
+        """Batch field -> int array [num_samples]: the sample each sample reads that field from, for
+        fields that do not come from the sample itself (a control that swaps inputs between samples);
+        `usable` is the boolean mask of samples that may be read. Default: every field is its own."""
+        return {}
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Optimizer groups; override for per-group learning rates."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": self.config.lr}]

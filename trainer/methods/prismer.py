@@ -15,20 +15,42 @@ How the parts connect (S = the ViT's input size, G = S / patch, D = the ViT's wi
     label ── expert stem ...                                         ├─► Experts Resampler ─► 64 tokens
     (detection: + a random instance embedding per instance)          ┘   (perceiver, 4 layers)   │
                                                                                                     ▼
-    [rgb tokens ; 64 expert tokens] ── frozen ViT blocks, a trained adaptor between attention and MLP
-        ── final norm ── (Linear to the LM's width when the two differ) ── vision tokens
+    frozen ViT blocks, two streams through the same frozen weights, a trained adaptor between
+        attention and MLP:
+          rgb tokens    attend to rgb tokens exactly as the pretrained ViT does, PLUS tanh(gate) x
+                        their attention over the latents' keys (its own softmax, the block's frozen
+                        qkv / proj), one zero-initialised gate per block
+          latent tokens attend to [rgb ; latents] (Prismer's joint attention), ungated
+        ── final norm of the rgb tokens ── (Linear to the LM's width when the two differ) ── vision tokens
     text ── frozen RoBERTa layers run causally; new cross-attention to the vision tokens and an
         adaptor after it in every layer (both trained) ── LM head
 
 The Experts Resampler always returns `num_latents` tokens, however many experts feed it, so the
-cost of the frozen ViT and decoder does not grow with the number of experts; with no experts it is
-left out and the model is Prismer's RGB-only baseline.
+cost of the frozen ViT and decoder does not grow with the number of experts. With no experts it
+still runs (`baseline_latents`, the default): its learned latents, attending to themselves only,
+travel through the ViT and are gated in the same way, so the RGB-only baseline trains the same
+parts (less the expert stems) and the only difference between the arms is the expert input. With
+`baseline_latents=False` and no experts it is left out: the bare ViT plus adaptors.
+
+Why the gate: the question "do experts help?" is only fair if both arms start from the same
+model. Ungated, the untrained latents would enter every block's softmax at step 0 and perturb the
+frozen ViT's RGB tokens, while the baseline began exactly as pretrained. With tanh(0) = 0 both
+arms start as the pretrained ViT + RoBERTa (the same logits, given the same shared weights), and
+the gate, which gets gradient from the first step, opens as far as the latents are worth it.
 
 Departures from the released code, each on purpose: every adaptor's up-projection starts at zero,
 so each adaptor starts as the identity and the frozen models begin exactly as pretrained (the
-release initialises them randomly and perturbs both models from the first step); the decoder
-adaptor is pre-norm like the vision one; the vision tokens keep the ViT's [CLS] (timm's CLIP
-ViTs have one); the ViT may be narrower than the LM (a trained Linear joins them).
+release initialises them randomly and perturbs both models from the first step); what the latents
+add to the RGB tokens is gated as above and the decoder reads only the ViT's RGB tokens (in the
+release the latents join the RGB tokens in one ungated softmax from the first step and the
+decoder reads them too; gating them and keeping them out of the decoder is what makes the two
+arms start identical); the RGB-only baseline keeps the resampler's latents (the release's
+baseline has no resampler, so the arms differ in trainable parts as well as in input); the gates
+train without weight decay and at `gate_lr_scale` times the learning rate (a gate that starts at 0
+must open within a short run); the decoder adaptor is pre-norm like the vision one; the vision
+tokens keep the ViT's [CLS] (timm's CLIP ViTs have one); the ViT may be narrower than the LM (a
+trained Linear joins them). Freezing follows the release: `freeze: pretrain` trains what its
+pre-training trains (stems, resampler, adaptors, cross-attention), `finetune` the decoder too.
 """
 
 from __future__ import annotations
@@ -76,6 +98,9 @@ class PrismerConfig:
     num_instance_embeddings: int = 128
     freeze: str = "pretrain"
     label_smoothing: float = 0.1
+    baseline_latents: bool = True  # no experts: keep the resampler's latents (the same trainable parts)
+    gate_lr_scale: float = 10.0  # the gates' learning rate, as a multiple of the run's
+
 
     def __post_init__(self) -> None:
         if self.freeze not in FREEZE_POLICIES:
@@ -83,6 +108,8 @@ class PrismerConfig:
         for name in ("num_latents", "resampler_layers", "resampler_heads", "num_instance_embeddings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gate_lr_scale <= 0:
+            raise ValueError(f"gate_lr_scale must be > 0, got {self.gate_lr_scale}")
         names = [expert.name for expert in self.experts]
         if len(set(names)) != len(names):
             raise ValueError(f"experts must be distinct, got {names}")
@@ -147,7 +174,7 @@ class PerceiverBlock(nn.Module):
 
     def forward(self, latents: Tensor, expert_tokens: Tensor) -> Tensor:
         queries = self.latent_norm(latents)
-        keys = torch.cat([queries, self.input_norm(expert_tokens)], dim=1)
+        keys = torch.cat([queries, self.input_norm(expert_tokens)], dim=1) if expert_tokens.shape[1] else queries
         latents = latents + self.attention(queries, keys, keys, need_weights=False)[0]
         return latents + self.mlp(self.mlp_norm(latents))
 
@@ -163,6 +190,7 @@ class ExpertsResampler(nn.Module):
         self.blocks = nn.ModuleList(PerceiverBlock(width, heads) for _ in range(layers))
 
     def forward(self, expert_tokens: Tensor) -> Tensor:
+        """`expert_tokens` may hold no tokens ([B, 0, D]): the latents then attend to themselves only."""
         latents = self.latents.unsqueeze(0).expand(expert_tokens.shape[0], -1, -1)
         for block in self.blocks:
             latents = block(latents, expert_tokens)
@@ -186,8 +214,10 @@ class PrismerVision(nn.Module):
         self.stems = nn.ModuleDict({name: ExpertStem(expert, width, grid_height) for name, expert in self.experts.items()})
         self.resampler = (
             ExpertsResampler(width, config.num_latents, config.resampler_layers, config.resampler_heads)
-            if self.experts else None
+            if self.experts or config.baseline_latents else None
         )
+        # tanh(gate) scales what the latents add to the RGB tokens in each block: 0 at the start
+        self.gates = nn.Parameter(torch.zeros(len(vit.blocks))) if self.resampler is not None else None
         has_instances = any(expert.instances for expert in config.experts)
         self.instance_embedding = (
             nn.Parameter(width**-0.5 * torch.randn(config.num_instance_embeddings, width)) if has_instances else None
@@ -233,18 +263,65 @@ class PrismerVision(nn.Module):
         embedded = embedded * (ids.flatten(1) != NUM_IDS - 1).unsqueeze(-1)
         return embedded.transpose(1, 2).reshape(ids.shape[0], -1, grid, grid)
 
+    def latents(self, batch_size: int, expert_labels: dict[str, Any], like: Tensor) -> Tensor | None:
+        """[B, num_latents, D]: the resampler's output (over no expert tokens in the baseline), or None."""
+        if self.resampler is None:
+            return None
+        tokens = self.expert_tokens(expert_labels) if self.experts else like.new_zeros(batch_size, 0, like.shape[-1])
+        return self.resampler(tokens)
+
     def forward(self, rgb: Tensor, expert_labels: dict[str, Any]) -> Tensor:
-        """[B, 1 + G*G (+ num_latents), D]: the ViT's output over its [CLS], the RGB patches and the expert tokens."""
+        """[B, 1 + G*G, D]: the ViT's output over its [CLS] and the RGB patches, informed by the latents.
+
+        The RGB tokens and the latents are kept as two streams through the same frozen block
+        weights, so the RGB stream is, operation for operation, the pretrained ViT's forward
+        (plus adaptors and the gated latent term, both zero at the start)."""
         vit = self.vit
-        hidden_states = vit.patch_drop(vit._pos_embed(vit.patch_embed(rgb)))
-        if self.resampler is not None:
-            hidden_states = torch.cat([hidden_states, self.resampler(self.expert_tokens(expert_labels))], dim=1)
-        hidden_states = vit.norm_pre(hidden_states)
-        for block, adaptor in zip(vit.blocks, self.adaptors):
-            hidden_states = hidden_states + block.drop_path1(block.ls1(block.attn(block.norm1(hidden_states))))
+        hidden_states = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(rgb))))
+        latents = self.latents(rgb.shape[0], expert_labels, hidden_states)
+        if latents is not None:
+            latents = vit.norm_pre(latents)
+        for index, (block, adaptor) in enumerate(zip(vit.blocks, self.adaptors)):
+            if latents is None:
+                hidden_states = hidden_states + block.drop_path1(block.ls1(block.attn(block.norm1(hidden_states))))
+            else:
+                rgb_update, latent_update = gated_attention(block.attn, block.norm1(hidden_states), block.norm1(latents),
+                                                            torch.tanh(self.gates[index]))
+                hidden_states = hidden_states + block.drop_path1(block.ls1(rgb_update))
+                latents = adaptor(latents + block.drop_path1(block.ls1(latent_update)))
+                latents = latents + block.drop_path2(block.ls2(block.mlp(block.norm2(latents))))
             hidden_states = adaptor(hidden_states)
             hidden_states = hidden_states + block.drop_path2(block.ls2(block.mlp(block.norm2(hidden_states))))
         return vit.norm(hidden_states)
+
+
+def gated_attention(attention: nn.Module, rgb: Tensor, latents: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """A frozen timm Attention over two streams: (rgb update, latent update).
+
+    RGB queries: softmax over the RGB keys (exactly the pretrained block, computed on the RGB rows
+    alone) + `gate` x a separate softmax over the latent keys. Latent queries: one softmax over
+    [RGB ; latent] keys. Both through the block's own qkv, norms and output projection.
+    """
+    heads, head_dim = attention.num_heads, attention.head_dim
+    dropout = attention.attn_drop.p if attention.training else 0.0
+
+    def project(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = attention.qkv(x).reshape(x.shape[0], x.shape[1], 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return attention.q_norm(q), attention.k_norm(k), v
+
+    def output(x: Tensor, states: Tensor) -> Tensor:
+        x = attention.norm(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], heads * head_dim))
+        if getattr(attention, "gate", None) is not None:
+            x = x * attention.gate(states).sigmoid()
+        return attention.proj_drop(attention.proj(x))
+
+    rgb_q, rgb_k, rgb_v = project(rgb)
+    latent_q, latent_k, latent_v = project(latents)
+    rgb_out = F.scaled_dot_product_attention(rgb_q, rgb_k, rgb_v, dropout_p=dropout)
+    from_latents = F.scaled_dot_product_attention(rgb_q, latent_k, latent_v, dropout_p=dropout)
+    latent_out = F.scaled_dot_product_attention(latent_q, torch.cat([rgb_k, latent_k], 2), torch.cat([rgb_v, latent_v], 2),
+                                                dropout_p=dropout)
+    return output(rgb_out + gate * from_latents, rgb), output(latent_out, latents)
 
 
 def embed_ids(ids: Tensor, vocab: Tensor) -> Tensor:

@@ -19,8 +19,10 @@ or directory), `lm_revision`, `experts` (a list of cached feature names, "prisme
 [] for the RGB-only baseline), every other `PrismerConfig` field, and `task` (vqa | caption),
 `inference` (VQA: rank | generate), `num_candidates` (rank's top-k, 16), `num_beams` (3),
 `max_new_tokens`, `min_new_tokens`, `max_length`, `caption_prompt` ("A picture of"),
-`answer_list_size` (the rank answer list: the commonest training answers, 3128 as for VQAv2) and
-`augment` (`AugmentConfig` fields, or null for none).
+`answer_list_size` (the rank answer list: the commonest training answers, 3128 as for VQAv2),
+`augment` (`AugmentConfig` fields, or null for none) and `shuffle_experts` (a control: every image
+reads ANOTHER image's expert labels, a fixed derangement of the split's usable samples seeded by
+the run's `seed`, the same in training and evaluation; RGB and questions stay the image's own).
 """
 
 from __future__ import annotations
@@ -49,7 +51,20 @@ PRISMER_EXPERTS = ["depth", "normal", "edge", "seg-coco", "objdet", "ocrdet"]
 RGB_FEATURE = "rgb"
 TASK_KEYS = {"task": "vqa", "inference": "rank", "num_candidates": 16, "num_beams": 3, "max_new_tokens": None,
              "min_new_tokens": None, "max_length": 64, "caption_prompt": "A picture of", "answer_list_size": 3128,
-             "augment": {}}
+             "augment": {}, "shuffle_experts": False}
+
+
+def derangement(usable: np.ndarray, seed: int) -> np.ndarray:
+    """int64 [len(usable)]: for each usable sample, another usable sample (never itself), a fixed
+    function of `seed` and the mask: the usable samples in a seeded random order, each reading the
+    next one's (one cycle through them all). Unusable samples map to themselves (never read)."""
+    usable_indices = np.flatnonzero(usable)
+    if len(usable_indices) < 2:
+        raise ValueError(f"{len(usable_indices)} usable sample(s); shuffling needs at least 2")
+    order = usable_indices[np.random.default_rng(seed).permutation(len(usable_indices))]
+    sources = np.arange(len(usable), dtype=np.int64)
+    sources[order] = np.roll(order, -1)
+    return sources
 
 
 def parse_experts(value: Any) -> list[str]:
@@ -88,7 +103,11 @@ class PrismerMethod(Method):
             self.augment = None if self.task["augment"] is None else AugmentConfig(**self.task["augment"])
         except TypeError as e:
             raise MethodError(f"prismer: model.augment: {e}; known: {[f.name for f in fields(AugmentConfig)]}") from None
+        if not isinstance(self.task["shuffle_experts"], bool):
+            raise MethodError(f"prismer: model.shuffle_experts must be true or false, got {self.task['shuffle_experts']!r}")
         self.expert_names = parse_experts(options.pop("experts", "prismer"))
+        if self.task["shuffle_experts"] and not self.expert_names:
+            raise MethodError("prismer: model.shuffle_experts needs experts to shuffle (model.experts is empty)")
         known = {f.name for f in fields(PrismerConfig)} - {"experts"}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -131,11 +150,35 @@ class PrismerMethod(Method):
         resolution = spec(RGB_FEATURE).params["resolution"]
         for name in self.expert_names:
             expert_spec = spec(name)
+            if self.task["shuffle_experts"] and reader.feature(name).format == "wds":
+                raise MethodError(f"prismer: model.shuffle_experts reads labels across samples, which a streamed "
+                                  f"WebDataset feature ({reader.source}/{reader.split} {name}) cannot do; use a Zarr cache")
             if expert_spec.expert != name:
                 raise MethodError(f"prismer: cached feature {name!r} was made by expert {expert_spec.expert!r}, not {name!r}")
             if expert_spec.params.get("resolution") != resolution:
                 raise MethodError(f"prismer: {name} labels are {expert_spec.params.get('resolution')} px but rgb is "
                                   f"{resolution} px; labels and rgb must share one frame (same --expert-opt resolution)")
+
+    def feature_sources(self, reader: SplitReader, usable: np.ndarray) -> dict[str, np.ndarray]:
+        """With `shuffle_experts`, every expert field (ids, classes, word vectors together) of sample i
+        is read from sample derangement[i]; RGB stays its own."""
+        if not self.task["shuffle_experts"]:
+            return {}
+        try:
+            sources = derangement(usable, self.config.seed)
+        except ValueError as e:
+            raise MethodError(f"prismer: model.shuffle_experts on {reader.source}/{reader.split}: {e}") from None
+        return {field_name: sources for field_name in self.feature_fields() if field_name != RGB_FEATURE}
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The per-block latent gates train without weight decay (decay would pull them shut) and at
+        `gate_lr_scale` times the learning rate; everything else as configured."""
+        gates = [p for name, p in model.named_parameters() if p.requires_grad and name.endswith("vision.gates")]
+        rest = [p for name, p in model.named_parameters() if p.requires_grad and not name.endswith("vision.gates")]
+        groups = [{"params": rest, "lr": self.config.lr}]
+        if gates:
+            groups.append({"params": gates, "lr": self.config.lr * model.config.gate_lr_scale, "weight_decay": 0.0})
+        return groups
 
     def derive_state(self, train_reader: SplitReader) -> dict[str, Any]:
         if self.task["task"] != "vqa":

@@ -306,7 +306,7 @@ class TabletopWorld:
         image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(image)
         x0, y0, x1, y1 = (v * n for v in self.board_box(scene.word, scene.sign_x, n))
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=(BOARD,) * 3, outline=(90, 90, 90))
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=(BOARD,) * 3)  # no frame: OCR reads a frame as "l" or "]"
         left, top, _, _ = self._font(n).getbbox(scene.word)
         draw.text((x0 + 0.04 * n - left, y0 + 0.04 * n - top), scene.word, font=self._font(n), fill=(INK,) * 3)
         return image

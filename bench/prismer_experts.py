@@ -14,7 +14,7 @@ batch size and torch threads:
     python bench/prismer_experts.py --models demo-out/models     # the shapes stand-ins + real HED/CRAFT
     python bench/prismer_experts.py --models DIR --resolution 224 --samples 64
 
-`--models` is a directory written by `precompute pretrain-shapes` (depth/, seg/, objdet/); edge
+`--models` is a directory written by `pretrain-shapes` (depth/, seg/, objdet/); edge
 (HED) and ocrdet (CRAFT) use their real offline weights, normal is derived from depth.
 """
 
@@ -75,7 +75,7 @@ def disk_bytes(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, required=True, help="output directory of `precompute pretrain-shapes`")
+    parser.add_argument("--models", type=Path, required=True, help="output directory of `pretrain-shapes`")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=64)

@@ -55,7 +55,7 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "1/5 pretrain the shapes world's frozen stand-in models -> $OUT/models"
 if [ ! -f "$OUT/models/pretrain.json" ]; then
-  precompute pretrain-shapes --out "$OUT/models"
+  pretrain-shapes --out "$OUT/models"
 fi
 
 step "2/5 precompute, once, with local Ray -> $OUT/cache: the ViT's per-layer [CLS] tokens, Prismer's labels, MoPE's text side, the video leg's TimeSformer [CLS]"

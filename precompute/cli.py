@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -139,14 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, help="sample key (see samples.jsonl), e.g. shapes-val-000003")
     p.add_argument("--split", metavar="SOURCE/SPLIT", help="where to look (default: every split of the cache)")
     p.add_argument("--out", help="PNG path (default: preview-KEY.png)")
-
-    p = commands.add_parser("pretrain-shapes", help="train the shapes worlds' tiny stand-in models (ViT, OPT, RoBERTa, DPT, "
-                            "Mask2Former, RT-DETR, TimeSformer) and save them to load by path")
-    p.add_argument("--out", required=True,
-                   help="directory for vit/, lm/, roberta/, depth/, seg/, objdet/, timesformer/ and pretrain.json")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64, help="the world's image size (default: 64)")
-    p.add_argument("--fast", action="store_true", help="a few seconds of training, for tests")
 
     commands.add_parser("experts", help="registered experts with their default models and options")
     commands.add_parser("sources", help="registered sources with their splits and whether they need --data-root")
@@ -286,15 +277,7 @@ def command_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_pretrain_shapes(args: argparse.Namespace) -> int:
-    from precompute.shapes_pretrain import pretrain_all
-
-    paths = pretrain_all(Path(args.out), seed=args.seed, image_size=args.image_size, fast=args.fast)
-    print(json.dumps(paths, indent=1))
-    return 0
-
-
-COMMANDS = {"run": command_run, "preview": command_preview, "pretrain-shapes": command_pretrain_shapes, "status": command_status, "validate": command_validate,
+COMMANDS = {"run": command_run, "preview": command_preview, "status": command_status, "validate": command_validate,
             "experts": command_experts, "sources": command_sources}
 
 

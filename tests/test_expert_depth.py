@@ -266,7 +266,7 @@ def test_from_depth_refuses_depth_at_another_resolution(from_depth):
 
 def test_pretrain_depth_fast_writes_a_model_the_expert_loads(tmp_path):
     from precompute.sources.shapes import ShapesWorld
-    from precompute.standins.depth import pretrain_depth
+    from worldmodels.depth import pretrain_depth
 
     world = ShapesWorld(image_size=32)
     threads = torch.get_num_threads()

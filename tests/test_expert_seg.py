@@ -278,7 +278,7 @@ def test_classes_are_required_by_owlv2_and_refused_by_closed_set_detectors(model
 
 def test_fast_seg_standin_writes_a_checkpoint_seg_loads(models, tmp_path):
     from precompute.sources.shapes import SEG_CLASSES, ShapesWorld
-    from precompute.standins.seg import pretrain_seg
+    from worldmodels.seg import pretrain_seg
 
     world = ShapesWorld()
     metrics = pretrain_seg(tmp_path / "seg", world, resolution=64, fast=True)
@@ -291,7 +291,7 @@ def test_fast_seg_standin_writes_a_checkpoint_seg_loads(models, tmp_path):
 
 def test_fast_objdet_standin_writes_a_checkpoint_objdet_loads(models, tmp_path):
     from precompute.sources.shapes import DETECTION_CLASSES, ShapesWorld
-    from precompute.standins.objdet import pretrain_objdet
+    from worldmodels.objdet import pretrain_objdet
 
     world = ShapesWorld()
     metrics = pretrain_objdet(tmp_path / "objdet", world, resolution=64, fast=True)

@@ -13,31 +13,22 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, OPTForCausalLM, PreTrainedTokenizerBase, RobertaForCausalLM
 
-from precompute.shapes_pretrain import (
-    VitConfig,
-    build_vit,
-    encode_texts,
-    pretrain_all,
-    pretrain_lm,
-    save_vit,
-    vit_transform,
-)
 from precompute.experts.video_audio import TimesformerClsExpert
 from precompute.sources.shapes import ShapesWorld
 from precompute.sources.shapes_video import ShapesVideoSource, ShapesVideoWorld
+from worldmodels import cli
+from worldmodels.gates import Bar, QualityGateError, check_gates
+from worldmodels.lm import encode_texts, pretrain_lm
+from worldmodels.pretrain import BARS
+from worldmodels.vit import VitConfig, build_vit, save_vit, vit_transform
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out_dir = tmp_path_factory.mktemp("shapes-pretrain")
-    paths = pretrain_all(out_dir, seed=0, fast=True)
-    return {
-        "vit": Path(paths["vit"]),
-        "lm": Path(paths["lm"]),
-        "roberta": Path(paths["roberta"]),
-        "timesformer": Path(paths["timesformer"]),
-        "report": out_dir / "pretrain.json",
-    }
+    assert cli.main(["--out", str(out_dir), "--seed", "0", "--fast"]) == 0  # the command, in process
+    return {**{name: out_dir / name for name in ("vit", "lm", "roberta", "timesformer")},
+            "report": out_dir / "pretrain.json"}
 
 
 def world_texts(num_scenes: int = 20, world: ShapesWorld | None = None) -> list[str]:
@@ -241,3 +232,103 @@ def test_timesformer_standin_loads_in_its_expert_by_path(pretrained: dict[str, P
     report = json.loads(pretrained["report"].read_text())["timesformer"]
     scores = ("direction_accuracy", "direction_chance", "color_presence_accuracy", "count_accuracy", "count_chance")
     assert all(0 <= report[name] <= 1 for name in scores), report  # fast: seconds of training, no promise beyond chance
+
+
+# --- quality gates --------------------------------------------------------------------------------
+
+
+def default_run_metrics() -> dict[str, dict[str, float]]:
+    """The held-out numbers of the last default run (seed 0, 64 px), with seg as the issue's fresh run saw it."""
+    return {
+        "vit": {"shape_accuracy": 0.707, "count_accuracy": 0.998},
+        "lm": {"val_perplexity": 1.81},
+        "roberta": {"val_perplexity": 1.78},
+        "depth": {"rank_correlation": 0.56},
+        "seg": {"miou": 0.43},
+        "objdet": {"precision": 0.57, "recall": 0.76, "f1": 0.65},
+        "timesformer": {"direction_accuracy": 0.935},
+        "ocr": {"word_accuracy": 0.96},
+    }
+
+
+def test_every_model_states_a_bar_its_default_run_clears() -> None:
+    metrics = default_run_metrics()
+    metrics["seg"]["miou"] = 0.967  # the default run on this machine
+    section, failures = check_gates(metrics, BARS, Path("models"))
+    assert set(BARS) == {"vit", "lm", "roberta", "depth", "seg", "objdet", "timesformer", "ocr"}
+    assert failures == [] and all(gate["applied"] and gate["passed"] for gate in section.values()), section
+
+
+def test_a_gate_miss_is_one_line_naming_model_metric_bar_and_file() -> None:
+    metrics = default_run_metrics()
+    metrics["lm"]["val_perplexity"] = 2.5
+    metrics["ocr"]["word_accuracy"] = 0.5
+    del metrics["depth"]["rank_correlation"]  # a score that cannot be read must not pass
+    section, failures = check_gates(metrics, BARS, Path("models"))
+    assert failures == [
+        "lm stand-in val perplexity 2.50 is over its bar 2.00 (models/lm/eval_results.json)",
+        "depth stand-in rank correlation nan is under its bar 0.50 (models/depth/eval_results.json)",
+        "seg stand-in mIoU 0.43 is under its bar 0.90 (models/seg/eval_results.json)",
+        "ocr expert word accuracy 0.50 is under its bar 0.90 (models/ocr/eval_results.json)",
+    ]
+    assert section["seg"] == {"metric": "miou", "value": 0.43, "bar": 0.90, "higher_is_better": True,
+                              "applied": True, "passed": False}
+    assert section["objdet"]["passed"] and section["vit"]["passed"]
+    assert Bar("f1", 0.55, "F1").passes(0.55) and not Bar("x", 2.0, "x", higher_is_better=False).passes(2.01)
+
+
+def test_pretrain_shapes_exits_1_with_one_line_per_miss(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """The command's side of a miss: pretrain_all's QualityGateError (built by the real gate check
+    from a real metrics dict; the 12-minute training itself is replaced) becomes exit 1 and its lines."""
+    import worldmodels.pretrain
+
+    def missed(out_dir: Path, **_: object) -> dict[str, str]:
+        raise QualityGateError(check_gates(default_run_metrics(), BARS, out_dir)[1])
+
+    monkeypatch.setattr(worldmodels.pretrain, "pretrain_all", missed)
+    assert cli.main(["--out", str(tmp_path / "models")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (f"pretrain-shapes: seg stand-in mIoU 0.43 is under its bar 0.90 "
+                            f"({tmp_path / 'models' / 'seg' / 'eval_results.json'})\n")
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "X", "--image-size", "48"], "--image-size must be a positive multiple of 32"),
+    (["--out", "X", "--seed", "-1"], "--seed must be >= 0"),
+    (["--out", "FILE"], "exists and is not a directory"),
+    (["--out", "X", "--seed", "one"], "invalid int value"),
+])
+def test_pretrain_shapes_refuses_bad_input_in_one_line_writing_nothing(
+        argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / a) if a in ("X", "FILE") else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("pretrain-shapes: error: ")
+    assert message in err and sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_fast_run_records_every_gate_as_not_applied(pretrained: dict[str, Path]) -> None:
+    report = json.loads(pretrained["report"].read_text())
+    assert set(report["gates"]) == set(BARS) and "ocr" not in report  # fast runs skip the OCR check
+    for name, gate in report["gates"].items():
+        assert gate["applied"] is False and gate["passed"] is None, (name, gate)
+        assert (gate["metric"], gate["bar"]) == (BARS[name].metric, BARS[name].bar)
+        if name == "ocr":
+            assert math.isnan(gate["value"])
+        else:
+            assert gate["value"] == pytest.approx(report[name][gate["metric"]])
+
+
+def test_ocr_check_reads_the_worlds_signs_with_the_real_expert(tmp_path: Path) -> None:
+    """Four held-out signs through the real EasyOCR weights at the main job's frame size: the
+    metric the OCR gate reads, written where the failure line points."""
+    from worldmodels.ocr import evaluate_ocr
+
+    metrics = evaluate_ocr(tmp_path / "ocr", ShapesWorld(seed=0, image_size=64), num_signs=4)
+    assert metrics["num_signs"] == 4 and metrics["detect_size"] == 128
+    assert metrics["word_accuracy"] >= 0.75, metrics["misread"]  # 0.96 over 100 signs
+    assert json.loads((tmp_path / "ocr" / "eval_results.json").read_text())["word_accuracy"] == metrics["word_accuracy"]

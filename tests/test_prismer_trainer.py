@@ -60,10 +60,14 @@ def labels_of(world: ShapesWorld, split: str, index: int) -> dict[str, object]:
     }
 
 
-def write_prismer_cache(root: Path, split: str, num: int, features=("rgb", *ALL), resolution: dict | None = None) -> None:
+def write_prismer_cache(root: Path, split: str, num: int, features=("rgb", *ALL), resolution: dict | None = None,
+                        annotate=None) -> None:
+    """`annotate(world, split, index, annotations)`, when given, returns the annotations to cache for a sample."""
     source = ShapesSource(None, split, num=num)
     samples = source.samples()
-    plan = SplitPlan("shapes", split, [s.key for s in samples], [s.annotations for s in samples], shard_size=8)
+    annotations = [s.annotations if annotate is None else annotate(source.world, split, i, s.annotations)
+                   for i, s in enumerate(samples)]
+    plan = SplitPlan("shapes", split, [s.key for s in samples], annotations, shard_size=8)
     writer = CacheWriter(root)
     writer.prepare_split(plan)
     per_sample = [labels_of(source.world, split, i) for i in range(num)]

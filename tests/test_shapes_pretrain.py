@@ -1,4 +1,5 @@
-"""The shapes world's own pretrained models: trained briefly, saved, and loaded back by path."""
+"""The embedded worlds' own pretrained models: trained briefly, saved, and loaded back by path (the
+default, `tabletop`, whose ViT learns only what captions say; and `shapes`' question-trained ViT)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from transformers import AutoTokenizer, OPTForCausalLM, PreTrainedTokenizerBase,
 from precompute.experts.video_audio import TimesformerClsExpert
 from precompute.sources.shapes import ShapesWorld
 from precompute.sources.shapes_video import ShapesVideoSource, ShapesVideoWorld
+from precompute.sources.tabletop import TabletopWorld
 from worldmodels import cli
 from worldmodels.gates import Bar, QualityGateError, check_gates
 from worldmodels.lm import encode_texts, pretrain_lm
-from worldmodels.pretrain import BARS
+from worldmodels.pretrain import BARS, bars_for
 from worldmodels.vit import VitConfig, build_vit, save_vit, vit_transform
 
 
@@ -31,8 +33,8 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "report": out_dir / "pretrain.json"}
 
 
-def world_texts(num_scenes: int = 20, world: ShapesWorld | None = None) -> list[str]:
-    world = world or ShapesWorld(seed=0)
+def world_texts(num_scenes: int = 20, world: ShapesWorld | TabletopWorld | None = None) -> list[str]:
+    world = world or TabletopWorld(seed=0)
     texts = []
     for index in range(num_scenes):
         scene = world.scene("val", index)
@@ -60,6 +62,17 @@ def test_saved_vit_loads_by_path_with_its_preprocessing(tmp_path: Path) -> None:
         assert torch.equal(loaded.forward_features(pixels), model.forward_features(pixels))
 
 
+def test_shapes_world_vit_trains_on_what_the_questions_ask_and_loads_by_path(tmp_path: Path) -> None:
+    """`--world shapes`' ViT (per-colour shape, count, sides, order and per-patch objects), tiny budget."""
+    from worldmodels.vit import pretrain_vit
+
+    out = pretrain_vit(tmp_path / "vit", ShapesWorld(seed=0), num_scenes=32, steps=4, config=VitConfig(val_scenes=8))
+    report = json.loads((out / "eval_results.json").read_text())
+    assert {"shape_accuracy", "count_accuracy", "order_accuracy", "presence_exact_match"} <= set(report)
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert model.forward_features(torch.zeros(1, 3, 64, 64)).shape == (1, 65, 64)
+
+
 def test_bad_sizes_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="image_size 60 is not a multiple of patch_size 8"):
         build_vit(60, VitConfig())
@@ -71,9 +84,8 @@ def test_bad_sizes_fail_before_any_work(tmp_path: Path) -> None:
 def test_report_shows_both_models_learned(pretrained: dict[str, Path]) -> None:
     report = json.loads(pretrained["report"].read_text())
     vit, lm = report["vit"], report["lm"]
-    assert vit["color_presence_accuracy"] > vit["color_presence_chance"] + 0.05
-    assert vit["presence_exact_match"] > vit["presence_exact_match_chance"]
-    assert vit["count_accuracy"] > vit["count_chance"] + 0.2
+    assert report["world"] == "tabletop"
+    assert vit["color_presence_accuracy"] > vit["color_presence_chance"] + 0.05  # 0.80 vs 0.59 at --fast
     vocab_size = len(AutoTokenizer.from_pretrained(pretrained["lm"]))
     assert 1 < lm["val_perplexity"] < vocab_size / 4  # a uniform guesser scores vocab_size
     assert report["seconds"] > 0 and math.isfinite(lm["train_loss"])
@@ -81,7 +93,7 @@ def test_report_shows_both_models_learned(pretrained: dict[str, Path]) -> None:
 
 def test_fast_trained_vit_loads_by_path(pretrained: dict[str, Path]) -> None:
     model = timm.create_model(f"local-dir:{pretrained['vit']}", pretrained=True).eval()
-    world = ShapesWorld(seed=0)
+    world = TabletopWorld(seed=0)
     transform = vit_transform(model)
     pixels = torch.stack([transform(world.render(world.scene("test", i))) for i in range(2)])
     with torch.no_grad():
@@ -109,8 +121,10 @@ def test_tokenizer_round_trips_world_text_without_unknowns(pretrained: dict[str,
 def test_lm_loads_by_path_and_answers_with_a_world_answer(pretrained: dict[str, Path]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(pretrained["lm"])
     model = OPTForCausalLM.from_pretrained(pretrained["lm"]).eval()
-    world = ShapesWorld(seed=0)
-    questions = [q for i in range(4) for q in world.questions(world.scene("test", i))]
+    world = TabletopWorld(seed=0)
+    # the types whose answers are common (yes/no, counts): 40 steps (--fast) learn their format; the
+    # rare answers (40 sign words, six colours) still come out as "" or "is the"
+    questions = [q for i in range(4) for q in world.questions(world.scene("test", i)) if q["answer_type"] in ("depth", "count")]
     answer_words = {a for i in range(200) for q in world.questions(world.scene("train", i)) for a in q["answers"]}
     batch = tokenizer([f"question: {q['question']} answer:" for q in questions], return_tensors="pt", padding=True)
 
@@ -194,10 +208,12 @@ def test_roberta_puts_its_probability_on_answers(pretrained: dict[str, Path]) ->
     and which answers are likely; left padding does not move its positions."""
     tokenizer = AutoTokenizer.from_pretrained(pretrained["roberta"])
     model = load_prismer_decoder(pretrained["roberta"])
-    world = ShapesWorld(seed=0)
-    questions = [q for i in range(10) for q in world.questions(world.scene("test", i))]
+    world = TabletopWorld(seed=0)
+    common = ("depth", "count")  # yes/no and 1-3: what 40 steps (--fast) learn first, as in the OPT test
+    questions = [q for i in range(10) for q in world.questions(world.scene("test", i)) if q["answer_type"] in common]
     answer_words = sorted(
-        {a for i in range(200) for q in world.questions(world.scene("train", i)) for a in q["answers"]}
+        {a for i in range(200) for q in world.questions(world.scene("train", i)) if q["answer_type"] in common
+         for a in q["answers"]}
     )
     answer_ids = torch.tensor(tokenizer.convert_tokens_to_ids(answer_words))
     correct_ids = torch.tensor(
@@ -208,11 +224,12 @@ def test_roberta_puts_its_probability_on_answers(pretrained: dict[str, Path]) ->
 
     with torch.no_grad():
         next_word = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].softmax(-1)
-        unpadded = input_ids[0, attention_mask[0].bool()][None]
+        shortest = int(attention_mask.sum(1).argmin())
+        unpadded = input_ids[shortest, attention_mask[shortest].bool()][None]
         alone = model(input_ids=unpadded).logits[0, -1].softmax(-1)
 
-    assert attention_mask[0].sum() < attention_mask.shape[1]  # the first row really is padded
-    torch.testing.assert_close(next_word[0], alone, atol=1e-5, rtol=1e-4)
+    assert attention_mask[shortest].sum() < attention_mask.shape[1]  # that row really is padded
+    torch.testing.assert_close(next_word[shortest], alone, atol=1e-5, rtol=1e-4)
     vocab_size = len(tokenizer)
     assert next_word[:, answer_ids].sum(-1).mean() > 2 * len(answer_words) / vocab_size
     assert next_word.gather(1, correct_ids[:, None]).mean() > 2 / vocab_size
@@ -313,10 +330,11 @@ def test_pretrain_shapes_refuses_bad_input_in_one_line_writing_nothing(
 
 def test_fast_run_records_every_gate_as_not_applied(pretrained: dict[str, Path]) -> None:
     report = json.loads(pretrained["report"].read_text())
-    assert set(report["gates"]) == set(BARS) and "ocr" not in report  # fast runs skip the OCR check
+    bars = bars_for("tabletop")
+    assert set(report["gates"]) == set(bars) == set(BARS) and "ocr" not in report  # fast runs skip the OCR check
     for name, gate in report["gates"].items():
         assert gate["applied"] is False and gate["passed"] is None, (name, gate)
-        assert (gate["metric"], gate["bar"]) == (BARS[name].metric, BARS[name].bar)
+        assert (gate["metric"], gate["bar"]) == (bars[name].metric, bars[name].bar)
         if name == "ocr":
             assert math.isnan(gate["value"])
         else:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from worldmodels import WORLDS
+
 PROG = "pretrain-shapes"
 
 
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="the worlds' and the models' seed (default: 0)")
     parser.add_argument("--image-size", type=int, default=64,
                         help="the world's image size in pixels, a multiple of 32 (default: 64)")
+    parser.add_argument("--world", choices=WORLDS, default="tabletop",
+                        help="the image world the models are for: tabletop (the main job's; its ViT is pretrained on "
+                             "captions only) or shapes (its ViT learns what the questions ask) (default: tabletop)")
     parser.add_argument("--fast", action="store_true",
                         help="a few seconds of training, for tests: models near chance, gates recorded as not applied")
     return parser
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from worldmodels.pretrain import pretrain_all
 
     try:
-        paths = pretrain_all(out, seed=args.seed, image_size=args.image_size, fast=args.fast)
+        paths = pretrain_all(out, seed=args.seed, image_size=args.image_size, fast=args.fast, world=args.world)
     except QualityGateError as e:
         for line in e.lines:
             print(f"{PROG}: {line}", file=sys.stderr)

@@ -32,6 +32,7 @@ from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 from precompute.experts.depth import DepthPreprocessing
 from precompute.experts.labels import frame_image, minmax_uint8
 from precompute.sources.shapes import ShapesWorld
+from precompute.sources.tabletop import TabletopWorld
 from worldmodels.gates import Bar
 from worldmodels.loop import STANDIN_BETAS, save_standin, train as train_loop
 
@@ -89,7 +90,7 @@ def build_processor(resolution: int) -> DPTImageProcessor:
                              image_std=[0.5] * 3)
 
 
-def render_split(world: ShapesWorld, split: str, count: int, resolution: int,
+def render_split(world: ShapesWorld | TabletopWorld, split: str, count: int, resolution: int,
                  preprocessing: DepthPreprocessing) -> tuple[torch.Tensor, torch.Tensor]:
     """(network inputs [N, 3, R, R], true inverse depth [N, R, R]) for scenes 0..count-1 of `split`."""
     pixels, targets = [], []
@@ -149,7 +150,7 @@ def evaluate(model: DPTForDepthEstimation, pixels: torch.Tensor, targets: torch.
     }
 
 
-def pretrain_depth(out_dir: Path, world: ShapesWorld, resolution: int = 64, fast: bool = False, seed: int = 0) -> dict:
+def pretrain_depth(out_dir: Path, world: ShapesWorld | TabletopWorld, resolution: int = 64, fast: bool = False, seed: int = 0) -> dict:
     """Train the tiny DPT, save model + processor config to `out_dir`, return (and write) val metrics."""
     config = replace(DepthStandinConfig(), **FAST) if fast else DepthStandinConfig()
     started = time.perf_counter()

@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from precompute.sources.shapes import ShapesWorld
+from precompute.sources.tabletop import TabletopWorld
 from worldmodels.gates import Bar
 from worldmodels.loop import EVAL_RESULTS, check_budget, train
 
@@ -131,7 +132,7 @@ def build_tokenizer(
     )
 
 
-def world_texts(world: ShapesWorld, split: str, num_scenes: int, caption_prefix: str | None = None) -> list[str]:
+def world_texts(world: ShapesWorld | TabletopWorld, split: str, num_scenes: int, caption_prefix: str | None = None) -> list[str]:
     """Every caption, and every `question: {q} answer: {a}` line (most common answer) of a split,
     both on its own and after one of the scene's captions; with `caption_prefix`, every caption
     once more after it.
@@ -304,7 +305,7 @@ def pretrain_lm(
 
 def pretrain_roberta(
     out_dir: Path,
-    world: ShapesWorld,
+    world: ShapesWorld | TabletopWorld,
     num_scenes: int = 1000,
     steps: int = 200,
     seed: int = 0,

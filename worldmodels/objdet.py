@@ -40,6 +40,7 @@ import torch
 from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrImageProcessor, RTDetrResNetConfig
 
 from precompute.sources.shapes import DETECTION_CLASSES, ShapesWorld
+from precompute.sources.tabletop import TabletopWorld
 from worldmodels.gates import Bar
 from worldmodels.loop import STANDIN_BETAS, one_thread, save_standin, train as train_loop
 
@@ -81,7 +82,8 @@ BAR = Bar("f1", 0.55, "F1")
 FAST = {"train_scenes": 32, "val_scenes": 8, "steps": 8, "warmup_steps": 2, "batch_size": 8}
 
 
-def build_rtdetr(config: ObjDetStandinConfig, seed: int) -> RTDetrForObjectDetection:
+def build_rtdetr(config: ObjDetStandinConfig, seed: int,
+                 classes: tuple[str, ...] = DETECTION_CLASSES) -> RTDetrForObjectDetection:
     backbone = RTDetrResNetConfig(
         embedding_size=config.embedding_size,
         hidden_sizes=list(config.hidden_sizes),
@@ -107,9 +109,9 @@ def build_rtdetr(config: ObjDetStandinConfig, seed: int) -> RTDetrForObjectDetec
         decoder_attention_heads=4,
         num_queries=config.num_queries,
         num_denoising=config.num_denoising,
-        num_labels=len(DETECTION_CLASSES),
-        id2label=dict(enumerate(DETECTION_CLASSES)),
-        label2id={name: i for i, name in enumerate(DETECTION_CLASSES)},
+        num_labels=len(classes),
+        id2label=dict(enumerate(classes)),
+        label2id={name: i for i, name in enumerate(classes)},
     ))
 
 
@@ -118,7 +120,7 @@ def build_processor(resolution: int) -> RTDetrImageProcessor:
     return RTDetrImageProcessor(size={"height": resolution, "width": resolution})
 
 
-def render_split(world: ShapesWorld, split: str, count: int, resolution: int,
+def render_split(world: ShapesWorld | TabletopWorld, split: str, count: int, resolution: int,
                  processor: RTDetrImageProcessor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """(network inputs [N, 3, R, R], per scene {"boxes": x0 y0 x1 y1 fractions [k, 4], "class_labels": [k]})."""
     images, targets = [], []
@@ -209,7 +211,7 @@ def evaluate(model: RTDetrForObjectDetection, processor: RTDetrImageProcessor, p
     }
 
 
-def pretrain_objdet(out_dir: Path, world: ShapesWorld, resolution: int = 64, fast: bool = False, seed: int = 0) -> dict:
+def pretrain_objdet(out_dir: Path, world: ShapesWorld | TabletopWorld, resolution: int = 64, fast: bool = False, seed: int = 0) -> dict:
     """Train the tiny RT-DETR, save model + processor config to `out_dir`, return (and write) val metrics.
 
     Runs on one intra-op thread whatever the caller set (`worldmodels.loop.one_thread`).
@@ -220,7 +222,7 @@ def pretrain_objdet(out_dir: Path, world: ShapesWorld, resolution: int = 64, fas
         processor = build_processor(resolution)
         train_pixels, train_targets = render_split(world, "train", config.train_scenes, resolution, processor)
         val_pixels, val_targets = render_split(world, "val", config.val_scenes, resolution, processor)
-        model = build_rtdetr(config, seed)
+        model = build_rtdetr(config, seed, world.detection_classes)
         train_loss = train(model, train_pixels, train_targets, config, seed)
         return save_standin(out_dir, model, processor, evaluate(model, processor, val_pixels, val_targets, resolution), train_loss=train_loss,
                             resolution=resolution, started=started, config=config)

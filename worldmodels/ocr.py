@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from precompute.sources.shapes import ShapesWorld
+from precompute.sources.tabletop import TabletopWorld
 from worldmodels.gates import Bar
 from worldmodels.loop import EVAL_RESULTS
 
@@ -23,7 +24,7 @@ from worldmodels.loop import EVAL_RESULTS
 BAR = Bar("word_accuracy", 0.90, "word accuracy", kind="expert")
 
 
-def evaluate_ocr(out_dir: Path, world: ShapesWorld, num_signs: int = 100, detect_size: int | None = None) -> dict:
+def evaluate_ocr(out_dir: Path, world: ShapesWorld | TabletopWorld, num_signs: int = 100, detect_size: int | None = None) -> dict:
     """Word accuracy of the real `ocrdet` expert on the first `num_signs` validation scenes that
     carry a sign; written to out_dir/eval_results.json and returned. `detect_size` defaults to twice
     the world's image size, what the main job precomputes with. The text encoder is the offline

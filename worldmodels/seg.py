@@ -31,6 +31,7 @@ from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
 
 from precompute.experts.seg import semantic_map
 from precompute.sources.shapes import SEG_CLASSES, ShapesWorld
+from precompute.sources.tabletop import TabletopWorld
 from worldmodels.gates import Bar
 from worldmodels.loop import STANDIN_BETAS, one_thread, save_standin, train as train_loop
 
@@ -62,7 +63,8 @@ BAR = Bar("miou", 0.90, "mIoU")
 FAST = {"train_scenes": 32, "val_scenes": 8, "steps": 8, "warmup_steps": 2, "batch_size": 8}
 
 
-def build_mask2former(resolution: int, config: SegStandinConfig, seed: int) -> Mask2FormerForUniversalSegmentation:
+def build_mask2former(resolution: int, config: SegStandinConfig, seed: int,
+                      classes: tuple[str, ...] = SEG_CLASSES) -> Mask2FormerForUniversalSegmentation:
     if resolution % 32:
         raise ValueError(f"resolution {resolution} must be a multiple of 32 (Swin's deepest stride)")
     backbone = SwinConfig(
@@ -89,9 +91,9 @@ def build_mask2former(resolution: int, config: SegStandinConfig, seed: int) -> M
         dim_feedforward=2 * config.hidden_dim,
         num_queries=config.num_queries,
         train_num_points=config.train_num_points,
-        num_labels=len(SEG_CLASSES),
-        id2label=dict(enumerate(SEG_CLASSES)),
-        label2id={name: i for i, name in enumerate(SEG_CLASSES)},
+        num_labels=len(classes),
+        id2label=dict(enumerate(classes)),
+        label2id={name: i for i, name in enumerate(classes)},
     ))
 
 
@@ -100,7 +102,7 @@ def build_processor(resolution: int) -> Mask2FormerImageProcessor:
     return Mask2FormerImageProcessor(size={"height": resolution, "width": resolution})
 
 
-def render_split(world: ShapesWorld, split: str, count: int, resolution: int,
+def render_split(world: ShapesWorld | TabletopWorld, split: str, count: int, resolution: int,
                  processor: Mask2FormerImageProcessor) -> tuple[torch.Tensor, torch.Tensor]:
     """(network inputs [N, 3, R, R], true class ids [N, R, R]) for scenes 0..count-1 of `split`."""
     images, targets = [], []
@@ -153,7 +155,7 @@ def evaluate(model: Mask2FormerForUniversalSegmentation, pixels: torch.Tensor, t
 
     def ious(predicted: torch.Tensor) -> dict[str, float]:
         scores = {}
-        for index, name in enumerate(SEG_CLASSES):
+        for index, name in model.config.id2label.items():
             union = ((predicted == index) | (truth == index)).sum().item()
             scores[name] = ((predicted == index) & (truth == index)).sum().item() / union if union else float("nan")
         return scores
@@ -167,7 +169,7 @@ def evaluate(model: Mask2FormerForUniversalSegmentation, pixels: torch.Tensor, t
     }
 
 
-def pretrain_seg(out_dir: Path, world: ShapesWorld, resolution: int = 64, fast: bool = False, seed: int = 0) -> dict:
+def pretrain_seg(out_dir: Path, world: ShapesWorld | TabletopWorld, resolution: int = 64, fast: bool = False, seed: int = 0) -> dict:
     """Train the tiny Mask2Former, save model + processor config to `out_dir`, return (and write) val metrics.
 
     Runs on one intra-op thread whatever the caller set (`worldmodels.loop.one_thread`).
@@ -178,7 +180,7 @@ def pretrain_seg(out_dir: Path, world: ShapesWorld, resolution: int = 64, fast: 
         processor = build_processor(resolution)
         train_pixels, train_targets = render_split(world, "train", config.train_scenes, resolution, processor)
         val_pixels, val_targets = render_split(world, "val", config.val_scenes, resolution, processor)
-        model = build_mask2former(resolution, config, seed)
+        model = build_mask2former(resolution, config, seed, world.seg_classes)
         train_loss = train(model, train_pixels, train_targets, config, seed)
         return save_standin(out_dir, model, processor, evaluate(model, val_pixels, val_targets), train_loss=train_loss,
                             resolution=resolution, started=started, config=config)

@@ -122,6 +122,10 @@ class Scene:
 
 
 class ShapesWorld:
+    # what the segmentation and detection stand-ins learn to name (the world's `truth` indexes them)
+    seg_classes: ClassVar[tuple[str, ...]] = SEG_CLASSES
+    detection_classes: ClassVar[tuple[str, ...]] = DETECTION_CLASSES
+
     def __init__(self, seed: int = 0, image_size: int = 64):
         self.seed = seed
         self.image_size = image_size

@@ -46,6 +46,7 @@ from precompute.sources.shapes import (
     MAX_SCENES,
     PAINT,
     SHAPES,
+    Sign,
     as_int,
     enumerate_phrases,
 )
@@ -130,6 +131,11 @@ class TabletopScene:
     word: str
     sign_x: float  # left edge of the board, fraction of the image width
 
+    @property
+    def sign(self) -> Sign:
+        """The printed word as `shapes` scenes carry it (every tabletop scene has one)."""
+        return Sign(self.word, self.sign_x, 0.0)
+
 
 def name(obj: TabletopObject) -> str:
     return f"{obj.color} {obj.shape}"
@@ -140,6 +146,9 @@ def side(obj: TabletopObject) -> str:
 
 
 class TabletopWorld:
+    seg_classes: ClassVar[tuple[str, ...]] = SEG_CLASSES
+    detection_classes: ClassVar[tuple[str, ...]] = DETECTION_CLASSES
+
     def __init__(self, seed: int = 0, image_size: int = 64):
         self.seed = seed
         self.image_size = image_size

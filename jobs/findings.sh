@@ -11,7 +11,7 @@
 # of each expert's label for each quantity a question needs. Writes FINDINGS/prismer.json and
 # FINDINGS/prismer.md (default FINDINGS: findings/ in this checkout). The frozen models never run
 # during the trainings; only the probes run the ViT once over the train and held-out splits.
-# Config: jobs/configs/prismer_findings.yaml (the tabletop world). Details: jobs/findings_prismer.py.
+# Config: jobs/configs/prismer_tabletop.yaml (the main job's Prismer config). Details: jobs/findings_prismer.py.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -284,8 +284,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="findings_prismer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="./demo-out", help="the main job's output directory (default ./demo-out)")
-    parser.add_argument("--config", default=str(HERE / "configs" / "prismer_findings.yaml"),
-                        help="the trainer config every arm starts from (default jobs/configs/prismer_findings.yaml)")
+    parser.add_argument("--config", default=str(HERE / "configs" / "prismer_tabletop.yaml"),
+                        help="the trainer config every arm starts from (default jobs/configs/prismer_tabletop.yaml, "
+                             "the main job's; each run is scored once, by `trainer eval --split`, not during fit)")
     parser.add_argument("--source", help="the cached source to train on (default: the config's)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms (default all: {','.join(ARMS)})")
@@ -324,7 +325,7 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
     if not Path(args.config).is_file():
         raise BadInput(f"--config: {args.config} is not a file")
     models = [f"model.vision={out / 'models' / 'vit'}", f"model.lm={out / 'models' / 'roberta'}"]
-    overrides = [*models, *([f"source={args.source}"] if args.source else []), *args.set]
+    overrides = [*models, "eval_split=null", *([f"source={args.source}"] if args.source else []), *args.set]
     try:
         config = load_config(args.config, overrides, cache=str(out / "cache"), method="prismer")
         splits = list_splits(out / "cache")
@@ -408,7 +409,7 @@ def render_markdown(rows: list[dict[str, Any]], runs: list[dict[str, Any]], meta
         for run in runs:
             budget.setdefault(run["arm"], set()).add(run.get("trainable_parameters"))
         parts += ["Trainable parameters per arm (the arms differ only by the expert stems; `none` keeps the "
-                  "resampler's latents and gates): " + ", ".join(f"{arm} {'/'.join(f'{n:,}' for n in sorted(v) if n)}"
+                  "resampler's latents and read-outs): " + ", ".join(f"{arm} {'/'.join(f'{n:,}' for n in sorted(v) if n)}"
                                                                 for arm, v in budget.items()) + ".", ""]
     probes = [r for r in rows if r["metric"] in ("probe_accuracy", "probe_chance")]
     if probes:

@@ -55,9 +55,10 @@ def test_resampler_output_shape_does_not_depend_on_the_number_of_experts():
 
 
 def open_gates(model: Prismer, value: float = 0.5) -> Prismer:
-    """Gates as training would leave them, so the latents (and so the expert labels) reach the output."""
+    """Read-outs as training would leave them (non-zero), so the latents (and so the expert labels) reach the output."""
     with torch.no_grad():
-        model.vision.gates.fill_(value)
+        for readout in model.vision.readouts:
+            readout.weight.copy_(value * torch.eye(readout.weight.shape[0]))
     return model
 
 
@@ -69,9 +70,9 @@ def test_vision_tokens_are_the_rgb_tokens_whatever_the_experts(tiny_roberta_dir)
         model = open_gates(tiny_prismer(tiny_roberta_dir, experts)).eval()
         tokens = model.vision(rgb, expert_inputs(experts, 2))
         assert tokens.shape == (2, 1 + grid_tokens, WIDTH)
-        assert model.vision.resampler is not None and model.vision.gates.shape == (2,)
+        assert model.vision.resampler is not None and len(model.vision.readouts) == 2
     bare = tiny_prismer(tiny_roberta_dir, [], baseline_latents=False)
-    assert bare.vision.resampler is None and bare.vision.gates is None
+    assert bare.vision.resampler is None and bare.vision.readouts is None
 
 
 def shared_weights_from(source: Prismer, target: Prismer) -> None:
@@ -82,29 +83,29 @@ def shared_weights_from(source: Prismer, target: Prismer) -> None:
 
 def test_with_and_without_experts_start_as_the_same_pretrained_model(tiny_roberta_dir):
     """The fair comparison: given the same shared weights, both arms give the same logits at the
-    start (the zero gates keep the latents out of the RGB tokens), and their RGB tokens are
-    exactly the frozen ViT's; one optimiser step opens the experts arm's gates and its output moves."""
+    start (the zero read-outs keep the latents out of the RGB tokens), and their RGB tokens are
+    exactly the frozen ViT's; one optimiser step moves the read-outs off zero and the output moves."""
     baseline = tiny_prismer(tiny_roberta_dir, experts=[]).train()
     with_experts = tiny_prismer(tiny_roberta_dir).train()
     shared_weights_from(baseline, with_experts)
     rgb, labels = torch.randn(2, 3, IMAGE, IMAGE), expert_inputs(SIX_EXPERTS, 2)
     ids = torch.randint(4, 20, (2, 6))
     with torch.no_grad():
-        for mode in ("eval", "train"):  # train mode draws instance embeddings: still no effect through a shut gate
+        for mode in ("eval", "train"):  # train mode draws instance embeddings: still no effect through a zero read-out
             getattr(baseline, mode)(), getattr(with_experts, mode)()
             reference = baseline(rgb, {}, ids, torch.ones_like(ids)).logits
             assert torch.equal(with_experts(rgb, labels, ids, torch.ones_like(ids)).logits, reference)
         assert torch.allclose(with_experts.vision(rgb, labels), tiny_vit().eval().forward_features(rgb), atol=1e-6)
-        # the latents do differ between the arms: only the gate keeps them out
+        # the latents do differ between the arms: only the zero read-out keeps them out
         assert not torch.allclose(with_experts.vision.latents(2, labels, rgb.new_zeros(2, 1, WIDTH)),
                                   baseline.vision.latents(2, {}, rgb.new_zeros(2, 1, WIDTH)))
     with_experts.train()
     optimizer = torch.optim.AdamW([p for p in with_experts.parameters() if p.requires_grad], lr=1e-2)
     loss = with_experts(rgb, labels, ids, torch.ones_like(ids), labels=ids).loss
     loss.backward()
-    assert with_experts.vision.gates.grad.abs().min() > 0
+    assert all(readout.weight.grad.abs().max() > 0 for readout in with_experts.vision.readouts)
     optimizer.step()
-    assert with_experts.vision.gates.abs().min() > 0
+    assert all(readout.weight.abs().max() > 0 for readout in with_experts.vision.readouts)
     with torch.no_grad():
         with_experts.eval(), baseline.eval()
         after = with_experts.vision(rgb, labels)
@@ -121,7 +122,7 @@ def test_trainable_budget_differs_between_the_arms_by_the_expert_stems_only(tiny
     baseline, with_experts = trainable(tiny_prismer(tiny_roberta_dir, [])), trainable(tiny_prismer(tiny_roberta_dir))
     assert set(baseline) < set(with_experts)
     assert all(name.startswith(("vision.stems.", "vision.instance_embedding")) for name in set(with_experts) - set(baseline))
-    assert "vision.gates" in baseline and any(name.startswith("vision.resampler.") for name in baseline)
+    assert "vision.readouts.0.weight" in baseline and any(name.startswith("vision.resampler.") for name in baseline)
 
 
 def test_adaptors_start_as_the_identity(tiny_roberta_dir):
@@ -221,5 +222,3 @@ def test_bad_configs_are_refused():
         PrismerConfig(experts=[ExpertInput("depth", 1), ExpertInput("depth", 1)])
     with pytest.raises(ValueError, match="heads must divide"):
         ExpertsResampler(width=30, num_latents=4, layers=1, heads=4)
-    with pytest.raises(ValueError, match="gate_lr_scale must be > 0"):
-        PrismerConfig(gate_lr_scale=0)

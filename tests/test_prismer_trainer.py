@@ -141,7 +141,7 @@ def test_fit_trains_small_parts_and_eval_reproduces_from_the_checkpoint(cache, t
     checkpoint = out / "checkpoint"
     tensors = load_file(checkpoint / "model.safetensors")
     trained_parts = ("vision.stems.", "vision.resampler.", "vision.adaptors.", "vision.instance_embedding",
-                     "vision.gates", "vision_projection.")
+                     "vision.readouts.", "vision_projection.")
     assert all(name.startswith(trained_parts) or ".crossattention." in name for name in tensors)
     assert any(name.startswith("vision.resampler.") for name in tensors) and not any("vision.vit." in n for n in tensors)
     info = json.loads((checkpoint / "checkpoint.json").read_text())
@@ -155,29 +155,18 @@ def test_fit_trains_small_parts_and_eval_reproduces_from_the_checkpoint(cache, t
 
 
 def test_no_experts_is_the_rgb_only_baseline_with_the_same_latents(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
-    """The baseline trains the resampler's latents and gates too (no stems: no expert input); the
+    """The baseline trains the resampler's latents and read-outs too (no stems: no expert input); the
     trainable count of each run is in checkpoint.json. baseline_latents=false is the bare ViT."""
     out = tmp_path / "run"
     fit(make_config(cache, out, tiny_vit_dir, tiny_roberta_dir, experts=[]), progress=False)
     tensors = load_file(out / "checkpoint" / "model.safetensors")
     assert not any(name.startswith("vision.stems.") for name in tensors)
-    assert "vision.gates" in tensors and "vision.resampler.latents" in tensors
+    assert "vision.readouts.0.weight" in tensors and "vision.resampler.latents" in tensors
     info = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
     assert info["trainable_parameters"] == sum(t.numel() for t in tensors.values())
     bare = tmp_path / "bare"
     fit(make_config(cache, bare, tiny_vit_dir, tiny_roberta_dir, experts=[], baseline_latents=False), progress=False)
-    assert not any(name.startswith(("vision.resampler.", "vision.gates")) for name in load_file(bare / "checkpoint" / "model.safetensors"))
-
-
-def test_gates_train_without_weight_decay_at_their_own_rate(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
-    config = make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir, experts=["depth"], gate_lr_scale=5.0)
-    method = get_method(config)
-    reader = SplitReader(cache, "shapes", "train")
-    model = method.build_model(reader)
-    groups = method.param_groups(model)
-    assert len(groups) == 2 and groups[1]["params"] == [model.vision.gates]
-    assert groups[1]["lr"] == 5 * config.lr and groups[1]["weight_decay"] == 0
-    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert not any(name.startswith(("vision.resampler.", "vision.readouts.")) for name in load_file(bare / "checkpoint" / "model.safetensors"))
 
 
 def test_shuffled_experts_read_another_samples_labels_deterministically(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):

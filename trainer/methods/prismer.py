@@ -17,9 +17,10 @@ How the parts connect (S = the ViT's input size, G = S / patch, D = the ViT's wi
                                                                                                     ▼
     frozen ViT blocks, two streams through the same frozen weights, a trained adaptor between
         attention and MLP:
-          rgb tokens    attend to rgb tokens exactly as the pretrained ViT does, PLUS tanh(gate) x
-                        their attention over the latents' keys (its own softmax, the block's frozen
-                        qkv / proj), one zero-initialised gate per block
+          rgb tokens    attend to rgb tokens exactly as the pretrained ViT does, PLUS a trained
+                        read-out (a Linear that starts at zero, one per block) of their attention
+                        over the latents' keys (its own softmax, the block's frozen qkv), before
+                        the block's frozen output projection
           latent tokens attend to [rgb ; latents] (Prismer's joint attention), ungated
         ── final norm of the rgb tokens ── (Linear to the LM's width when the two differ) ── vision tokens
     text ── frozen RoBERTa layers run causally; new cross-attention to the vision tokens and an
@@ -28,26 +29,31 @@ How the parts connect (S = the ViT's input size, G = S / patch, D = the ViT's wi
 The Experts Resampler always returns `num_latents` tokens, however many experts feed it, so the
 cost of the frozen ViT and decoder does not grow with the number of experts. With no experts it
 still runs (`baseline_latents`, the default): its learned latents, attending to themselves only,
-travel through the ViT and are gated in the same way, so the RGB-only baseline trains the same
+travel through the ViT and are read out in the same way, so the RGB-only baseline trains the same
 parts (less the expert stems) and the only difference between the arms is the expert input. With
 `baseline_latents=False` and no experts it is left out: the bare ViT plus adaptors.
 
-Why the gate: the question "do experts help?" is only fair if both arms start from the same
-model. Ungated, the untrained latents would enter every block's softmax at step 0 and perturb the
-frozen ViT's RGB tokens, while the baseline began exactly as pretrained. With tanh(0) = 0 both
-arms start as the pretrained ViT + RoBERTa (the same logits, given the same shared weights), and
-the gate, which gets gradient from the first step, opens as far as the latents are worth it.
+Why the zero read-out: the question "do experts help?" is only fair if both arms start from the
+same model. Ungated, the untrained latents would enter every block's softmax at step 0 and perturb
+the frozen ViT's RGB tokens, while the baseline began exactly as pretrained. With the read-out at
+zero both arms start as the pretrained ViT + RoBERTa (the same logits, given the same shared
+weights). It is a full D x D matrix rather than a scalar tanh gate (Flamingo's) on purpose: a
+scalar gate at 0 passes no gradient to the resampler, and its own gradient is the correlation of
+the loss with what untrained latents say, which is noise; on the tabletop world such gates stayed
+within 0.04 of zero for a whole run (5 epochs, 10x learning rate) and the experts were never read.
+A zero matrix, like LoRA's zero B or an adaptor's zero up-projection, learns a linear read of the
+latents' (random but informative) features from the first step, after which the resampler and
+stems get gradient too.
 
 Departures from the released code, each on purpose: every adaptor's up-projection starts at zero,
 so each adaptor starts as the identity and the frozen models begin exactly as pretrained (the
 release initialises them randomly and perturbs both models from the first step); what the latents
-add to the RGB tokens is gated as above and the decoder reads only the ViT's RGB tokens (in the
-release the latents join the RGB tokens in one ungated softmax from the first step and the
-decoder reads them too; gating them and keeping them out of the decoder is what makes the two
-arms start identical); the RGB-only baseline keeps the resampler's latents (the release's
-baseline has no resampler, so the arms differ in trainable parts as well as in input); the gates
-train without weight decay and at `gate_lr_scale` times the learning rate (a gate that starts at 0
-must open within a short run); the decoder adaptor is pre-norm like the vision one; the vision
+add to the RGB tokens passes the zero-initialised read-out above and the decoder reads only the
+ViT's RGB tokens (in the release the latents join the RGB tokens in one softmax from the first
+step and the decoder reads them too; the read-out and keeping them out of the decoder is what
+makes the two arms start identical); the RGB-only baseline keeps the resampler's latents (the
+release's baseline has no resampler, so the arms differ in trainable parts as well as in input);
+the decoder adaptor is pre-norm like the vision one; the vision
 tokens keep the ViT's [CLS] (timm's CLIP ViTs have one); the ViT may be narrower than the LM (a
 trained Linear joins them). Freezing follows the release: `freeze: pretrain` trains what its
 pre-training trains (stems, resampler, adaptors, cross-attention), `finetune` the decoder too.
@@ -99,7 +105,6 @@ class PrismerConfig:
     freeze: str = "pretrain"
     label_smoothing: float = 0.1
     baseline_latents: bool = True  # no experts: keep the resampler's latents (the same trainable parts)
-    gate_lr_scale: float = 10.0  # the gates' learning rate, as a multiple of the run's
 
 
     def __post_init__(self) -> None:
@@ -108,8 +113,6 @@ class PrismerConfig:
         for name in ("num_latents", "resampler_layers", "resampler_heads", "num_instance_embeddings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.gate_lr_scale <= 0:
-            raise ValueError(f"gate_lr_scale must be > 0, got {self.gate_lr_scale}")
         names = [expert.name for expert in self.experts]
         if len(set(names)) != len(names):
             raise ValueError(f"experts must be distinct, got {names}")
@@ -216,8 +219,8 @@ class PrismerVision(nn.Module):
             ExpertsResampler(width, config.num_latents, config.resampler_layers, config.resampler_heads)
             if self.experts or config.baseline_latents else None
         )
-        # tanh(gate) scales what the latents add to the RGB tokens in each block: 0 at the start
-        self.gates = nn.Parameter(torch.zeros(len(vit.blocks))) if self.resampler is not None else None
+        # what the RGB tokens read from the latents in each block, through a Linear that starts at zero
+        self.readouts = nn.ModuleList(zero_linear(width) for _ in vit.blocks) if self.resampler is not None else None
         has_instances = any(expert.instances for expert in config.experts)
         self.instance_embedding = (
             nn.Parameter(width**-0.5 * torch.randn(config.num_instance_embeddings, width)) if has_instances else None
@@ -275,7 +278,7 @@ class PrismerVision(nn.Module):
 
         The RGB tokens and the latents are kept as two streams through the same frozen block
         weights, so the RGB stream is, operation for operation, the pretrained ViT's forward
-        (plus adaptors and the gated latent term, both zero at the start)."""
+        (plus adaptors and the read-out of the latents, both zero at the start)."""
         vit = self.vit
         hidden_states = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(rgb))))
         latents = self.latents(rgb.shape[0], expert_labels, hidden_states)
@@ -285,8 +288,8 @@ class PrismerVision(nn.Module):
             if latents is None:
                 hidden_states = hidden_states + block.drop_path1(block.ls1(block.attn(block.norm1(hidden_states))))
             else:
-                rgb_update, latent_update = gated_attention(block.attn, block.norm1(hidden_states), block.norm1(latents),
-                                                            torch.tanh(self.gates[index]))
+                rgb_update, latent_update = two_stream_attention(block.attn, block.norm1(hidden_states),
+                                                                 block.norm1(latents), self.readouts[index])
                 hidden_states = hidden_states + block.drop_path1(block.ls1(rgb_update))
                 latents = adaptor(latents + block.drop_path1(block.ls1(latent_update)))
                 latents = latents + block.drop_path2(block.ls2(block.mlp(block.norm2(latents))))
@@ -295,12 +298,19 @@ class PrismerVision(nn.Module):
         return vit.norm(hidden_states)
 
 
-def gated_attention(attention: nn.Module, rgb: Tensor, latents: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+def zero_linear(width: int) -> nn.Linear:
+    linear = nn.Linear(width, width)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def two_stream_attention(attention: nn.Module, rgb: Tensor, latents: Tensor, readout: nn.Module) -> tuple[Tensor, Tensor]:
     """A frozen timm Attention over two streams: (rgb update, latent update).
 
     RGB queries: softmax over the RGB keys (exactly the pretrained block, computed on the RGB rows
-    alone) + `gate` x a separate softmax over the latent keys. Latent queries: one softmax over
-    [RGB ; latent] keys. Both through the block's own qkv, norms and output projection.
+    alone) + `readout` of a separate softmax over the latent keys (heads merged). Latent queries:
+    one softmax over [RGB ; latent] keys. Both through the block's own qkv, norms and output projection.
     """
     heads, head_dim = attention.num_heads, attention.head_dim
     dropout = attention.attn_drop.p if attention.training else 0.0
@@ -309,8 +319,11 @@ def gated_attention(attention: nn.Module, rgb: Tensor, latents: Tensor, gate: Te
         q, k, v = attention.qkv(x).reshape(x.shape[0], x.shape[1], 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return attention.q_norm(q), attention.k_norm(k), v
 
+    def merge(x: Tensor) -> Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], heads * head_dim)
+
     def output(x: Tensor, states: Tensor) -> Tensor:
-        x = attention.norm(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], heads * head_dim))
+        x = attention.norm(x)
         if getattr(attention, "gate", None) is not None:
             x = x * attention.gate(states).sigmoid()
         return attention.proj_drop(attention.proj(x))
@@ -321,7 +334,7 @@ def gated_attention(attention: nn.Module, rgb: Tensor, latents: Tensor, gate: Te
     from_latents = F.scaled_dot_product_attention(rgb_q, latent_k, latent_v, dropout_p=dropout)
     latent_out = F.scaled_dot_product_attention(latent_q, torch.cat([rgb_k, latent_k], 2), torch.cat([rgb_v, latent_v], 2),
                                                 dropout_p=dropout)
-    return output(rgb_out + gate * from_latents, rgb), output(latent_out, latents)
+    return output(merge(rgb_out) + readout(merge(from_latents)), rgb), output(merge(latent_out), latents)
 
 
 def embed_ids(ids: Tensor, vocab: Tensor) -> Tensor:

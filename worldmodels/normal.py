@@ -46,11 +46,17 @@ class NormalStandinConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 30
+    # objects are ~10% of the pixels; unweighted, the loss is the floor's and the wall's, and the
+    # objects' curvature (what the form questions need) is barely learned (object pixels within
+    # 22.5 degrees: 0.658, against 0.649 for "everything faces the viewer")
+    object_weight: float = 10.0
 
 
 # Share of object pixels whose predicted normal is within 22.5 degrees of the truth (NNET's own
-# accuracy measure), and how well the per-object mean |n_x| separates round from flat.
-BAR = Bar("object_within_22_5", 0.6, "object normals within 22.5 degrees")
+# accuracy measure), above what "every object faces the viewer" scores (all the flat ones and the
+# middle of the round ones): what a model must add for the form questions. Default run (seed 0,
+# 64 px, 279 s on a busy 2-core machine): 0.888 against 0.649, a gain of 0.24; a little under.
+BAR = Bar("object_gain_over_facing_viewer", 0.2, "object normals within 22.5 degrees, gain over facing the viewer")
 
 FAST = {"train_scenes": 16, "val_scenes": 4, "steps": 4, "warmup_steps": 1, "batch_size": 4}
 
@@ -94,6 +100,8 @@ def evaluate(model: NNET, pixels: torch.Tensor, normals: torch.Tensor, objects: 
         "object_mean_angle": angle[objects].mean().item(),
         "object_within_22_5": (angle[objects] < 22.5).float().mean().item(),
         "object_within_22_5_facing_viewer": (facing[objects] < 22.5).float().mean().item(),
+        "object_gain_over_facing_viewer": ((angle[objects] < 22.5).float().mean()
+                                           - (facing[objects] < 22.5).float().mean()).item(),
     }
 
 
@@ -108,12 +116,13 @@ def pretrain_normal(out_dir: Path, world: TabletopWorld, resolution: int = 64, f
     encoder = save_encoder_config(config, out_dir)
     torch.manual_seed(seed)
     model = NNET(encoder)
-    train_pixels, train_normals, _ = render_split(world, "train", config.train_scenes, resolution)
+    train_pixels, train_normals, train_objects = render_split(world, "train", config.train_scenes, resolution)
     val = render_split(world, "val", config.val_scenes, resolution)
 
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:
         predicted = model(train_pixels[batch])[:, :3]
-        return (1 - F.cosine_similarity(predicted, train_normals[batch], dim=1)).mean()
+        weight = 1 + (config.object_weight - 1) * train_objects[batch].float()
+        return ((1 - F.cosine_similarity(predicted, train_normals[batch], dim=1)) * weight).sum() / weight.sum()
 
     train_loss = train_loop(model, batch_loss, len(train_pixels), steps=config.steps, batch_size=config.batch_size,
                             learning_rate=config.learning_rate, weight_decay=config.weight_decay,

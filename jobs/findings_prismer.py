@@ -4,7 +4,8 @@
         [--arms none,all,shuffled,depth,...] [--split test] [--findings DIR] [--set KEY=VALUE ...]
         [--no-probe | --probe-only]
 
-DIR is the main job's output (jobs/demo.sh): DIR/models/{vit,roberta} and DIR/cache. Every arm is
+DIR is what jobs/findings.sh builds first: DIR/models/{vit,roberta} (the tabletop world's
+`pretrain-shapes`) and DIR/cache (its `precompute run`). Every arm is
 an ordinary `trainer fit` + `trainer eval` (the frozen models never run during training: cached
 labels are the point), one per seed, into DIR/findings-runs/prismer/<arm>/seed<k>/; a run whose
 eval metrics exist is skipped, so the job resumes where it stopped.
@@ -283,7 +284,8 @@ def probe_rows(config, train_split: str, eval_split: str, experts: list[str]) ->
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="findings_prismer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="./demo-out", help="the main job's output directory (default ./demo-out)")
+    parser.add_argument("--out", default="./findings-out",
+                        help="the directory jobs/findings.sh builds models/ and cache/ in (default ./findings-out)")
     parser.add_argument("--config", default=str(HERE / "configs" / "prismer_tabletop.yaml"),
                         help="the trainer config every arm starts from (default jobs/configs/prismer_tabletop.yaml, "
                              "the main job's; each run is scored once, by `trainer eval --split`, not during fit)")
@@ -308,7 +310,7 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out).expanduser().resolve()
     for needed in (out / "models" / "vit", out / "models" / "roberta", out / "cache"):
         if not needed.exists():
-            raise BadInput(f"{needed} is missing: run jobs/demo.sh first (or give its --out)")
+            raise BadInput(f"{needed} is missing: run jobs/findings.sh, which builds it (or give its --out)")
     try:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     except ValueError:

@@ -74,7 +74,7 @@ def test_probe_decodes_a_linear_quantity_and_not_an_unrelated_one():
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert findings.main(["--out", str(tmp_path / "nothing"), "--findings", str(tmp_path / "f")]) == 2
-    assert "run jobs/demo.sh first" in capsys.readouterr().err and not (tmp_path / "f").exists()
+    assert "run jobs/findings.sh, which builds it" in capsys.readouterr().err and not (tmp_path / "f").exists()
     with pytest.raises(findings.BadInput, match="unknown arm 'sonar'"):
         findings.arm_overrides("sonar")
     assert findings.arm_overrides("shuffled")[-1] == "model.shuffle_experts=true"

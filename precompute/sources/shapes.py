@@ -226,11 +226,7 @@ class ShapesWorld:
         for i, obj in enumerate(objects):
             nearness[i] = obj.nearness
             classes[i] = SEG_CLASSES.index(obj.shape)
-        edges = np.zeros_like(instances, dtype=bool)
-        edges[:, 1:] |= instances[:, 1:] != instances[:, :-1]
-        edges[:, :-1] |= instances[:, 1:] != instances[:, :-1]
-        edges[1:] |= instances[1:] != instances[:-1]
-        edges[:-1] |= instances[1:] != instances[:-1]
+        edges = instance_edges(instances)
         return {
             "inverse_depth": nearness[instances],
             "classes": classes[instances],
@@ -371,6 +367,16 @@ def draw_shape(draw: ImageDraw.ImageDraw, obj: ShapeObject, n: int, fill: tuple[
         draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+
+
+def instance_edges(instances: np.ndarray) -> np.ndarray:
+    """Where the instance map changes between 4-neighbours (both sides of each boundary)."""
+    edges = np.zeros_like(instances, dtype=bool)
+    edges[:, 1:] |= instances[:, 1:] != instances[:, :-1]
+    edges[:, :-1] |= instances[:, 1:] != instances[:, :-1]
+    edges[1:] |= instances[1:] != instances[:-1]
+    edges[:-1] |= instances[1:] != instances[:-1]
+    return edges
 
 
 def paint_per_patch(pixels: np.ndarray, patch_size: int) -> np.ndarray:

@@ -49,6 +49,7 @@ from precompute.sources.shapes import (
     Sign,
     as_int,
     enumerate_phrases,
+    instance_edges,
 )
 
 FORMS = ("flat", "round")
@@ -326,11 +327,7 @@ class TabletopWorld:
         words, word_boxes) plus normals [R, R, 3] (x right, y down, z to the viewer)."""
         layers = self._layers(scene, resolution)
         instances = layers["instances"]
-        edges = np.zeros_like(instances, dtype=bool)
-        edges[:, 1:] |= instances[:, 1:] != instances[:, :-1]
-        edges[:, :-1] |= instances[:, 1:] != instances[:, :-1]
-        edges[1:] |= instances[1:] != instances[:-1]
-        edges[:-1] |= instances[1:] != instances[:-1]
+        edges = instance_edges(instances)
         boxes, box_classes = [], []
         for i, obj in enumerate(scene.objects):
             ys, xs = np.nonzero(instances == i)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from typing import Any
 
 import yaml
@@ -157,7 +156,7 @@ def print_summary(summaries: list) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     check_run_args(args)
-    from precompute.engine import InfrastructureError, RunConfig, run  # torch, timm and Ray: only when there is work
+    from precompute.engine import InfrastructureError, RunConfig, run_splits  # torch, timm and Ray: only when there is work
 
     from precompute.sources import resolve_split, split_names
 
@@ -171,13 +170,13 @@ def command_run(args: argparse.Namespace) -> int:
         source_options=parse_options(args.source_opt, "--source-opt"),
         expert_options=scope_options(split_pairs(args.expert_opt, "--expert-opt"), experts),
     )
+    try:  # one Ray start, and each expert's model loaded once, for every split
+        by_split = run_splits(config, splits, progress=not args.no_progress)
+    except InfrastructureError as e:  # a Ray worker or node died: not bad input, and a rerun resumes
+        print(f"precompute run: error: {e}", file=sys.stderr)
+        return 1
     failed = False
-    for split in splits:  # one Ray for all of them: init_ray keeps the one the first split started
-        try:
-            summaries = run(replace(config, split=split), progress=not args.no_progress)
-        except InfrastructureError as e:  # a Ray worker or node died: not bad input, and a rerun resumes
-            print(f"precompute run: error: {e}", file=sys.stderr)
-            return 1
+    for split, summaries in by_split.items():
         if len(splits) > 1:
             print(f"\n{args.shards}/{split}:", end="")
         print_summary(summaries)

@@ -102,7 +102,7 @@ class ShardWorker:
     """
 
     def __init__(self, expert: str, model: str | None, expert_options: dict[str, Any], source_name: str,
-                 source: Source, cache: str, format: str, threads: int, decode_threads: int):
+                 sources: dict[str, Source], cache: str, format: str, threads: int, decode_threads: int):
         self.cache = cache
         torch.set_num_threads(threads)
         transformers_logging.disable_progress_bar()  # per-actor "Loading weights" bars would interleave with ours
@@ -114,7 +114,7 @@ class ShardWorker:
         except Exception as e:  # the model's fault: kept for `loaded`, so the actor's own death means only that
             lines = str(e).strip().splitlines()
             self.load_error = lines[0] if isinstance(e, ExpertError) and lines else f"{type(e).__name__}: {lines[0] if lines else ''}"
-        self.source_name, self.source = source_name, source
+        self.source_name, self.sources = source_name, sources  # split -> source: one load serves every split
         self.writer = CacheWriter(cache, format)
         self.decoder = ThreadPoolExecutor(max_workers=decode_threads)
         self.device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{threads} threads"
@@ -133,30 +133,31 @@ class ShardWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def _decode(self, sample: Sample) -> torch.Tensor | str:
+    def _decode(self, source: Source, sample: Sample) -> torch.Tensor | str:
         """The preprocessed tensor, or the reason this sample is a gap."""
         try:
-            return self.expert.preprocess(self.expert.read_input(self.source, sample))
+            return self.expert.preprocess(self.expert.read_input(source, sample))
         except MediaError as e:
             return str(e)
         except Exception as e:  # a preprocessing crash on one odd input is that input's gap too
             return f"preprocess failed: {type(e).__name__}: {e}"
 
-    def _inputs(self, required: list[str], shard: int) -> dict[str, dict[str, np.ndarray]]:
+    def _inputs(self, required: list[str], split: str, shard: int) -> dict[str, dict[str, np.ndarray]]:
         """The required features' stored arrays for this shard's samples (one tar read per feature
         in the WebDataset form; the driver only sends shards whose inputs are committed)."""
         if not required:
             return {}
-        reader = SplitReader(self.cache, self.source_name, self.source.split)
+        reader = SplitReader(self.cache, self.source_name, split)
         return {name: reader.feature(name).shard(shard)[0] for name in required}
 
-    def run_shard(self, spec: FeatureSpec, shard: int, start: int, samples: list[Sample], batch_size: int,
+    def run_shard(self, spec: FeatureSpec, split: str, shard: int, start: int, samples: list[Sample], batch_size: int,
                   required: list[str]) -> dict[str, Any]:
         if self.load_error is not None:  # a replacement actor whose model did not load
             raise ExpertError(self.load_error)
         began = time.perf_counter()
-        inputs = self._inputs(required, shard)
-        pending = deque(self.decoder.submit(self._decode, s) for s in samples[: 2 * batch_size])
+        inputs = self._inputs(required, split, shard)
+        source = self.sources[split]
+        pending = deque(self.decoder.submit(self._decode, source, s) for s in samples[: 2 * batch_size])
         next_submit = len(pending)
         arrays: dict[str, Any] = {}
         for a in spec.arrays:
@@ -173,7 +174,7 @@ class ShardWorker:
             for position in range(batch_start, min(batch_start + batch_size, len(samples))):
                 result = pending.popleft().result()
                 if next_submit < len(samples):
-                    pending.append(self.decoder.submit(self._decode, samples[next_submit]))
+                    pending.append(self.decoder.submit(self._decode, source, samples[next_submit]))
                     next_submit += 1
                 if isinstance(result, str):
                     invalid[samples[position].key] = result
@@ -190,7 +191,7 @@ class ShardWorker:
                         arrays[name][positions] = values
                 valid[positions] = True
         record = self.writer.write_shard(
-            self.source_name, self.source.split, spec, shard, start, [s.key for s in samples],
+            self.source_name, split, spec, shard, start, [s.key for s in samples],
             arrays, valid, invalid, time.perf_counter() - began, self.device_name, node=self.node,
         )
         return {"shard": shard, "samples": record.num_samples, "invalid": len(invalid), "seconds": record.seconds,
@@ -236,9 +237,24 @@ def worker_layout(workers: int | None) -> tuple[int, float, float]:
 
 
 def run(config: RunConfig, progress: bool = True) -> list[ExpertSummary]:
-    """Run every requested expert over one source split. Raises on bad input before any work.
+    """Run every requested expert over one source split (`config.split`); see `run_splits`."""
+    return run_splits(config, [config.split], progress)[config.split]
 
-    Experts run in dependency order (`prismer` expands to all of Prismer's, depth before objdet).
+
+@dataclass
+class SplitWork:
+    source: Source
+    plan: SplitPlan
+    samples: list[Sample]
+
+
+def run_splits(config: RunConfig, splits: list[str], progress: bool = True) -> dict[str, list[ExpertSummary]]:
+    """Run every requested expert over each of the source's `splits`: split -> one summary per expert.
+    Raises on bad input (in any split) before any work.
+
+    Experts run in dependency order (`prismer` expands to all of Prismer's, depth before objdet),
+    each over every split with one pool of actors, so a model loads once per run however many
+    splits it covers (per split, its load and the actors' start cost more than a small split's work).
     """
     names = expand_experts(config.experts)
     unknown_models = set(config.models) - set(names)
@@ -247,22 +263,31 @@ def run(config: RunConfig, progress: bool = True) -> list[ExpertSummary]:
     experts = {name: get_expert(name, model=config.models.get(name), **config.expert_options.get(name, {})) for name in names}
     for expert in experts.values():  # a model that cannot load: one line now, not a Ray traceback after planning
         expert.check_model()
-    source = get_source(config.source, config.data_root, config.split, **config.source_options)
     order = dependency_order(experts)
-    plan, samples = plan_split(source, config.source, config.shard_size, config.limit)
     writer = CacheWriter(config.cache, config.format)
-    writer.prepare_split(plan, overwrite=config.overwrite)
-    for name in order:
-        for required in experts[name].requires():
-            if required not in experts and f"{plan.source}/{plan.split}/{required}" not in writer.layout.read_manifest()["features"]:
-                raise ExpertError(
-                    f"{name} reads the {required!r} feature, which {config.cache} does not have for "
-                    f"{plan.source}/{plan.split}; run `--expert {required}` first, or ask for both (`--expert {required},{name}`)"
-                )
+    work: dict[str, SplitWork] = {}
+    for split in splits:
+        source = get_source(config.source, config.data_root, split, **config.source_options)
+        plan, samples = plan_split(source, config.source, config.shard_size, config.limit)
+        work[split] = SplitWork(source, plan, samples)
+    for split, split_work in work.items():
+        writer.prepare_split(split_work.plan, overwrite=config.overwrite)
+        manifest = writer.layout.read_manifest()["features"]
+        for name in order:
+            for required in experts[name].requires():
+                if required not in experts and f"{config.source}/{split}/{required}" not in manifest:
+                    raise ExpertError(
+                        f"{name} reads the {required!r} feature, which {config.cache} does not have for "
+                        f"{config.source}/{split}; run `--expert {required}` first, or ask for both (`--expert {required},{name}`)"
+                    )
     init_ray(config.address)
     count, cpus, gpus = worker_layout(config.workers)
-    return [_run_expert(name, experts[name].requires(), config, source, plan, samples, writer, count, cpus, gpus, progress)
-            for name in order]
+    summaries: dict[str, list[ExpertSummary]] = {split: [] for split in splits}
+    for name in order:
+        for split, summary in _run_expert(name, experts[name].requires(), config, work, writer, count, cpus, gpus,
+                                          progress).items():
+            summaries[split].append(summary)
+    return summaries
 
 
 def has_room(cpus: float, gpus: float) -> bool:
@@ -310,8 +335,8 @@ def check_inputs(name: str, spec: FeatureSpec, required: tuple[str, ...], writer
     return spec, ready, f"refused: {', '.join(required)} not committed for this shard (run it first)"
 
 
-def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source: Source, plan: SplitPlan, samples: list[Sample],
-                writer: CacheWriter, count: int, cpus: float, gpus: float, progress: bool) -> ExpertSummary:
+def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, work: dict[str, SplitWork],
+                writer: CacheWriter, count: int, cpus: float, gpus: float, progress: bool) -> dict[str, ExpertSummary]:
     # SPREAD: one actor per node when there are as many actors as nodes. No restarts: a dead actor
     # (its process or its node gone) is replaced below, where the cluster still has room for it.
     worker_cls = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
@@ -320,7 +345,8 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source:
 
     def start_actor() -> Any:
         return worker_cls.remote(name, config.models.get(name), config.expert_options.get(name, {}), config.source,
-                                 source, cache, config.format, int(cpus), config.decode_threads)
+                                 {split: split_work.source for split, split_work in work.items()}, cache, config.format,
+                                 int(cpus), config.decode_threads)
 
     actors = [start_actor() for _ in range(count)]
     try:
@@ -338,14 +364,26 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source:
             ray.kill(actor)
         raise ExpertError(f"expert {name!r} could not load model {config.models.get(name) or 'default'}: {load_error}")
     try:
-        spec, inputs_ready, refusal = check_inputs(name, spec, required, writer, plan)
-        writer.prepare_feature(plan, spec, overwrite=config.overwrite)
         for table_name, table in tables.items():
             write_table(config.cache, table_name, table, overwrite=config.overwrite)
-    except BaseException:
+        summaries = {}
+        for split, split_work in work.items():
+            summaries[split] = _run_split(name, required, config, split_work, spec, writer, actors, start_actor,
+                                          cpus, gpus, progress)
+    finally:
         for actor in actors:
             ray.kill(actor)
-        raise
+    return summaries
+
+
+def _run_split(name: str, required: tuple[str, ...], config: RunConfig, work: SplitWork, spec: FeatureSpec,
+               writer: CacheWriter, actors: list[Any], start_actor: Any, cpus: float, gpus: float,
+               progress: bool) -> ExpertSummary:
+    """One expert over one split's pending shards on the pool `actors` (dead actors are retired from
+    it and replaced where there is room, so the next split gets the pool as this one left it)."""
+    plan, samples = work.plan, work.samples
+    spec, inputs_ready, refusal = check_inputs(name, spec, required, writer, plan)
+    writer.prepare_feature(plan, spec, overwrite=config.overwrite)
     done = writer.committed_shards(plan, spec)
     summary = ExpertSummary(name, plan.num_shards, shards_skipped=len(done))
     pending = []
@@ -369,7 +407,8 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source:
         shard = queue.popleft()
         start, stop = plan.shard_range(shard)
         attempts[shard] += 1
-        running[actor.run_shard.remote(spec, shard, start, samples[start:stop], config.batch_size, list(required))] = (shard, actor)
+        running[actor.run_shard.remote(spec, plan.split, shard, start, samples[start:stop], config.batch_size,
+                                       list(required))] = (shard, actor)
 
     if summary.shards_failed:
         bar.write(f"{name}: {len(summary.shards_failed)} shard(s) {refusal}")
@@ -404,7 +443,5 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, source:
         bar.update(result["samples"])
     bar.close()
     summary.seconds = time.perf_counter() - began
-    for actor in actors:
-        ray.kill(actor)
     return summary
 

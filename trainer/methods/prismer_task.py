@@ -22,7 +22,9 @@ or directory), `lm_revision`, `experts` (a list of cached feature names, "prisme
 `answer_list_size` (the rank answer list: the commonest training answers, 3128 as for VQAv2),
 `augment` (`AugmentConfig` fields, or null for none) and `shuffle_experts` (a control: every image
 reads ANOTHER image's expert labels, a fixed derangement of the split's usable samples seeded by
-the run's `seed`, the same in training and evaluation; RGB and questions stay the image's own).
+the run's `seed`, the same in training and evaluation; RGB and questions stay the image's own),
+`expert_lr` (the learning rate of the parts that bring the experts in: stems, resampler, read-outs,
+instance embeddings; default: `lr`, as for everything else).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ PRISMER_EXPERTS = ["depth", "normal", "edge", "seg-coco", "objdet", "ocrdet"]
 RGB_FEATURE = "rgb"
 TASK_KEYS = {"task": "vqa", "inference": "rank", "num_candidates": 16, "num_beams": 3, "max_new_tokens": None,
              "min_new_tokens": None, "max_length": 64, "caption_prompt": "A picture of", "answer_list_size": 3128,
-             "augment": {}, "shuffle_experts": False}
+             "augment": {}, "shuffle_experts": False, "expert_lr": None}
 
 
 def derangement(usable: np.ndarray, seed: int) -> np.ndarray:
@@ -105,6 +107,10 @@ class PrismerMethod(Method):
             raise MethodError(f"prismer: model.augment: {e}; known: {[f.name for f in fields(AugmentConfig)]}") from None
         if not isinstance(self.task["shuffle_experts"], bool):
             raise MethodError(f"prismer: model.shuffle_experts must be true or false, got {self.task['shuffle_experts']!r}")
+        if self.task["expert_lr"] is not None and not (isinstance(self.task["expert_lr"], (int, float))
+                                                       and not isinstance(self.task["expert_lr"], bool)
+                                                       and self.task["expert_lr"] > 0):
+            raise MethodError(f"prismer: model.expert_lr must be a positive number, got {self.task['expert_lr']!r}")
         self.expert_names = parse_experts(options.pop("experts", "prismer"))
         if self.task["shuffle_experts"] and not self.expert_names:
             raise MethodError("prismer: model.shuffle_experts needs experts to shuffle (model.experts is empty)")
@@ -169,6 +175,17 @@ class PrismerMethod(Method):
         except ValueError as e:
             raise MethodError(f"prismer: model.shuffle_experts on {reader.source}/{reader.split}: {e}") from None
         return {field_name: sources for field_name in self.feature_fields() if field_name != RGB_FEATURE}
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """With `expert_lr`, the parts that start from nothing and bring the experts in learn at their
+        own rate: they sit behind zero-initialised read-outs, so at one shared rate they start last."""
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if self.task["expert_lr"] is None:
+            return [{"params": [p for _, p in trainable], "lr": self.config.lr}]
+        prefixes = ("vision.stems.", "vision.resampler.", "vision.readouts.", "vision.instance_embedding")
+        expert_side = [p for name, p in trainable if name.startswith(prefixes)]
+        rest = [p for name, p in trainable if not name.startswith(prefixes)]
+        return [{"params": rest, "lr": self.config.lr}, {"params": expert_side, "lr": float(self.task["expert_lr"])}]
 
     def derive_state(self, train_reader: SplitReader) -> dict[str, Any]:
         if self.task["task"] != "vqa":

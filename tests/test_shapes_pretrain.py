@@ -237,15 +237,16 @@ def test_roberta_puts_its_probability_on_answers(pretrained: dict[str, Path]) ->
 
 def test_timesformer_standin_loads_in_its_expert_by_path(pretrained: dict[str, Path]) -> None:
     """The video stand-in is what `--expert timesformer-cls --model DIR` loads: its own processor
-    config, its 8 trained frames, 6 levels of [CLS]; the report scores it against chance."""
-    expert = TimesformerClsExpert(model=str(pretrained["timesformer"]))
+    config, its 4 trained frames (as the main job reads it), 6 levels of [CLS]; the report scores it
+    against chance."""
+    expert = TimesformerClsExpert(model=str(pretrained["timesformer"]), num_frames=4)
     expert.load()
     source = ShapesVideoSource(None, "test", num=2)
     clips = torch.stack([expert.preprocess(expert.read_input(source, sample)) for sample in source.samples()])
     cls = expert.predict(clips, {})["cls"]
     assert cls.shape == (2, 6, 64) and np.isfinite(cls).all() and not np.allclose(cls[0], cls[1])
     params = expert.spec("timesformer-cls").params
-    assert (params["image_processor"], params["trained_num_frames"], params["num_frames"]) == ("checkpoint", 8, 8)
+    assert (params["image_processor"], params["trained_num_frames"], params["num_frames"]) == ("checkpoint", 4, 4)
     report = json.loads(pretrained["report"].read_text())["timesformer"]
     scores = ("direction_accuracy", "direction_chance", "color_presence_accuracy", "count_accuracy", "count_chance")
     assert all(0 <= report[name] <= 1 for name in scores), report  # fast: seconds of training, no promise beyond chance

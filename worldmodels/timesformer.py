@@ -39,7 +39,7 @@ from worldmodels.loop import STANDIN_BETAS, save_standin, train as train_loop
 @dataclass(frozen=True)
 class TimesformerStandinConfig:
     # eP-ALM's video QA reads 8; 4 frames of the same clip (twice the motion between frames) learn
-    # direction at the same steps for half the cost: seed 0, 3000 steps, 0.90 in ~4 min vs 0.94 in ~9
+    # direction at the same steps for half the cost: seed 0, 3000 steps, 0.90-0.93 in ~5 min vs 0.94-0.95 in ~9
     num_frames: int = 4
     patch_size: int = 16
     hidden_size: int = 64
@@ -58,7 +58,7 @@ class TimesformerStandinConfig:
 
 
 # Direction accuracy over present colours (chance 0.25: it sits there ~1000 steps before motion is
-# learned). Default run, seed 0, 64 px, 4 frames: 0.897 (8 frames: 0.935); a little under that.
+# learned). Default runs, seed 0, 64 px, 4 frames: 0.90 and 0.93 (8 frames: 0.935, 0.952); a little under that.
 BAR = Bar("direction_accuracy", 0.85, "direction accuracy")
 
 FAST = {"train_clips": 48, "val_clips": 16, "steps": 12, "warmup_steps": 3}

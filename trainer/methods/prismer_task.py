@@ -179,9 +179,9 @@ class PrismerMethod(Method):
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """With `expert_lr`, the parts that start from nothing and bring the experts in learn at their
         own rate: they sit behind zero-initialised read-outs, so at one shared rate they start last."""
-        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if self.task["expert_lr"] is None:
-            return [{"params": [p for _, p in trainable], "lr": self.config.lr}]
+            return super().param_groups(model)
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         prefixes = ("vision.stems.", "vision.resampler.", "vision.readouts.", "vision.instance_embedding")
         expert_side = [p for name, p in trainable if name.startswith(prefixes)]
         rest = [p for name, p in trainable if not name.startswith(prefixes)]

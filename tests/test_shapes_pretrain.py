@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +21,20 @@ from precompute.experts.video_audio import TimesformerClsExpert
 from precompute.sources.shapes import ShapesWorld
 from precompute.sources.shapes_video import ShapesVideoSource, ShapesVideoWorld
 from precompute.sources.tabletop import TabletopWorld
+import worldmodels.pretrain
 from worldmodels import cli
 from worldmodels.gates import Bar, QualityGateError, check_gates
 from worldmodels.lm import encode_texts, pretrain_lm
-from worldmodels.pretrain import BARS, bars_for
+from worldmodels.depth import pretrain_depth
+from worldmodels.pretrain import BARS, STANDIN_SEED_OFFSET, bars_for, run_job, run_jobs
 from worldmodels.vit import VitConfig, build_vit, save_vit, vit_transform
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out_dir = tmp_path_factory.mktemp("shapes-pretrain")
-    assert cli.main(["--out", str(out_dir), "--seed", "0", "--fast"]) == 0  # the command, in process
+    # the command, in process, its models trained in two spawned worker processes
+    assert cli.main(["--out", str(out_dir), "--seed", "0", "--fast", "--workers", "2"]) == 0
     return {**{name: out_dir / name for name in ("vit", "lm", "roberta", "timesformer", "normal")},
             "report": out_dir / "pretrain.json"}
 
@@ -79,6 +85,33 @@ def test_bad_sizes_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="num_scenes >= 1"):
         pretrain_lm(tmp_path / "lm", [ShapesWorld()], num_scenes=0)
     assert not (tmp_path / "lm").exists()
+
+
+def test_a_model_trained_in_a_worker_process_is_the_one_trained_here(pretrained: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """Workers change where the models train, not what they are: each job seeds itself, so the
+    depth stand-in the pool trained is byte for byte the one this process trains."""
+    report = json.loads(pretrained["report"].read_text())
+    assert report["workers"] == 2
+    run_job(partial(pretrain_depth, tmp_path / "depth", TabletopWorld(seed=0 + STANDIN_SEED_OFFSET, image_size=64),
+                    resolution=64, fast=True, seed=0))
+    pooled = pretrained["report"].parent / "depth" / "model.safetensors"
+    assert (tmp_path / "depth" / "model.safetensors").read_bytes() == pooled.read_bytes()
+
+
+def test_a_worker_that_dies_is_exit_1_naming_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A job whose process dies (killed, out of memory) breaks the pool: the run stops, exit 1, one line."""
+    with pytest.raises(BrokenProcessPool):
+        run_jobs({"dies": partial(os._exit, 3), "other": partial(os._exit, 3)}, workers=2)
+
+    def broken(*args, **kwargs):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(worldmodels.pretrain, "pretrain_all", broken)
+    assert cli.main(["--out", str(tmp_path / "models")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pretrain-shapes: a worker process died (A process in the process pool")
 
 
 def test_report_shows_both_models_learned(pretrained: dict[str, Path]) -> None:
@@ -317,6 +350,7 @@ def test_pretrain_shapes_exits_1_with_one_line_per_miss(monkeypatch: pytest.Monk
     (["--out", "X", "--seed", "-1"], "--seed must be >= 0"),
     (["--out", "FILE"], "exists and is not a directory"),
     (["--out", "X", "--seed", "one"], "invalid int value"),
+    (["--out", "X", "--workers", "0"], "--workers must be >= 1"),
 ])
 def test_pretrain_shapes_refuses_bad_input_in_one_line_writing_nothing(
         argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import NoReturn
 
@@ -23,6 +25,10 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world", choices=WORLDS, default="tabletop",
                         help="the image world the models are for: tabletop (the main job's; its ViT is pretrained on "
                              "captions only) or shapes (its ViT learns what the questions ask) (default: tabletop)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="processes training models side by side, one thread each; the models are independent "
+                             f"and the bytes are the same for any number (default: the usable CPUs, {default_workers()} here)")
     parser.add_argument("--fast", action="store_true",
                         help="a few seconds of training, for tests: models near chance, gates recorded as not applied")
     return parser
@@ -54,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--image-size must be a positive multiple of 32 (Swin's deepest stride), got {args.image_size}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a directory")
 
@@ -61,10 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     from worldmodels.pretrain import pretrain_all
 
     try:
-        paths = pretrain_all(out, seed=args.seed, image_size=args.image_size, fast=args.fast, world=args.world)
+        paths = pretrain_all(out, seed=args.seed, image_size=args.image_size, fast=args.fast, world=args.world,
+                             workers=args.workers)
     except QualityGateError as e:
         for line in e.lines:
             print(f"{PROG}: {line}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool as e:
+        print(f"{PROG}: a worker process died ({e}); rerun, or --workers 1 to train in this process", file=sys.stderr)
         return 1
     print(json.dumps(paths, indent=1))
     return 0

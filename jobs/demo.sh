@@ -3,7 +3,7 @@
 #
 #   bash jobs/demo.sh [--out DIR]        (default DIR: ./demo-out)
 #
-#  1. pretrain the world's frozen stand-ins (`pretrain-shapes --world shapes`): a tiny ViT (pixels
+#  1. pretrain the world's frozen stand-ins (`pretrain-shapes --world shapes`, two at a time on 2 cores): a tiny ViT (pixels
 #     only), a tiny OPT and a tiny RoBERTa (text only), tiny DPT / Mask2Former / RT-DETR trained on
 #     the world's truth (depth order, class masks, boxes, over scenes of another seed) and a tiny
 #     TimeSformer trained on shapes-video's motions, each held to its stated bar, saved as ordinary

@@ -89,8 +89,10 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, dict
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(run_job, jobs[name]): name for name in order}
         for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            print(f"{futures[future]}: done ({len(results)}/{len(jobs)})", file=sys.stderr, flush=True)
+            name = futures[future]
+            results[name] = future.result()
+            # on its own line: the workers' progress bars end theirs with a carriage return, not a newline
+            print(f"\n{name}: done ({len(results)}/{len(jobs)})", file=sys.stderr, flush=True)
     return {name: results[name] for name in jobs}
 
 

@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=64,
                         help="the world's image size in pixels, a multiple of 32 (default: 64)")
     parser.add_argument("--world", choices=WORLDS, default="tabletop",
-                        help="the image world the models are for: tabletop (the main job's; its ViT is pretrained on "
-                             "captions only) or shapes (its ViT learns what the questions ask) (default: tabletop)")
+                        help="the image world the models are for: tabletop (jobs/findings.sh's; its ViT is pretrained on "
+                             "captions only) or shapes (the main job's; its ViT learns what the questions ask) "
+                             "(default: tabletop)")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes training models side by side, one thread each; the models are independent "
                              f"and the bytes are the same for any number (default: the usable CPUs, {default_workers()} here)")

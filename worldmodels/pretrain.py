@@ -101,9 +101,9 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
     """out_dir/{vit,lm,roberta,depth,seg,objdet,timesformer} and out_dir/pretrain.json (every
     model's held-out metrics and a "gates" section: metric, value, bar, passed per model).
 
-    `world` is the image world the models are for: `tabletop` (the main job's; its ViT learns
-    only what the captions say, `worldmodels.captions_vit`) or `shapes` (its ViT learns what the
-    questions ask, `worldmodels.vit`). vit and lm are eP-ALM's frozen encoders, and timesformer
+    `world` is the image world the models are for: `tabletop` (jobs/findings.sh's; its ViT
+    learns only what the captions say, `worldmodels.captions_vit`) or `shapes` (the main job's; its
+    ViT learns what the questions ask, `worldmodels.vit`). vit and lm are eP-ALM's frozen encoders, and timesformer
     (trained on `shapes-video`'s motions) its video encoder; the LMs read the image world's and
     shapes-video's text; roberta is Prismer's frozen language decoder; depth (DPT), seg
     (Mask2Former) and objdet (RT-DETR) are stand-ins for Prismer's label experts, trained on the

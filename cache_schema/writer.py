@@ -145,16 +145,19 @@ class CacheWriter:
             }
             self.layout.write_manifest(manifest)
 
-    def prepare_feature(self, plan: SplitPlan, spec: FeatureSpec, overwrite: bool = False) -> None:
+    def prepare_feature(self, plan: SplitPlan, spec: FeatureSpec, overwrite: bool = False,
+                        options: dict[str, Any] | None = None) -> None:
         """Register the feature's spec and create its arrays; refuse a different spec.
 
-        The manifest entry is written last: arrays half-created on a full disk are not a feature
-        yet, and the next run creates them afresh.
+        `options`, the expert options the run was given, are recorded beside the spec (not part of
+        its identity) so `precompute verify` can rebuild the expert as it was. The manifest entry
+        is written last: arrays half-created on a full disk are not a feature yet, and the next
+        run creates them afresh.
         """
         with writing(self.layout.feature_dir(plan.source, plan.split, spec.name)):
-            self._prepare_feature(plan, spec, overwrite)
+            self._prepare_feature(plan, spec, overwrite, options or {})
 
-    def _prepare_feature(self, plan: SplitPlan, spec: FeatureSpec, overwrite: bool) -> None:
+    def _prepare_feature(self, plan: SplitPlan, spec: FeatureSpec, overwrite: bool, options: dict[str, Any]) -> None:
         manifest = self.layout.read_manifest()
         entry = f"{plan.source}/{plan.split}/{spec.name}"
         existing = manifest["features"].get(entry)
@@ -171,7 +174,7 @@ class CacheWriter:
             for path in (feature_dir, split_dir / "_commits" / spec.name, split_dir / "_failures" / spec.name):
                 remove_tree(path)
         manifest = self.layout.read_manifest()
-        manifest["features"][entry] = {**spec.to_dict(), "format": self.format}
+        manifest["features"][entry] = {**spec.to_dict(), "format": self.format, "options": options}
         if self.format == "wds":
             feature_dir.mkdir(parents=True, exist_ok=True)
             self.layout.write_manifest(manifest)

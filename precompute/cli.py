@@ -1,9 +1,10 @@
 """`precompute`: run frozen experts over a dataset into a feature cache, and inspect the cache.
 
 Exit codes: 0 success; 1 some shards failed (the rest are committed; run again to retry them),
-or `validate` found a problem or shards still pending; 2 bad input (unknown expert/source, missing
-data root, malformed annotations, spec mismatch, an option out of range, a cache location that
-cannot be written).
+`validate` found a problem or shards still pending, or `verify` found stored values the live model
+does not reproduce; 2 bad input (unknown expert/source, missing data root, malformed annotations,
+spec mismatch, including a model or preprocessing that changed since the cache was made, an option
+out of range, a cache location that cannot be written).
 """
 
 from __future__ import annotations
@@ -138,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", metavar="SOURCE/SPLIT", help="where to look (default: every split of the cache)")
     p.add_argument("--out", help="PNG path (default: preview-KEY.png)")
 
+    p = commands.add_parser("verify", help="re-run a feature's expert (model and preprocessing from its spec) on a "
+                            "seeded random subset of committed samples and compare with the cache; exit 1 when values "
+                            "differ beyond the stored dtype's tolerance, 2 when the model or preprocessing changed")
+    p.add_argument("--cache", default="./cache", help=cache_help)
+    p.add_argument("--feature", required=True, help="feature to check (the expert's name, e.g. vit-cls; see `precompute status`)")
+    p.add_argument("--split", metavar="[SOURCE/]SPLIT", help="where to look (default: the only split that holds the feature)")
+    p.add_argument("--samples", type=int, default=64, help="how many committed samples to re-run (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random subset (default: 0)")
+    p.add_argument("--data-root", help="the dataset (default: the data root the run recorded)")
+    p.add_argument("--source-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="source option (default: the options the run recorded; repeatable)")
+    p.add_argument("--expert-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="expert option (default: the options the run recorded; for caches written before runs recorded "
+                        "them; repeatable)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default: 32)")
+
     commands.add_parser("experts", help="registered experts with their default models and options")
     commands.add_parser("sources", help="registered sources with their splits and whether they need --data-root")
     return parser
@@ -252,6 +269,42 @@ def command_validate(args: argparse.Namespace) -> int:
     return 1 if problems or (pending and not args.allow_pending) else 0
 
 
+def command_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every compared sample is within tolerance, 1 naming the worst ones otherwise."""
+    for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    from precompute.verify import tolerance_text, verify_feature  # torch and the expert's libraries: only here
+
+    result = verify_feature(args.cache, args.feature, args.split, args.samples, args.seed, args.data_root,
+                            parse_options(args.source_opt, "--source-opt"), split_pairs(args.expert_opt, "--expert-opt"),
+                            args.batch_size)
+    spec = result.spec
+    print(f"{result.source}/{result.split} {spec.name}: {len(result.keys)} of {result.committed} committed samples "
+          f"(seed {result.seed})")
+    print(f"  model {spec.model_id} ({spec.revision}), preprocessing {spec.preprocess_hash}: as the spec records")
+    print(f"  cache made on: {', '.join(result.made_on)}; verified on: {result.verified_on}")
+    print(f"{'array':<12}{'dtype':>9}{'samples':>9}{'max|diff|':>11}{'mean cos':>10}{'equal':>9}{'outside':>9}  tolerance")
+    for report in result.arrays:
+        cosine = "-" if report.mean_cosine is None else f"{report.mean_cosine:.6f}"
+        equal = "-" if report.match_rate is None else f"{report.match_rate:.2%}"
+        print(f"{report.name:<12}{report.dtype:>9}{len(report.samples):>9}{report.max_abs_error:>11.3g}{cosine:>10}"
+              f"{equal:>9}{len(report.failed):>9}  {tolerance_text(report.dtype)}")
+    if result.passed:
+        print(f"verify: {spec.name} matches the live model on {len(result.keys)} samples")
+        return 0
+    print(f"precompute verify: {result.source}/{result.split} {spec.name} does NOT match the live model:", file=sys.stderr)
+    for report in result.arrays:
+        if report.failed:
+            worst = ", ".join(s.describe() for s in report.failed[:5])
+            print(f"  {report.name}: {len(report.failed)} of {len(report.samples)} samples outside tolerance; worst: {worst}",
+                  file=sys.stderr)
+    if result.now_gaps:
+        gaps = ", ".join(f"{key} ({reason})" for key, reason in list(result.now_gaps.items())[:5])
+        print(f"  {len(result.now_gaps)} sample(s) valid in the cache no longer decode: {gaps}", file=sys.stderr)
+    return 1
+
+
 def command_experts(_: argparse.Namespace) -> int:
     for name in sorted(EXPERTS):
         cls = expert_class(name)
@@ -277,7 +330,7 @@ def command_preview(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": command_run, "preview": command_preview, "status": command_status, "validate": command_validate,
-            "experts": command_experts, "sources": command_sources}
+            "verify": command_verify, "experts": command_experts, "sources": command_sources}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,9 +35,10 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from cache_schema import CacheWriter, FeatureSpec, SplitPlan, SplitReader, TEXT_DTYPE, write_table
+from cache_schema import CacheWriter, FeatureSpec, SplitPlan, SplitReader, write_table
 from precompute.experts import ExpertError, expand_experts, get_expert
-from precompute.sources import MediaError, Sample, Source, get_source
+from precompute.forward import run_samples, with_input_provenance
+from precompute.sources import Sample, Source, get_source
 from raysession import init_ray
 
 
@@ -79,7 +80,10 @@ class ExpertSummary:
         return self.samples / self.seconds if self.seconds else 0.0
 
 
-def plan_split(source: Source, source_name: str, shard_size: int, limit: int | None) -> tuple[SplitPlan, list[Sample]]:
+def plan_split(source: Source, source_name: str, shard_size: int, limit: int | None,
+               options: dict[str, Any] | None = None) -> tuple[SplitPlan, list[Sample]]:
+    """The split's shard plan and its samples; the source `options` the run was given are kept in
+    the plan's source record, so `precompute verify` can read the same samples again."""
     samples = source.samples()
     if limit is not None:
         samples = samples[:limit]
@@ -89,7 +93,7 @@ def plan_split(source: Source, source_name: str, shard_size: int, limit: int | N
         keys=[s.key for s in samples],
         annotations=[s.annotations for s in samples],
         shard_size=shard_size,
-        source_info=source.info(),
+        source_info={**source.info(), "options": options or {}},
     )
     return plan, samples
 
@@ -97,8 +101,8 @@ def plan_split(source: Source, source_name: str, shard_size: int, limit: int | N
 class ShardWorker:
     """Keeps one expert loaded; turns one shard of samples into one committed cache shard.
 
-    Decoding and preprocessing run in a small thread pool that stays a bounded number of batches
-    ahead of the forward pass (PIL and torch release the GIL), so CPU decode overlaps compute.
+    The work on the samples is `precompute.forward.run_samples` (decode threads ahead of batched
+    predict), the same path `precompute verify` takes.
     """
 
     def __init__(self, expert: str, model: str | None, expert_options: dict[str, Any], source_name: str,
@@ -133,15 +137,6 @@ class ShardWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def _decode(self, source: Source, sample: Sample) -> torch.Tensor | str:
-        """The preprocessed tensor, or the reason this sample is a gap."""
-        try:
-            return self.expert.preprocess(self.expert.read_input(source, sample))
-        except MediaError as e:
-            return str(e)
-        except Exception as e:  # a preprocessing crash on one odd input is that input's gap too
-            return f"preprocess failed: {type(e).__name__}: {e}"
-
     def _inputs(self, required: list[str], split: str, shard: int) -> dict[str, dict[str, np.ndarray]]:
         """The required features' stored arrays for this shard's samples (one tar read per feature
         in the WebDataset form; the driver only sends shards whose inputs are committed)."""
@@ -155,41 +150,8 @@ class ShardWorker:
         if self.load_error is not None:  # a replacement actor whose model did not load
             raise ExpertError(self.load_error)
         began = time.perf_counter()
-        inputs = self._inputs(required, split, shard)
-        source = self.sources[split]
-        pending = deque(self.decoder.submit(self._decode, source, s) for s in samples[: 2 * batch_size])
-        next_submit = len(pending)
-        arrays: dict[str, Any] = {}
-        for a in spec.arrays:
-            if a.dtype == TEXT_DTYPE:
-                arrays[a.name] = [""] * len(samples)
-            elif a.ragged:
-                arrays[a.name] = [np.zeros((0, *a.shape[1:]), dtype=a.dtype)] * len(samples)
-            else:
-                arrays[a.name] = np.zeros((len(samples), *a.shape), dtype=a.dtype)
-        valid = np.zeros(len(samples), dtype=bool)
-        invalid: dict[str, str] = {}
-        for batch_start in range(0, len(samples), batch_size):
-            tensors, positions = [], []
-            for position in range(batch_start, min(batch_start + batch_size, len(samples))):
-                result = pending.popleft().result()
-                if next_submit < len(samples):
-                    pending.append(self.decoder.submit(self._decode, source, samples[next_submit]))
-                    next_submit += 1
-                if isinstance(result, str):
-                    invalid[samples[position].key] = result
-                else:
-                    tensors.append(result)
-                    positions.append(position)
-            if tensors:
-                batch_inputs = {name: {k: v[positions] for k, v in arrays_.items()} for name, arrays_ in inputs.items()}
-                for name, values in self.expert.predict(torch.stack(tensors), batch_inputs).items():
-                    if isinstance(arrays[name], list):
-                        for position, value in zip(positions, values):
-                            arrays[name][position] = value
-                    else:
-                        arrays[name][positions] = values
-                valid[positions] = True
+        arrays, valid, invalid = run_samples(self.expert, spec, self.sources[split], samples, batch_size,
+                                             self._inputs(required, split, shard), self.decoder)
         record = self.writer.write_shard(
             self.source_name, split, spec, shard, start, [s.key for s in samples],
             arrays, valid, invalid, time.perf_counter() - began, self.device_name, node=self.node,
@@ -268,7 +230,7 @@ def run_splits(config: RunConfig, splits: list[str], progress: bool = True) -> d
     work: dict[str, SplitWork] = {}
     for split in splits:
         source = get_source(config.source, config.data_root, split, **config.source_options)
-        plan, samples = plan_split(source, config.source, config.shard_size, config.limit)
+        plan, samples = plan_split(source, config.source, config.shard_size, config.limit, config.source_options)
         work[split] = SplitWork(source, plan, samples)
     for split, split_work in work.items():
         writer.prepare_split(split_work.plan, overwrite=config.overwrite)
@@ -316,22 +278,14 @@ def dependency_order(experts: dict[str, Any]) -> list[str]:
 
 def check_inputs(name: str, spec: FeatureSpec, required: tuple[str, ...], writer: CacheWriter,
                  plan: SplitPlan) -> tuple[FeatureSpec, set[int], str]:
-    """The spec with its inputs' provenance added, the shards whose inputs are committed, and why
-    the others are refused. A label made from another label is a different feature when that
-    one's model changes, so the input's model and revision become part of this spec's identity."""
+    """The spec with its inputs' provenance added (`with_input_provenance`), the shards whose
+    inputs are committed, and why the others are refused."""
     manifest = writer.layout.read_manifest()["features"]
     ready = set(range(plan.num_shards))
-    provenance = {}
-    for feature in required:
-        required_spec = FeatureSpec.from_dict(manifest[f"{plan.source}/{plan.split}/{feature}"])
-        mine, theirs = spec.params.get("resolution"), required_spec.params.get("resolution")
-        if mine != theirs:
-            raise ExpertError(f"{name} at resolution {mine} cannot read {feature} at resolution {theirs}; use the same --expert-opt resolution")
+    required_specs = {feature: FeatureSpec.from_dict(manifest[f"{plan.source}/{plan.split}/{feature}"]) for feature in required}
+    for required_spec in required_specs.values():
         ready &= writer.committed_shards(plan, required_spec)
-        provenance[feature] = {"model_id": required_spec.model_id, "revision": required_spec.revision,
-                               "preprocess_hash": required_spec.preprocess_hash}
-    if provenance:
-        spec = replace(spec, params={**spec.params, "inputs": provenance})
+    spec = with_input_provenance(name, spec, required_specs)
     return spec, ready, f"refused: {', '.join(required)} not committed for this shard (run it first)"
 
 
@@ -383,7 +337,7 @@ def _run_split(name: str, required: tuple[str, ...], config: RunConfig, work: Sp
     it and replaced where there is room, so the next split gets the pool as this one left it)."""
     plan, samples = work.plan, work.samples
     spec, inputs_ready, refusal = check_inputs(name, spec, required, writer, plan)
-    writer.prepare_feature(plan, spec, overwrite=config.overwrite)
+    writer.prepare_feature(plan, spec, overwrite=config.overwrite, options=config.expert_options.get(name, {}))
     done = writer.committed_shards(plan, spec)
     summary = ExpertSummary(name, plan.num_shards, shards_skipped=len(done))
     pending = []

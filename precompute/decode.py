@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from precompute.sources.base import MediaError
+
+
+class MediaError(Exception):
+    """One sample's media cannot be decoded; str(e) is the reason recorded in the cache (a gap).
+
+    It lives with the decoders that raise it; sources and experts raise it too, for media they
+    cannot even reach (a missing file, a malformed locator).
+    """
 
 # Pillow's own default warning threshold (about 89 megapixels, a 9459 x 9459 image, ~270 MB as
 # RGB). Anything larger is refused before its pixels are decoded: it is a decompression bomb or

@@ -40,8 +40,7 @@ import av
 import numpy as np
 import soundfile
 
-from precompute import decode  # the module, not its names: decode imports sources, which import this
-from precompute.sources.base import MediaError
+from precompute.decode import MediaError, check_file
 
 SAMPLINGS = ("uniform", "random")
 SILENCE_PEAK = 1e-4
@@ -62,7 +61,7 @@ def decode_video(path: Path | str, num_frames: int, seed: int = 0, sampling: str
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     path = Path(path)
-    decode.check_file(path)
+    check_file(path)
     # Everything below is FFmpeg parsing bytes it does not trust; any failure it raises means the
     # same thing for us: this sample is a gap.
     try:
@@ -139,7 +138,7 @@ def read_frames(path: Path, indices: list[int]) -> tuple[dict[int, np.ndarray], 
 def decode_audio(path: Path | str, sample_rate: int = 16000) -> np.ndarray:
     """The clip as float32 mono [samples] at `sample_rate` (integer PCM scaled to [-1, 1])."""
     path = Path(path)
-    decode.check_file(path)
+    check_file(path)
     try:
         samples, file_rate = soundfile.read(path, dtype="float32", always_2d=True)
     except soundfile.LibsndfileError as e:

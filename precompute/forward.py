@@ -20,7 +20,8 @@ import torch
 from cache_schema import FeatureSpec, TEXT_DTYPE
 from precompute.experts import ExpertError
 from precompute.experts.base import Expert
-from precompute.sources import MediaError, Sample, Source
+from precompute.decode import MediaError
+from precompute.sources import Sample, Source
 
 
 def decode_sample(expert: Expert, source: Source, sample: Sample) -> torch.Tensor | str:

@@ -42,6 +42,19 @@ def noisy_jpeg_bytes() -> bytes:
 # --- decode -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("module", ["precompute.decode", "precompute.decode_media"])
+def test_decoders_stand_alone_without_the_sources(module):
+    """Decoding and its error live together: importing a decoder first, in a fresh interpreter,
+    needs no source (it once pulled in precompute.sources, which import the decoders back)."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; assert 'precompute.sources' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert MediaError.__module__ == "precompute.decode"
+
+
+
 def test_decode_zero_byte_file(tmp_path):
     path = tmp_path / "empty.jpg"
     path.write_bytes(b"")

@@ -25,7 +25,8 @@ from transformers import AutoModel, AutoTokenizer
 from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
 from precompute.experts import ExpertError
 from precompute.experts.base import Expert, pretrained_source
-from precompute.sources import MediaError, Sample, Source
+from precompute.decode import MediaError
+from precompute.sources import Sample, Source
 
 
 class TokenizedTextExpert(Expert):

@@ -68,7 +68,8 @@ from precompute import decode_media
 from precompute.experts import ExpertError
 from precompute.experts.base import PROCESSOR_CONFIG, has_processor_config, pretrained_source
 from precompute.experts.vit_cls import ClsLevelsExpert, VitClsExpert
-from precompute.sources import MediaError, Sample, Source
+from precompute.decode import MediaError
+from precompute.sources import Sample, Source
 
 SAMPLE_RATE = 16000  # what AST was trained on, and what its feature extractor insists on
 FRAME_OPTIONS: dict[str, Any] = {"num_frames": 8, "sampling": "uniform", "seed": 0}

@@ -21,13 +21,11 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from precompute.decode import MediaError
+
 
 class SourceError(Exception):
     """Bad data root / malformed annotation file / unknown split: message names the path."""
-
-
-class MediaError(Exception):
-    """One sample's media cannot be decoded; str(e) is the reason recorded in the cache."""
 
 
 @dataclass(frozen=True)

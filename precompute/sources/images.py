@@ -25,7 +25,8 @@ from typing import ClassVar
 from PIL import Image
 
 from precompute import decode
-from precompute.sources.base import MediaError, Sample, Source, SourceError, portable_name
+from precompute.decode import MediaError
+from precompute.sources.base import Sample, Source, SourceError, portable_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 

@@ -35,7 +35,8 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from precompute.sources.base import MediaError, Sample, Source, SourceError
+from precompute.decode import MediaError
+from precompute.sources.base import Sample, Source, SourceError
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")

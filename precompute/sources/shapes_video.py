@@ -31,7 +31,8 @@ from typing import ClassVar
 import numpy as np
 
 from precompute import decode_media
-from precompute.sources.base import MediaError, Sample
+from precompute.decode import MediaError
+from precompute.sources.base import Sample
 from precompute.sources.shapes import (
     ANSWERS_PER_QUESTION,
     COLORS,

@@ -36,7 +36,8 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from precompute.sources.base import MediaError, Sample, Source
+from precompute.decode import MediaError
+from precompute.sources.base import Sample, Source
 from precompute.sources.shapes import (
     ANSWERS_PER_QUESTION,
     COLORS,

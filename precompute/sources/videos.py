@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from precompute import decode_media
-from precompute.sources.base import MediaError, Sample, Source
+from precompute.decode import MediaError
+from precompute.sources.base import Sample, Source
 from precompute.sources.images import folder_samples, portable_reasons
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")

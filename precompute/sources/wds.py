@@ -55,7 +55,8 @@ from fsspec.spec import AbstractFileSystem
 from PIL import Image
 
 from precompute import decode
-from precompute.sources.base import MediaError, Sample, Source, SourceError, portable_name
+from precompute.decode import MediaError
+from precompute.sources.base import Sample, Source, SourceError, portable_name
 from precompute.sources.images import IMAGE_EXTENSIONS
 
 # webdataset's own split of a member name: key = folders + name up to the first dot, then the rest.

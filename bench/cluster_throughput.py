@@ -25,8 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # devsupport/: the checkout's support code, not installed
+
 from cache_schema import validate_cache
-from precompute.loopback_cluster import LoopbackCluster
+from devsupport.loopback_cluster import LoopbackCluster
 from vit_models import save_vit_base
 
 

@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 
 from cache_schema import validate_cache
 from precompute.cli import build_parser as precompute_parser
-from precompute.loopback_cluster import HOST, LoopbackCluster, free_port
+from devsupport.loopback_cluster import HOST, LoopbackCluster, free_port
 from test_engine import CLI, wait_for_commits
 from trainer.cli import build_parser as trainer_parser
 
@@ -34,6 +35,21 @@ def committed_nodes(commits: Path) -> set[str]:
         except (OSError, ValueError, KeyError):
             pass  # a record being renamed into place
     return nodes
+
+
+def test_the_loopback_harness_is_shared_by_tests_and_bench_and_not_shipped():
+    """devsupport/ is found by bench (run as a script) and left out of the installed packages."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    shipped = find_packages(str(ROOT), include=include)
+    assert "precompute" in shipped and not any(name.startswith(("devsupport", "tests", "bench")) for name in shipped)
+    assert not (ROOT / "precompute" / "loopback_cluster.py").exists()
+    bench = subprocess.run([sys.executable, str(ROOT / "bench" / "cluster_throughput.py"), "--help"], capture_output=True,
+                           text=True, cwd="/", env={**os.environ, "PYTHONPATH": ""})
+    assert bench.returncode == 0 and "usage:" in bench.stdout, bench.stderr
 
 
 @pytest.mark.parametrize("manifest", sorted((ROOT / "jobs" / "k8s").glob("*.yaml")), ids=lambda p: p.name)

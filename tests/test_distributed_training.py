@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from precompute.loopback_cluster import free_port
+from devsupport.loopback_cluster import free_port
 from test_cluster import ROOT, slurm_shims
 from test_trainer import write_shapes_cache
 from trainer.config import load_config

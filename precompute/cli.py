@@ -18,7 +18,7 @@ import yaml
 
 from cache_schema import CacheError, CacheLayout, SpecMismatchError, SplitReader, list_splits, pending_shards, validate_cache
 from cache_schema.commit import gap_category
-from precompute.experts import ALIASES, EXPERTS, ExpertError, expand_experts, expert_class, scope_options
+from precompute.experts import ALIASES, EXPERTS, TYPE_NAMES, ExpertError, expand_experts, expert_class, scope_options
 from precompute.sources import SOURCES, SourceError
 
 
@@ -306,10 +306,15 @@ def command_verify(args: argparse.Namespace) -> int:
 
 
 def command_experts(_: argparse.Namespace) -> int:
+    """Each expert, its default model, and each option (`--expert-opt KEY=VALUE`) with its default,
+    its type (a value of another type is refused) and what it changes."""
     for name in sorted(EXPERTS):
         cls = expert_class(name)
-        options = ", ".join(f"{k}={v}" for k, v in cls.options.items()) or "none"
-        print(f"{name:<12} {cls.description}\n{'':<12} default model: {cls.default_model}; options: {options}")
+        print(f"{name:<12} {cls.description}\n{'':<12} default model: {cls.default_model}")
+        for key, default in cls.options.items():
+            print(f"{'':<12} {f'{key}={default}':<22} {cls.option_help[key]} ({TYPE_NAMES[type(default)]})")
+        if not cls.options:
+            print(f"{'':<12} no options")
     for alias, members in ALIASES.items():
         print(f"{alias:<12} all of: {', '.join(members)} (run in dependency order)")
     return 0

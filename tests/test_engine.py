@@ -93,6 +93,9 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_rest_finish(tmp_path, ti
         # every split of a list is checked before the first runs
         (["--expert", "rgb", "--shards", "shapes", "--split", "val,tset"], "has no split 'tset'"),
         (["--expert", "rgb", "--shards", "shapes", "--split", ","], "names no split"),
+        (["--expert", "rgb", "--shards", "shapes", "--expert-opt", "resolution=abc"],
+         "expert 'rgb' option 'resolution' takes an integer (default 224), got 'abc'"),
+        (["--expert", "rgb", "--shards", "shapes", "--expert-opt", "levels=2"], "no expert in this run (rgb) takes option 'levels'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
@@ -139,11 +142,32 @@ def test_help_tells_the_truth(command):
 
 
 def test_listing_commands():
+    from precompute.experts import EXPERTS, expert_class
+
     experts = subprocess.run(CLI + ["experts"], capture_output=True, text=True, check=True).stdout
     assert "vit-cls" in experts and "vit_base_patch16_224.augreg_in21k_ft_in1k" in experts
+    lines = experts.splitlines()
+    for name in EXPERTS:  # every option, one line each: its default, what it changes and its type
+        cls = expert_class(name)
+        assert set(cls.option_help) == set(cls.options), name
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"{name} "))
+        for offset, (key, default) in enumerate(cls.options.items(), start=2):
+            assert lines[start + offset].split() == [f"{key}={default}", *cls.option_help[key].split(),
+                                                     *{int: ["(an", "integer)"], float: ["(a", "number)"],
+                                                       str: ["(a", "string)"], bool: ["(true", "or", "false)"]}[type(default)]]
     sources = subprocess.run(CLI + ["sources"], capture_output=True, text=True, check=True).stdout
     for name in ("shapes", "coco", "vqav2", "images"):
         assert name in sources
+
+
+def test_expert_options_are_typed_by_their_defaults_from_python_too():
+    from precompute.experts import ExpertError, get_expert
+
+    assert get_expert("rgb", resolution="32").config["resolution"] == 32
+    with pytest.raises(ExpertError, match="option 'resolution' takes an integer"):
+        get_expert("rgb", resolution="abc")
+    with pytest.raises(ExpertError, match="option 'views' takes an integer"):
+        get_expert("ast-cls", views=1.5)
 
 
 def run_args(cache: Path, model: Path) -> list[str]:

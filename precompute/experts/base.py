@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cache_schema import ClassTable, FeatureSpec, load_timm_model, model_revision
-from precompute.experts import ExpertError
+from precompute.experts import ExpertError, option_value
 from precompute.sources import Sample, Source
 
 PROCESSOR_CONFIG = "preprocessor_config.json"
@@ -106,7 +106,10 @@ class Expert(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     default_model: ClassVar[str]
+    # option -> its default, whose type is the option's type (`precompute.experts.option_value`)
     options: ClassVar[dict[str, Any]] = {}
+    # option -> one line saying what it changes, for `precompute experts` (a test holds every option to one)
+    option_help: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         unknown = set(options) - set(self.options)
@@ -116,7 +119,7 @@ class Expert(ABC):
             )
         self.model_ref = model or self.default_model
         self.device = torch.device(device)
-        self.config = {**self.options, **{k: type(self.options[k])(v) for k, v in options.items()}}
+        self.config = {**self.options, **{k: option_value(self.name, k, v) for k, v in options.items()}}
 
     @property
     def dtype(self) -> torch.dtype:

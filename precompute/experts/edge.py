@@ -180,6 +180,8 @@ class EdgeExpert(LabelExpert):
                    f"offline) or backend=dexined (Prismer's DexiNed, default {DEXINED_BIPED})")
     default_model = HED_BSDS500
     options = {**LabelExpert.options, "backend": "hed", "input_size": 0}
+    option_help = {**LabelExpert.option_help, "backend": "hed (BSDS500 weights, offline) or dexined (Prismer's, BIPED)",
+                   "input_size": "square side the network sees; 0: the backend's default (DexiNed 480, HED the frame)"}
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)

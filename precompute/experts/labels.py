@@ -29,6 +29,7 @@ class LabelExpert(Expert):
     """An expert whose output is a per-pixel label map over the shared frame."""
 
     options: ClassVar[dict[str, Any]] = {"resolution": DEFAULT_RESOLUTION}
+    option_help: ClassVar[dict[str, str]] = {"resolution": "side of the square label frame every label is resized to, pixels"}
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)

@@ -251,6 +251,11 @@ class NormalExpert(LabelExpert):
                    "scannet.pt (--model PATH), mode=from-depth: finite differences of the cached depth, no weights")
     default_model = DEFAULT_CHECKPOINT
     options = {**LabelExpert.options, "mode": "model", "encoder": DEFAULT_ENCODER, "input_size": 480, "relief": 1.0}
+    option_help = {**LabelExpert.option_help,
+                   "mode": "model (NNET from --model) or from-depth (finite differences of the cached depth, no weights)",
+                   "encoder": "timm EfficientNet the NNET checkpoint was trained with (mode=model)",
+                   "input_size": "square side the network sees, a multiple of 32 (mode=model)",
+                   "relief": "frame widths the depth label's full range rises (mode=from-depth)"}
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)

@@ -87,6 +87,13 @@ class ObjDetExpert(LabelExpert):
         "text_encoder": DEFAULT_TEXT_ENCODER,
         "classes": "",  # comma list of names to detect; required by (and only for) OWLv2 checkpoints
     }
+    option_help: ClassVar[dict[str, str]] = {
+        **LabelExpert.option_help,
+        "threshold": "least detection score kept, 0 to 1",
+        "input_size": "square side the detector sees; 0: the processor config's fixed size if any, else 480",
+        "text_encoder": "text model that embeds the class names into the class table",
+        "classes": "comma-separated names to detect: required by, and only for, OWLv2 checkpoints",
+    }
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)

@@ -165,6 +165,12 @@ class OcrDetExpert(LabelExpert):
         "min_confidence": 0.3,
         "text_encoder": DEFAULT_TEXT_ENCODER,
     }
+    option_help: ClassVar[dict[str, str]] = {
+        **LabelExpert.option_help,
+        "detect_size": "square side CRAFT detects words on, 32 to 2560",
+        "min_confidence": "least recogniser confidence for a word to be kept, 0 to 1",
+        "text_encoder": "text model whose projection embeds each word (64-d)",
+    }
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)

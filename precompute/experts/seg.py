@@ -82,6 +82,11 @@ class Mask2FormerSegExpert(LabelExpert):
         "input_size": 0,  # 0: the processor config's fixed square size if any, else 480
         "text_encoder": DEFAULT_TEXT_ENCODER,
     }
+    option_help: ClassVar[dict[str, str]] = {
+        **LabelExpert.option_help,
+        "input_size": "square side Mask2Former sees; 0: the processor config's fixed size if any, else 480",
+        "text_encoder": "text model that embeds the class names into the class table",
+    }
 
     def load(self) -> None:
         ref = pretrained_source(self.name, self.model_ref)

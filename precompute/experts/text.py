@@ -33,6 +33,8 @@ class TokenizedTextExpert(Expert):
     """What both text experts share: which annotation they read and how it becomes token ids."""
 
     options: ClassVar[dict[str, Any]] = {"max_length": 128, "field": "text"}
+    option_help: ClassVar[dict[str, str]] = {"max_length": "tokens per text, padded or cut (special tokens included)",
+                                             "field": "annotation field holding the text"}
     default_model = "bert-base-uncased"
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):

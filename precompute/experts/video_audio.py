@@ -73,6 +73,12 @@ from precompute.sources import Sample, Source
 
 SAMPLE_RATE = 16000  # what AST was trained on, and what its feature extractor insists on
 FRAME_OPTIONS: dict[str, Any] = {"num_frames": 8, "sampling": "uniform", "seed": 0}
+FRAME_HELP: dict[str, str] = {
+    "levels": "how many of the encoder's last layers give a [CLS] token (eP-ALM: 6)",
+    "num_frames": "frames per clip, one per equal segment",
+    "sampling": "uniform (each segment's middle frame) or random (a seeded frame per segment)",
+    "seed": "seed of sampling=random",
+}
 # The image processor fields that decide the pixels (the rest of its config is bookkeeping).
 PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
                     "do_normalize", "image_mean", "image_std")
@@ -143,6 +149,7 @@ class TimesformerClsExpert(EncoderClsExpert):
     default_model = "facebook/timesformer-base-finetuned-k600"
     model_class = TimesformerModel
     options = {"levels": 6, **FRAME_OPTIONS}
+    option_help = FRAME_HELP
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)
@@ -199,6 +206,11 @@ class AstClsExpert(EncoderClsExpert):
     default_model = "MIT/ast-finetuned-audioset-10-10-0.4593"
     model_class = ASTModel
     options = {"levels": 6, "views": 0, "freqm": 48, "timem": 192, "seed": 0}
+    option_help = {"levels": FRAME_HELP["levels"],
+                   "views": "SpecAugment-masked copies stored per clip beside the clean [CLS] (0: none)",
+                   "freqm": "widest masked band of mel bins (AST's AudioSet setting)",
+                   "timem": "widest masked span of frames (AST's AudioSet setting)",
+                   "seed": "seed of the masks (with each clip's digest: a rerun writes the same bytes)"}
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)
@@ -278,6 +290,7 @@ class VitAvgClsExpert(VitClsExpert):
     description = ("per-frame vit-cls of a frozen timm ViT averaged over num_frames sampled frames, float16 [N, K, D] "
                    "(the image-encoder baseline for eP-ALM's video tasks)")
     options = {"levels": 6, **FRAME_OPTIONS}
+    option_help = FRAME_HELP
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)

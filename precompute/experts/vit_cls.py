@@ -24,6 +24,7 @@ class ClsLevelsExpert(Expert):
     spec it writes, so the trainer reads any of them the same way."""
 
     options = {"levels": 6}
+    option_help = {"levels": "how many of the encoder's last layers give a [CLS] token (eP-ALM: 6)"}
 
     def select_levels(self, depth: int) -> None:
         """Keep the last `levels` of the encoder's `depth` layers (`self.layers`, 0-based)."""

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default: 32)")
     p.add_argument("--limit", type=int, help="only the first N samples of the split")
     p.add_argument("--address", help="Ray cluster to join: `auto` or HOST:PORT (default: start Ray locally on 127.0.0.1)")
-    p.add_argument("--workers", type=int, help="actors; default one per GPU, else one using all CPUs")
+    p.add_argument("--workers", type=int, help="actors (default: one per GPU; without GPUs one per node, each using "
+                                                   "its share of the node's CPUs as torch threads)")
     p.add_argument("--retries", type=int, default=2, help="extra attempts for a failed shard (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace a feature (or shard plan) made with a different spec")
     p.add_argument("--source-opt", action="append", default=[], metavar="KEY=VALUE", help="source option, e.g. num=500 (repeatable)")

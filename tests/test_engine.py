@@ -135,10 +135,36 @@ def test_malformed_annotation_json_names_the_file(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "status", "validate", "experts", "sources"])
+def subcommands() -> dict:
+    from precompute.cli import build_parser
+
+    [choices] = [action.choices for action in build_parser()._actions if action.choices and "run" in action.choices]
+    return choices
+
+
+@pytest.mark.parametrize("command", ["run", "status", "validate", "verify", "preview", "experts", "sources"])
 def test_help_tells_the_truth(command):
+    """Each subcommand's --help shows every default the parser really uses, and no other."""
+    import re
+
+    parser = subcommands()[command]
     result = subprocess.run(CLI + [command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: precompute " + command in result.stdout
+    assert " ".join(result.stdout.split()) == " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.dest == "help" or not action.option_strings:
+            continue
+        stated = re.findall(r"\(default: ([^)]*)\)", action.help or "")
+        if action.default not in (None, False, []):  # (None: the code decides, and the help says how in words)
+            assert stated == [str(action.default)], (action.option_strings, action.help)
+        if "--cache" in action.option_strings:
+            assert action.default == "./cache" and "(default: ./cache)" in action.help
+    if command == "run":  # engine.worker_layout: one actor per GPU, else one per node
+        assert "one per node" in parser._option_string_actions["--workers"].help
+
+
+def test_every_subcommand_has_a_help_test():
+    assert set(subcommands()) == {"run", "status", "validate", "verify", "preview", "experts", "sources"}
 
 
 def test_listing_commands():

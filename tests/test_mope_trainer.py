@@ -20,7 +20,6 @@ from precompute.engine import RunConfig, run
 from precompute.sources.mmimdb import GENRES
 from precompute.sources.shapes import MATERIAL_TEMPLATES, MATERIALS
 from trainer.config import TrainConfig
-from trainer.data import CacheExamples
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
 
@@ -91,7 +90,7 @@ def test_frozen_encoder_is_bit_identical_after_training_steps(shapes_cache, tiny
     frozen_before = {name: t.clone() for name, t in model.encoder.state_dict().items()}
     trained_before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(method.param_groups(model), weight_decay=0.1)
-    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True))
+    examples = reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=True))
     for batch in list(DataLoader(examples, batch_size=16, collate_fn=method.collate))[:3]:
         method.loss(model, batch).backward()
         optimizer.step()

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from cache_schema import ArraySpec, CacheError, CacheWriter, FeatureSpec, SplitPlan, SplitReader
 from precompute.sources.shapes import ShapesSource
 from trainer.config import ConfigError, TrainConfig, load_config
-from trainer.data import CacheExamples, training_examples
+from trainer.data import training_examples
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
-from trainer.stream import ShardStream
+from cache_schema.torch_data import ShardStream
 
 LEVELS, WIDTH = 4, 16
 
@@ -63,7 +63,7 @@ def make_config(cache: Path, out: Path, lm: Path, **changes) -> TrainConfig:
 def test_examples_expand_per_question_and_skip_gaps(cache, tiny_lm_dir, tmp_path):
     method = get_method(make_config(cache, tmp_path / "run", tiny_lm_dir))
     reader = SplitReader(cache, "shapes", "train")
-    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True))
+    examples = reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=True))
     assert examples.skipped_samples == 1
     assert len(examples) == sum(len(a["questions"]) for i, a in enumerate(reader.annotations) if i != 3)
     item = examples[0]

@@ -23,26 +23,25 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cache_schema import CacheError, SplitReader, list_splits
+from cache_schema import Cache, CacheError, SplitReader, open_cache
+from cache_schema.torch_data import CacheDataset, ShardStream
 from trainer.checkpoint import check_resume, find_checkpoint, load_trainable, read_info, save_checkpoint
 from trainer.config import TrainConfig, load_config
-from trainer.data import CacheExamples, train_batches, training_examples
+from trainer.data import eval_examples, train_batches, training_examples
 from trainer.methods import MethodError, get_method
 from trainer.methods.base import Method
-from trainer.stream import ShardStream
 
 
 def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
-def resolve_source(config: TrainConfig) -> str:
-    sources = sorted({source for source, _ in list_splits(config.cache)})
+def resolve_source(config: TrainConfig, cache: Cache) -> str:
     if config.source is not None:
         return config.source
-    if len(sources) != 1:
-        raise CacheError(f"{config.cache} holds sources {sources}; say which with source=NAME")
-    return sources[0]
+    if len(cache.sources) != 1:
+        raise CacheError(f"{config.cache} holds sources {cache.sources}; say which with source=NAME")
+    return cache.sources[0]
 
 
 def autocast(device: torch.device):
@@ -53,9 +52,7 @@ def autocast(device: torch.device):
 
 
 def eval_loader(method: Method, reader: SplitReader, config: TrainConfig) -> DataLoader:
-    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=False),
-                             max_examples=config.max_eval_examples, sources=method.feature_sources)
-    return DataLoader(examples, batch_size=config.batch_size, collate_fn=method.collate, num_workers=config.num_workers)
+    return DataLoader(eval_examples(reader, method, config), batch_size=config.batch_size, collate_fn=method.collate, num_workers=config.num_workers)
 
 
 @torch.no_grad()
@@ -88,7 +85,7 @@ class Run:
     config: TrainConfig
     method: Method
     model: torch.nn.Module  # unwrapped: what is checkpointed and evaluated
-    train_set: CacheExamples | ShardStream
+    train_set: CacheDataset | ShardStream
     eval_reader: SplitReader | None
     info: dict[str, Any]  # checkpoint.json, less the step
     device: torch.device
@@ -99,12 +96,13 @@ def open_splits(config: TrainConfig) -> tuple[Method, str, SplitReader, SplitRea
     """The method, the source, and the train / eval splits, checked against the method's needs:
     cheap (headers and specs only), so a bad cache or config fails before anything heavy loads."""
     method = get_method(config)
-    source = resolve_source(config)
-    train_reader = SplitReader(config.cache, source, config.train_split)
+    cache = open_cache(config.cache)
+    source = resolve_source(config, cache)
+    train_reader = cache.split(config.train_split, source)
     method.check_cache(train_reader)
     eval_reader = None
-    if config.eval_split and (source, config.eval_split) in list_splits(config.cache):
-        eval_reader = SplitReader(config.cache, source, config.eval_split)
+    if config.eval_split and f"{source}/{config.eval_split}" in cache.splits:
+        eval_reader = cache.split(config.eval_split, source)
         method.check_cache(eval_reader)
     return method, source, train_reader, eval_reader
 
@@ -317,7 +315,7 @@ def load_for_eval(cache: str, checkpoint: Path, split: str | None, overrides: li
         if backbone != saved:
             raise MethodError(f"{checkpoint} was trained against {role} {saved['id']} @ {saved['revision']}; "
                               f"that now resolves to {backbone['id']} @ {backbone['revision']}")
-    reader = SplitReader(cache, info["source"], config.eval_split)
+    reader = open_cache(cache).split(config.eval_split, info["source"])
     method.check_cache(reader)
     method.restore_state(info.get("method_state", {}))
     model = method.build_model(reader).to(device)

@@ -145,6 +145,26 @@ def test_webdataset_cache_at_a_url_streams_resumes_after_kill_and_evaluates(tiny
     assert 0 <= metrics["vqa_accuracy"] <= 100
 
 
+def test_a_library_callers_messages_go_through_logging(cache, tiny_lm_dir, tmp_path, caplog):
+    """What `fit` says reaches the `trainer` logger (a library user captures, routes or silences it);
+    the CLI prints it (test_resume_after_kill_equals_uninterrupted reads it from stdout)."""
+    import logging
+
+    import torch
+
+    from trainer.loop import build_run
+
+    config = make_config(cache, tmp_path / "run", tiny_lm_dir)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        build_run(config, torch.device("cpu"))
+    [record] = [r for r in caplog.records if "training examples from" in r.getMessage()]
+    assert record.name == "trainer.loop" and record.levelno == logging.INFO
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):  # silenced
+        build_run(config, torch.device("cpu"))
+    assert not caplog.records
+
+
 def test_missing_feature_and_misfit_spec_fail_before_training(cache, tiny_lm_dir, tmp_path):
     config = make_config(cache, tmp_path / "run", tiny_lm_dir, model={"lm": str(tiny_lm_dir), "feature": "clip-cls"})
     with pytest.raises(CacheError, match="no feature 'clip-cls'.*vit-cls"):

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from cache_schema import CacheError
 from trainer.config import ConfigError
+from trainer.logs import show_messages
 from trainer.methods import METHODS, MethodError
 
 USER_ERRORS = (CacheError, ConfigError, MethodError, FileNotFoundError)
+logger = logging.getLogger(__name__)
 
 
 def positive_int(text: str) -> int:
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import load_config
     from trainer.loop import evaluate_checkpoint, fit
 
+    show_messages()
     try:
         if args.command == "fit":
             config = load_config(args.config, args.overrides, cache=args.cache, method=args.method, out=args.out,
@@ -99,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             check_out_dir(config.out)
             changes = check_resume(Path(config.out), config, args.allow_config_change)
             if changes:
-                print("resuming with a changed config (recorded in checkpoint.json's config_changes): " +
-                      ", ".join(f"{key} {show(old)} -> {show(new)}" for key, (old, new) in changes.items()))
+                logger.info("resuming with a changed config (recorded in checkpoint.json's config_changes): " +
+                            ", ".join(f"{key} {show(old)} -> {show(new)}" for key, (old, new) in changes.items()))
             workers = args.workers or 1
             if workers == 1 and args.address is None:
                 metrics = fit(config, progress=not args.no_progress, allow_config_change=args.allow_config_change)

@@ -10,6 +10,7 @@ evaluate_checkpoint: reload frozen backbones by name + the trained tensors, scor
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from trainer.config import TrainConfig, load_config
 from trainer.data import eval_examples, train_batches, training_examples
 from trainer.methods import MethodError, get_method
 from trainer.methods.base import Method
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,9 +124,9 @@ def build_run(config: TrainConfig, device: torch.device, verbose: bool = True) -
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if verbose:
-        print(f"{config.method}: {len(train_set)} training examples from {train_reader.num_samples - train_set.skipped_samples} "
-              f"samples ({train_set.skipped_samples} skipped: invalid or uncommitted); trainable parameters "
-              f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        logger.info(f"{config.method}: {len(train_set)} training examples from {train_reader.num_samples - train_set.skipped_samples} "
+                    f"samples ({train_set.skipped_samples} skipped: invalid or uncommitted); trainable parameters "
+                    f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     batches_per_epoch = len(train_set) // config.batch_size
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accum))
     info = {"method": config.method, "backbones": method.backbones(), "source": source,
@@ -182,7 +185,7 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
         if rank < len(rng):
             torch.set_rng_state(rng[rank])
         if leader:
-            print(f"resuming from {checkpoint} at step {state['step']}")
+            logger.info(f"resuming from {checkpoint} at step {state['step']}")
 
     def save() -> Path | None:
         rng = gather(torch.get_rng_state(), world_size)

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume OUT's checkpoint although the config differs from the one it was made with; the "
                         "new values apply from the resumed step and checkpoint.json records the change. Default: "
-                        "refuse, naming the keys (num_workers, log_every, device and max_failures may always change)")
+                        "refuse, naming the keys (num_workers, log_every, log_to, device and max_failures may always change)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-4 model.variant=lin")
     for name, help_text in (("eval", "score a checkpoint on a split; prints metrics, writes metrics.json"),

@@ -13,12 +13,13 @@ number YAML 1.1 left as a string, `1e-4`).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, field, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 
@@ -34,6 +35,16 @@ def yaml_float(value: Any) -> Any:
         except ValueError:
             pass
     return value
+
+
+def log_targets(targets: list[str]) -> list[str]:
+    """`log_to`: jsonl always (resume and the figures read OUT/log.jsonl back); tensorboard only
+    where its package is installed, said now rather than after the model has loaded."""
+    if "jsonl" not in targets:
+        raise ValueError("jsonl is always written (resume and the figures read it back); add it")
+    if "tensorboard" in targets and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("tensorboard needs its package: pip install tensorboard (or expertcache[tensorboard])")
+    return list(dict.fromkeys(targets))
 
 
 Float = Annotated[float, BeforeValidator(yaml_float)]
@@ -66,6 +77,8 @@ class TrainConfig:
     shuffle_buffer: Positive = 1000  # examples; WebDataset caches only (shards stream through this buffer)
     device: str = "auto"  # auto: cuda when available
     log_every: Positive = 10
+    log_to: Annotated[list[Literal["jsonl", "tensorboard"]], AfterValidator(log_targets)] = field(
+        default_factory=lambda: ["jsonl"])  # OUT/log.jsonl; tensorboard adds OUT/tensorboard (scalars, config, figures)
     max_failures: NonNegative = 3  # --workers / --address: Ray Train restarts after a lost worker, from the last checkpoint
     model: dict[str, Any] = field(default_factory=dict)  # the method's own config (e.g. EPALMConfig fields)
 

@@ -29,6 +29,7 @@ from cache_schema.torch_data import CacheDataset, ShardStream
 from trainer.checkpoint import check_resume, find_checkpoint, load_trainable, read_info, save_checkpoint
 from trainer.config import TrainConfig, load_config
 from trainer.data import eval_examples, train_batches, training_examples
+from trainer.logs import RunLog
 from trainer.methods import MethodError, get_method
 from trainer.methods.base import Method
 
@@ -195,7 +196,7 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
                           "state": dict(state), "rng": rng[0], **({"rank_rng": rng} if world_size > 1 else {})}
         return save_checkpoint(out, run.model, config, {**run.info, "step": state["step"]}, training_state)
 
-    log = (out / "log.jsonl").open("a") if leader else None
+    log = RunLog(out, config, state["step"]) if leader else None
     model.train()
     stream = train_batches(run.train_set, method, config, state, rank, world_size)
     bar = progress(run.total_steps, state["step"], f"fit {config.method}") if progress and leader else tqdm(disable=True)
@@ -224,14 +225,13 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
             if leader:
                 record = {"step": state["step"], "epoch": state["epoch"], "loss": round(loss_value, 5),
                           "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 1)}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                log.train(record)
                 bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{rate:.0f}")
             window_start, window_examples = time.perf_counter(), 0
         if (leader and run.eval_reader is not None and config.eval_every and state["step"] % config.eval_every == 0
                 and state["step"] < run.total_steps):
             metrics, _ = evaluate(method, run.model, eval_loader(method, run.eval_reader, config), device)
-            record_eval(method, out, log, state["step"], metrics)
+            log.figures(method.figures(log.eval(state["step"], metrics)), state["step"])
         if state["step"] % config.save_every == 0 and state["step"] < run.total_steps:
             path = save()
             if on_save is not None:
@@ -241,7 +241,7 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
     metrics: dict[str, Any] = {}
     if leader and run.eval_reader is not None:
         metrics, predictions = evaluate(method, run.model, eval_loader(method, run.eval_reader, config), device)
-        record_eval(method, out, log, state["step"], metrics)
+        log.figures(method.figures(log.eval(state["step"], metrics)), state["step"])
         write_results(out / "checkpoint", config.eval_split, metrics, predictions)
     if log is not None:
         log.close()
@@ -286,15 +286,6 @@ def gather(value: Any, world_size: int) -> list[Any]:
     values: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(values, value)
     return values
-
-
-def record_eval(method: Method, out: Path, log, step: int, metrics: dict[str, Any]) -> None:
-    """Append an eval record to the run's log and let the method redraw its figures from all of them."""
-    log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
-    log.flush()
-    with (out / "log.jsonl").open() as f:
-        history = [record for record in map(json.loads, f) if "eval" in record]
-    method.after_eval(out, history)
 
 
 def write_results(directory: Path, split: str, metrics: dict[str, float], predictions: list[dict[str, Any]]) -> None:

@@ -192,3 +192,29 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, ["lrr=1"])
     with pytest.raises(ConfigError, match="not KEY=VALUE"):
         load_config(None, ["lr"])
+
+
+def test_the_schedule_is_linear_warmup_then_cosine_to_min_lr_for_every_group():
+    """transformers' schedule, as the trainer builds it: after warmup exactly the cosine the loop
+    used to compute by hand (to min_lr / lr of each group's own peak); during warmup step s runs at
+    s / warmup of the peak, one step behind the old (s + 1) / warmup (so step 0 runs at 0)."""
+    import math
+
+    import torch
+
+    from trainer.loop import lr_schedule
+
+    config = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=3)
+    weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.AdamW([{"params": weights[:1], "lr": 1e-3}, {"params": weights[1:], "lr": 5e-3}])
+    scheduler = lr_schedule(optimizer, config, total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    floor = 1e-5 / 1e-3
+    for step, (low, high) in enumerate(rates):
+        factor = (step / 3 if step < 3 else floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - 3) / 7)))
+        assert (low, high) == (pytest.approx(1e-3 * factor), pytest.approx(5e-3 * factor))
+    assert rates[0] == [0.0, 0.0] and rates[3] == [pytest.approx(1e-3), pytest.approx(5e-3)]

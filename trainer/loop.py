@@ -1,6 +1,6 @@
 """The training loop shared by every method: short enough to read in one sitting.
 
-fit:  cache -> examples -> AdamW (trainable params only) with warmup + cosine -> checkpoints,
+fit:  cache -> examples -> AdamW (trainable params only) with transformers' warmup + cosine -> checkpoints,
       a JSONL log, periodic eval, and resume from the last checkpoint after a kill.
 train: that loop for one process; `fit` runs it here, trainer/distributed.py on every Ray Train
       rank (build_run, then train with the DDP-wrapped model and the rank's slice of each batch).
@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from cache_schema import Cache, CacheError, SplitReader, open_cache
 from cache_schema.torch_data import CacheDataset, ShardStream
@@ -73,12 +75,11 @@ def evaluate(method: Method, model: torch.nn.Module, loader: DataLoader, device:
     return method.score(predictions), predictions
 
 
-def learning_rate_factor(step: int, config: TrainConfig, total_steps: int) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    floor = config.min_lr / config.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> LambdaLR:
+    """transformers' linear warmup over `warmup_steps`, then cosine decay to `min_lr` at `total_steps`;
+    with several parameter groups each decays to the same fraction (min_lr / lr) of its own peak."""
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, config.warmup_steps, total_steps,
+                                                       min_lr_rate=config.min_lr / config.lr)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
     config, method, device, out = run.config, run.method, run.device, Path(run.config.out)
     leader = rank == 0
     optimizer = torch.optim.AdamW(method.param_groups(run.model), weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config, run.total_steps))
+    scheduler = lr_schedule(optimizer, config, run.total_steps)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
 
@@ -180,7 +181,7 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
                       for group in optimizer.param_groups]
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        apply_config_to_restored(optimizer, scheduler, configured, config, run.total_steps)
+        apply_config_to_restored(optimizer, scheduler, configured)
         state = saved["state"]
         rng = saved.get("rank_rng", [saved["rng"]])
         if rank < len(rng):
@@ -250,8 +251,7 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
     return metrics
 
 
-def apply_config_to_restored(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                             configured: list[dict[str, Any]], config: TrainConfig, total_steps: int) -> None:
+def apply_config_to_restored(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, configured: list[dict[str, Any]]) -> None:
     """Restored optimizer and schedule state carry the hyperparameters of the run that saved them
     (weight decay, base learning rates); a resume with an accepted config change
     (`--allow-config-change`) must train with the new ones, as checkpoint.json records. With no
@@ -261,8 +261,8 @@ def apply_config_to_restored(optimizer: torch.optim.Optimizer, scheduler: torch.
     bases = [group["initial_lr"] for group in optimizer.param_groups]
     if bases != scheduler.base_lrs:
         scheduler.base_lrs = bases
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = base * learning_rate_factor(scheduler.last_epoch, config, total_steps)  # as LambdaLR sets it
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # as LambdaLR sets it (its factors: this run's config)
 
 
 def accumulating(model: torch.nn.Module, last: bool):

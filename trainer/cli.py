@@ -22,12 +22,10 @@ import os
 import sys
 from pathlib import Path
 
-from cache_schema import CacheError
 from trainer.config import ConfigError
+from trainer.errors import USER_ERRORS
 from trainer.logs import show_messages
-from trainer.methods import METHODS, MethodError
-
-USER_ERRORS = (CacheError, ConfigError, MethodError, FileNotFoundError)
+from trainer.methods import METHODS
 logger = logging.getLogger(__name__)
 
 

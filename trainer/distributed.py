@@ -37,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 from cache_schema import CacheLayout
 from raysession import init_ray as start_ray
 from trainer.checkpoint import find_checkpoint, read_info
-from trainer.cli import USER_ERRORS
 from trainer.config import ConfigError, TrainConfig
+from trainer.errors import USER_ERRORS
 from trainer.logs import show_messages
 from trainer.loop import build_run, open_splits, train
 

@@ -4,6 +4,7 @@
                  [--workers N] [--address auto|HOST:PORT] [--allow-config-change] [KEY=VALUE ...]
     trainer eval --cache DIR --checkpoint DIR [--split S] [KEY=VALUE ...]
     trainer predict --cache DIR --checkpoint DIR --split S
+    trainer config [--method epalm|mope|prismer]     every key, its default and what it does
 
 Any config key can be overridden with KEY=VALUE (nested with dots: model.variant=lin); every
 value is checked against its type and range before anything runs.
@@ -67,7 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--split", help="split to use (default: the config's eval_split)")
         p.add_argument("--out", help="where metrics.json / predictions go (default: the checkpoint directory)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.num_beams=1")
+    p = commands.add_parser("config", help="every config key with its default and what it does")
+    p.add_argument("--method", choices=sorted(METHODS), default="epalm", help="whose model.* keys to list (default: epalm)")
     return parser
+
+
+def describe_config(method: str) -> str:
+    """`trainer config`: each key, its default, and its description; then the method's model.* keys."""
+    import dataclasses
+
+    from trainer.config import TrainConfig
+    from trainer.methods import method_class
+
+    def show(value: object) -> str:
+        return "(required)" if value is dataclasses.MISSING else json.dumps(value, default=str)
+
+    defaults = TrainConfig(method=method).to_dict()
+    rows = [(name, show(defaults[name]), info.description or "")
+            for name, info in TrainConfig.__pydantic_fields__.items()]
+    module = method_class(method).__module__.replace(".", "/")
+    def model_rows(prefix: str, options: dict[str, object]) -> list[tuple[str, str, str]]:
+        return [row for name, value in options.items()
+                for row in (model_rows(f"{prefix}{name}.", value) if isinstance(value, dict) and value
+                            else [(f"{prefix}{name}", show(value), f"see {module}.py")])]
+
+    rows += model_rows("model.", method_class(method).option_defaults())
+    width = max(len(name) for name, _, _ in rows) + 2, max(len(value) for _, value, _ in rows) + 2
+    return "\n".join(f"{name:<{width[0]}}{value:<{width[1]}}{text}".rstrip() for name, value, text in rows)
 
 
 def check_out_dir(out: str | Path) -> None:
@@ -88,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [item for item in extra if item.startswith("-") or "=" not in item]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "config":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        print(describe_config(args.method))
+        return 0
     args.overrides = [*args.overrides, *extra]
     from trainer.checkpoint import check_resume, show
     from trainer.config import load_config

@@ -94,6 +94,12 @@ class Method(ABC):
     def __init__(self, config: TrainConfig):
         self.config = config
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """`model.*` keys and their defaults (`dataclasses.MISSING`: required; None: decided by the
+        cache or another key), for `trainer config`."""
+        return {}
+
     @abstractmethod
     def feature_fields(self) -> dict[str, str]:
         """Batch field -> `feature/array` in the cache, e.g. {"visual": "vit-cls/cls"}."""

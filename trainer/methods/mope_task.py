@@ -70,6 +70,13 @@ class MoPEMethod(Method):
         self.multi_label = False
         self.routing: dict[str, Any] = {}
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        encoder, main, complementary = MODALITIES["image"]
+        return {"modality": "image", "encoder": encoder, "encoder_revision": None, "main_feature": main,
+                "complementary": complementary,
+                **{f.name: f.default for f in fields(MoPEConfig) if f.name not in DECIDED_BY_CACHE}}
+
     # ---- what the cache must hold ----------------------------------------------------------------
 
     def feature_fields(self) -> dict[str, str]:

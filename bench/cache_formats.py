@@ -5,9 +5,9 @@ float16 [6, 768] per image, five captions per image, as `vit-cls` writes them fo
 byte the trainer sees is the same; only the storage differs. Each side is the trainer's own data
 path for that format, as `trainer.loop.fit` builds it:
 
-- zarr: `CacheExamples` (whole arrays read into memory at start, then random access) with the
+- zarr: `split.torch_dataset` (`CacheDataset`: whole arrays read into memory at start, then random access) with the
         seeded `EpochSampler`, a DataLoader with `--workers` workers;
-- wds:  `ShardStream` (shards dealt to DataLoader workers, read front to back through a
+- wds:  `split.iterable_dataset` (`ShardStream`: shards dealt to DataLoader workers, read front to back through a
         shuffle buffer of 1000) with the same workers.
 
 The collate step stacks the features and keeps the captions, as a method's collate would; no
@@ -33,8 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cache_schema import ArraySpec, CacheWriter, FeatureSpec, SplitPlan, SplitReader
-from trainer.data import CacheExamples, EpochSampler
-from trainer.stream import ShardStream
+from trainer.data import EpochSampler
 
 SPEC = FeatureSpec("vit-cls", "vit-cls", "synthetic", "none", "none", (ArraySpec("cls", "float16", (6, 768)),))
 FEATURES = {"visual": "vit-cls/cls"}
@@ -65,12 +64,12 @@ def run_epoch(root: Path, format: str, batch_size: int, workers: int, epoch: int
     began = time.perf_counter()
     reader = SplitReader(root, "bench", "train")
     if format == "zarr":
-        dataset = CacheExamples(reader, FEATURES, expand)
+        dataset = reader.torch_dataset(FEATURES, expand)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), 0, epoch), collate_fn=collate,
                             num_workers=workers, drop_last=True)
         batches = len(dataset) // batch_size
     else:
-        dataset = ShardStream(reader, FEATURES, expand, batch_size, seed=0, num_workers=workers)
+        dataset = reader.iterable_dataset(FEATURES, expand, num_workers=workers, batch_size=batch_size)
         dataset.epoch = epoch
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers, drop_last=True)
         batches = dataset.batches_per_rank(epoch)

@@ -4,7 +4,7 @@ Measured side by side in one process, on one eP-ALM model (the trainer's own `EP
 frozen OPT, trainable connections + soft prompt), one optimizer and the same batches:
 
 - cached:  the trainer's data path, as `trainer.loop.fit` runs it: a real Zarr cache of [CLS]
-           stacks read by `CacheExamples`, a DataLoader with `num_workers` workers, `EpochSampler`
+           stacks read by `split.torch_dataset`, a DataLoader with `num_workers` workers, `EpochSampler`
            and `EPALMMethod.collate`; then forward, backward, gradient clipping and an AdamW step.
 - online:  the same, but the DataLoader's items carry PNG-encoded 64x64 images instead of cached
            features: its workers decode and preprocess them (the ViT's transform, to 224 px), and
@@ -53,12 +53,13 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from cache_schema import CacheWriter, SplitPlan, SplitReader
+from cache_schema.torch_data import CacheDataset
 from precompute.experts import get_expert
 from precompute.experts.base import Expert
 from precompute.sources import get_source
 from vit_models import save_vit_base  # bench/ is on sys.path when a script here runs
 from trainer.config import TrainConfig
-from trainer.data import CacheExamples, EpochSampler
+from trainer.data import EpochSampler
 from trainer.loop import autocast, resolve_device
 from trainer.methods.text import encode_batch
 from trainer.methods.epalm_task import EPALMMethod
@@ -137,7 +138,7 @@ def png_bytes(image: Image.Image) -> bytes:
 class OnlineExamples(Dataset):
     """The cached run's examples, in the same order, with an encoded image where the cache has [CLS] tokens."""
 
-    def __init__(self, cached: CacheExamples, encoded_images: list[bytes], preprocess: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, cached: CacheDataset, encoded_images: list[bytes], preprocess: Callable[[Image.Image], torch.Tensor]):
         self.cached, self.encoded_images, self.preprocess = cached, encoded_images, preprocess
 
     def __len__(self) -> int:
@@ -292,7 +293,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     model = method.build_model(reader).to(device)
     model.train()
     trainer = Trainer(method, model, device, config)
-    cached_set = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True))
+    cached_set = reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=True))
     if len(cached_set) < batches_per_round * args.batch_size:
         raise SystemExit(f"{len(cached_set)} examples from {args.samples} samples: fewer than {batches_per_round} "
                          f"batches of {args.batch_size}; raise --samples")

@@ -1,9 +1,15 @@
-"""Reading a cache: samples and annotations by index or key, features by sample.
+"""Reading a cache: `open_cache` -> its splits -> samples, annotations, features, and PyTorch datasets.
+
+    cache = open_cache("./cache")                      # a directory or an fsspec URL
+    split = cache.split("shapes/train")                # a SplitReader
+    split.features["vit-cls"]                          # FeatureSpec: expert, model id + revision, arrays
+    split.torch_dataset({"visual": "vit-cls/cls"})     # random access (cache_schema/torch_data.py)
+    split.iterable_dataset({"visual": "vit-cls/cls"})  # streaming, shard by shard (tar shards)
 
 Only shards with a matching commit record are readable as data: a sample whose shard is not
 committed reads as invalid, so a half-written shard can never leak into training. Features stored
-as WebDataset tars read through the same interface (a whole shard's tar at a time); streaming
-them in training order is the trainer's job.
+as WebDataset tars read through the same interface (a whole shard's tar at a time). Nothing here
+imports torch until a dataset is built: reading a cache stays light.
 """
 
 from __future__ import annotations
@@ -11,16 +17,19 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
 from cache_schema.commit import CommitRecord, vouching_record
 from cache_schema.layout import CacheError, CacheLayout, open_group, read_json
-from cache_schema.spec import RAGGED_LENGTH_SUFFIX, TEXT_DTYPE, FeatureSpec
+from cache_schema.spec import RAGGED_LENGTH_SUFFIX, TEXT_DTYPE, ArraySpec, FeatureSpec
 from cache_schema.wds import empty_arrays, read_tar_shard, shard_tar_path
 from cache_schema.writer import VALID_ARRAY
+
+if TYPE_CHECKING:  # torch: only when a dataset is built
+    from cache_schema.torch_data import CacheDataset, Expand, ShardStream
 
 
 def list_splits(root: str | Path) -> list[tuple[str, str]]:
@@ -28,6 +37,44 @@ def list_splits(root: str | Path) -> list[tuple[str, str]]:
     layout = CacheLayout(root)
     layout.require_exists()
     return [tuple(name.split("/", 1)) for name in sorted(layout.read_manifest()["splits"])]
+
+
+class Cache:
+    """A feature cache, opened for reading: its splits and their features."""
+
+    def __init__(self, location: str | Path):
+        self.layout = CacheLayout(location)
+        self.layout.require_exists()
+        self.root = self.layout.root
+
+    @property
+    def sources(self) -> list[str]:
+        return sorted({source for source, _ in list_splits(self.root)})
+
+    @cached_property
+    def splits(self) -> dict[str, SplitReader]:
+        """`source/split` -> its reader, for every split the cache holds."""
+        return {f"{source}/{split}": SplitReader(self.root, source, split) for source, split in list_splits(self.root)}
+
+    def split(self, name: str, source: str | None = None) -> SplitReader:
+        """`name` as `source/split`, or a bare split name of `source` (default: the cache's only source)."""
+        if "/" not in name:
+            if source is None:
+                if len(self.sources) != 1:
+                    raise CacheError(f"{self.root} holds sources {self.sources}; name the split as SOURCE/{name}")
+                source = self.sources[0]
+            name = f"{source}/{name}"
+        if name not in self.splits:
+            raise CacheError(f"{self.root}: no split {name} (the cache has: {', '.join(self.splits) or 'none'})")
+        return self.splits[name]
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.root)!r}, splits={list(self.splits)})"
+
+
+def open_cache(location: str | Path) -> Cache:
+    """The cache at a directory or fsspec URL (`s3://bucket/cache`), for reading; CacheError if none is there."""
+    return Cache(location)
 
 
 class SplitReader:
@@ -46,6 +93,9 @@ class SplitReader:
         self.num_samples: int = self.header["num_samples"]
         self.shard_size: int = self.header["shard_size"]
         self.num_shards: int = self.header["num_shards"]
+
+    def __repr__(self) -> str:
+        return f"SplitReader({self.source}/{self.split}: {self.num_samples} samples, features {self.feature_names})"
 
     @cached_property
     def _samples(self) -> list[dict[str, Any]]:
@@ -87,12 +137,61 @@ class SplitReader:
             )
         return entry
 
+    @property
+    def features(self) -> dict[str, FeatureSpec]:
+        """Feature name -> its spec: the expert, model id + revision, preprocessing hash and arrays
+        that made it (per-shard provenance: `feature(name).commit_records()`)."""
+        return {name: self.spec(name) for name in self.feature_names}
+
     def spec(self, feature: str) -> FeatureSpec:
         return FeatureSpec.from_dict(self._entry(feature))
 
     def feature(self, name: str) -> FeatureReader:
         entry = self._entry(name)
         return FeatureReader(self, FeatureSpec.from_dict(entry), entry.get("format", "zarr"))
+
+    def feature_arrays(self, features: dict[str, str]) -> dict[str, tuple[FeatureReader, ArraySpec]]:
+        """Batch field -> (its feature, its array) for a `{field: "feature/array"}` mapping; a
+        CacheError naming the field and what the cache has for a path that is not there."""
+        resolved = {}
+        for field_name, path in features.items():
+            feature_name, slash, array_name = str(path).partition("/")
+            if not slash or not array_name:
+                raise CacheError(f"{field_name!r}: {path!r} is not FEATURE/ARRAY (e.g. vit-cls/cls)")
+            feature = self.feature(feature_name)
+            try:
+                resolved[field_name] = feature, feature.spec.array(array_name)
+            except KeyError:
+                raise CacheError(f"{field_name!r}: feature {feature_name!r} of {self.source}/{self.split} has no array "
+                                 f"{array_name!r} (it has: {', '.join(a.name for a in feature.spec.arrays)})") from None
+        return resolved
+
+    def torch_dataset(self, features: dict[str, str], expand: Expand | None = None, *, max_examples: int | None = None,
+                      sources: Any = None) -> CacheDataset:
+        """A map-style `torch.utils.data.Dataset` of this split's examples (random access).
+
+        `features`: batch field -> `feature/array`, e.g. `{"visual": "vit-cls/cls"}`.
+        `expand(annotations) -> [example, ...]`: the examples one sample yields (default: one, with
+        no annotation fields). Items are `{"key", **example, field: np.ndarray}`.
+        """
+        from cache_schema.torch_data import CacheDataset
+
+        return CacheDataset(self, features, expand, max_examples=max_examples, sources=sources)
+
+    def iterable_dataset(self, features: dict[str, str], expand: Expand | None = None, *, seed: int = 0,
+                         shuffle_buffer: int = 1000, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                         batch_size: int = 1) -> ShardStream:
+        """A `torch.utils.data.IterableDataset` that streams this split shard by shard (one
+        sequential read per tar: what object stores want), shuffled by seed and `.epoch`.
+
+        `num_workers` must match the DataLoader's; `rank`/`world_size` give each data-parallel rank
+        its own shards; `batch_size` (per rank) sizes `batches_per_rank(epoch)`, the batch count
+        every rank can fill. Arguments as `torch_dataset`.
+        """
+        from cache_schema.torch_data import ShardStream
+
+        return ShardStream(self, features, expand, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                           num_workers=num_workers, shuffle_buffer=shuffle_buffer)
 
 
 class FeatureReader:

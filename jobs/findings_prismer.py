@@ -225,19 +225,18 @@ def probe_features(config, split: str, experts: list[str]) -> tuple[dict[str, An
     import torch
     from torch.utils.data import DataLoader
 
-    from cache_schema import SplitReader
-    from trainer.data import CacheExamples
+    from cache_schema import open_cache
     from trainer.methods import get_method
     from trainer.methods.prismer import embed_ids
     from trainer.methods.prismer_task import CONTINUOUS_EXPERTS
 
     method = get_method(config)
-    reader = SplitReader(config.cache, config.source, split)
+    reader = open_cache(config.cache).split(split, config.source)
     method.check_cache(reader)
     model = method.build_model(reader).eval()
     vit = model.vision.vit
-    examples = CacheExamples(reader, method.feature_fields(),
-                             lambda a: [{"prompts": ["probe"], "quantities": a.get("quantities"), "train": False}])
+    examples = reader.torch_dataset(method.feature_fields(),
+                                    lambda a: [{"prompts": ["probe"], "quantities": a.get("quantities"), "train": False}])
     loader = DataLoader(examples, batch_size=64, collate_fn=method.collate, num_workers=0)
     features: dict[str, list[Any]] = {"vit": [], **{name: [] for name in experts}}
     quantities: list[dict[str, int]] = []

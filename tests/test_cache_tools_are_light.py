@@ -42,3 +42,23 @@ def test_reading_a_cache_imports_no_model_stack(tmp_path, command):
                                           ("trainer.cli", ["--help"]), ("trainer.cli", ["fit", "--help"])])
 def test_help_imports_no_model_stack(module, argv):
     assert imported_heavy(module, argv) == ""
+
+
+OPEN_CACHE_PROBE = """
+import sys
+from cache_schema import open_cache
+cache = open_cache({root!r})
+for name, split in cache.splits.items():
+    print(name, split.num_samples, {{feature: spec.model_id for feature, spec in split.features.items()}})
+    split.feature("ocr").commit_records()
+print("HEAVY:", ",".join(sorted(name for name in {heavy!r} if name in sys.modules)))
+"""
+
+
+def test_opening_a_cache_from_python_imports_no_model_stack(tmp_path):
+    """`open_cache`, its splits, their feature specs and commit records: torch only once a dataset is built."""
+    write_cache(str(tmp_path / "cache"), "zarr")
+    result = subprocess.run([sys.executable, "-c", OPEN_CACHE_PROBE.format(root=str(tmp_path / "cache"), heavy=HEAVY)],
+                            capture_output=True, text=True)
+    assert "toy/train 10 {'ocr': 'm'}" in result.stdout, result.stderr
+    assert result.stdout.splitlines()[-1].strip() == "HEAVY:"

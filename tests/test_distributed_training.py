@@ -222,15 +222,14 @@ def test_two_workers_stream_a_webdataset_cache_for_several_epochs(tiny_lm_dir, t
     instead of hanging at the first epoch boundary."""
     from cache_schema import SplitReader
     from trainer.methods import get_method
-    from trainer.stream import ShardStream
 
     cache = tmp_path / "wds-cache"
     write_shapes_cache(cache, "train", 40, invalid={3}, format="wds")
     overrides = settings(cache, tiny_lm_dir, 24, "save_every=10", "log_every=1", "eval_split=null")
     config = load_config(None, overrides, out=str(tmp_path / "two"))
     method = get_method(config)
-    stream = ShardStream(SplitReader(cache, "shapes", "train"), method.feature_fields(),
-                         lambda a: method.expand(a, train=True), 8, config.seed, world_size=2)
+    stream = SplitReader(cache, "shapes", "train").iterable_dataset(
+        method.feature_fields(), lambda a: method.expand(a, train=True), seed=config.seed, world_size=2, batch_size=8)
     per_epoch = [stream.batches_per_rank(epoch) for epoch in range(4)]
     assert sum(per_epoch[:2]) < 24  # the run crosses at least two epoch boundaries
     result = subprocess.run([*CLI, "fit", "--out", str(tmp_path / "two"), "--workers", "2", "--no-progress", *overrides],

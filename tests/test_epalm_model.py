@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DynamicCache, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
+from trainer.checkpoint import load_trainable, trainable_state
+from trainer.methods import MethodError
 from trainer.methods.epalm import EPALM, EPALMConfig
 from trainer.methods.text import encode_batch
 
@@ -139,7 +142,7 @@ def test_visual_token_is_prepended_once_then_replaced(opt_dir):
 def test_only_connections_prompt_and_adapters_train(opt_dir, variant):
     model = make_model(opt_dir, variant=variant, prompt_mlp=True).train()
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    assert trainable == set(model.trainable_state_dict())
+    assert trainable == set(trainable_state(model))
     modules = {name.split(".")[0] for name in trainable}
     expected = {
         "lin": {"connectors"},
@@ -151,7 +154,7 @@ def test_only_connections_prompt_and_adapters_train(opt_dir, variant):
     assert len(model.connectors) == (2 if variant in ("default", "ada") else 1)
 
     lm_before = {name: param.clone() for name, param in model.lm.named_parameters()}
-    trainable_before = {name: param.clone() for name, param in model.trainable_state_dict().items()}
+    trainable_before = {name: param.clone() for name, param in trainable_state(model).items()}
     input_ids = random_ids(2, 6)
     labels = input_ids.clone()
     labels[:, :3] = -100
@@ -162,7 +165,7 @@ def test_only_connections_prompt_and_adapters_train(opt_dir, variant):
     for name, param in model.lm.named_parameters():
         assert not param.requires_grad and param.grad is None, name
         assert torch.equal(param, lm_before[name]), name
-    for name, param in model.trainable_state_dict().items():
+    for name, param in trainable_state(model).items():
         assert not torch.equal(param, trainable_before[name]), name
 
 
@@ -309,7 +312,7 @@ def test_adapters_start_near_identity(opt_dir):
     assert 0 < difference < 0.1 * default.std().item()
 
 
-def test_trainable_state_dict_round_trips(opt_dir):
+def test_trained_tensors_round_trip_through_the_checkpoint_file(opt_dir, tmp_path):
     trained = make_model(opt_dir, variant="ada", prompt_mlp=True, seed=0).train()
     input_ids = random_ids(2, 6)
     attention_mask, visual = torch.ones_like(input_ids), random_visual(2)
@@ -317,16 +320,18 @@ def test_trainable_state_dict_round_trips(opt_dir):
     trained(input_ids, attention_mask, visual, labels=input_ids).loss.backward()
     optimizer.step()
     trained.eval()
-    state = {name: tensor.clone() for name, tensor in trained.trainable_state_dict().items()}
+    state = trainable_state(trained)
+    save_file(state, tmp_path / "model.safetensors")
 
     expected = trained(input_ids, attention_mask, visual).logits
     fresh = make_model(opt_dir, variant="ada", prompt_mlp=True, seed=1)
     assert not torch.equal(fresh(input_ids, attention_mask, visual).logits, expected)
-    fresh.load_trainable_state_dict(state)
+    load_trainable(fresh, tmp_path)
     assert torch.equal(fresh(input_ids, attention_mask, visual).logits, expected)
     state.pop(next(iter(state)))
-    with pytest.raises(ValueError, match="missing"):
-        fresh.load_trainable_state_dict(state)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(MethodError, match="missing"):
+        load_trainable(fresh, tmp_path)
 
 
 def test_bad_inputs_are_named(opt_dir):

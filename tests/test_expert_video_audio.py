@@ -25,8 +25,6 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cache_schema import SplitReader
 from conftest import write_images
-from precompute import experts as expert_registry
-from precompute import sources as source_registry
 from precompute.decode_media import AUDIOSET_MEAN, AUDIOSET_STD, decode_audio, fbank
 from precompute.experts import ExpertError
 from precompute.experts.video_audio import AstClsExpert, TimesformerClsExpert, VitAvgClsExpert
@@ -302,14 +300,6 @@ def test_unusable_clips_and_sources_are_media_errors(tmp_path, timesformer_dir, 
 
 # --- through the engine ---------------------------------------------------------------------
 
-needs_registration = pytest.mark.skipif(
-    not {"videos", "audio"} <= set(source_registry.SOURCES)
-    or not {"timesformer-cls", "ast-cls"} <= set(expert_registry.EXPERTS),
-    reason="the `videos` / `audio` sources and the video/audio experts are not registered yet "
-           "(precompute/sources/__init__.py, precompute/experts/__init__.py)",
-)
-
-
 def gap_reasons(cache: Path, source: str, feature: str) -> dict[str, str]:
     records = [json.loads(p.read_text()) for p in sorted((cache / source / "all" / "_commits" / feature).glob("*.json"))]
     return {key: reason for record in records for key, reason in record["invalid"].items()}
@@ -327,7 +317,6 @@ def write_audio(root: Path) -> None:
     (root / "noise.wav").write_bytes(b"RIFF not really a wave file")
 
 
-@needs_registration
 @pytest.mark.parametrize("expert, source, write, usable, reasons", [
     ("timesformer-cls", "videos", write_videos, {"long": True, "noise": False, "short": True}, {"noise": "not a video"}),
     ("ast-cls", "audio", write_audio, {"noise": False, "silent": False, "tone": True},

@@ -168,9 +168,33 @@ def test_a_hub_id_not_in_the_offline_cache_is_one_line(cache, tmp_path):
     assert not out.exists()
 
 
-def test_help_of_the_cli_and_of_fit(tmp_path):
-    for argv in (["--help"], ["fit", "--help"]):
-        result = subprocess.run([*CLI, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-        assert result.stdout.startswith("usage: trainer")
-    assert "--allow-config-change" in result.stdout and "--max-steps" in result.stdout
+@pytest.mark.parametrize("argv, documented", [
+    (["--help"], ["trainer fit", "trainer eval", "trainer predict", "trainer config", "Exit code 2 on bad input"]),
+    (["fit", "--help"], ["--allow-config-change", "--max-steps", "(default: ./cache)", "(default: epalm)",
+                         "(default: ./runs/run)", "Default: 1, in this process", "at most max_failures times (default 3)"]),
+    (["eval", "--help"], ["(default: ./cache)", "(default: the config's eval_split)", "(default: the checkpoint directory)"]),
+    (["predict", "--help"], ["(default: ./cache)", "(default: the config's eval_split)"]),
+    (["config", "--help"], ["(default: epalm)"]),
+])
+def test_help_of_every_command_states_its_defaults(tmp_path, argv, documented):
+    result = subprocess.run([*CLI, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert [phrase for phrase in documented if phrase not in text] == []
+
+
+def test_config_lists_every_key_with_its_default_and_description(tmp_path):
+    from trainer.config import TrainConfig
+
+    result = subprocess.run([*CLI, "config", "--method", "mope"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in result.stdout.splitlines()}
+    assert set(TrainConfig.__pydantic_fields__) <= set(rows)
+    assert rows["lr"] == ["0.0001", "peak learning rate (AdamW, after warmup)"]
+    assert rows["method"][0] == '"mope"' and rows["log_to"][0] == '["jsonl"]'
+    assert rows["model.num_experts"][0] == "16" and rows["model.temperature"][0] == "0.1"
+    assert "model.num_classes" not in rows  # the cache decides it
+    prismer = subprocess.run([*CLI, "config", "--method", "prismer"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert "model.augment.randaugment_ops" in prismer.stdout
+
+

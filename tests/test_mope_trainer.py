@@ -5,6 +5,7 @@ modality with text-cls, text main modality with image-pooled) and an MM-IMDb-lay
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from precompute.engine import RunConfig, run
 from precompute.sources.mmimdb import GENRES
 from precompute.sources.shapes import MATERIAL_TEMPLATES, MATERIALS
 from trainer.config import TrainConfig
-from trainer.data import CacheExamples
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
 
@@ -58,11 +58,13 @@ def make_config(cache: Path, out: Path, encoder: Path, eval_every: int = 4, **mo
                        model={"encoder": str(encoder), "prompt_length": 2, "num_experts": 4, **model})
 
 
-def test_fit_trains_only_prompts_routers_mapper_head_and_eval_reproduces(shapes_cache, tiny_vit_dir, tmp_path, capsys):
+def test_fit_trains_only_prompts_routers_mapper_head_and_eval_reproduces(shapes_cache, tiny_vit_dir, tmp_path, caplog):
     out = tmp_path / "run"
-    metrics = fit(make_config(shapes_cache, out, tiny_vit_dir), progress=False)
-    printed = capsys.readouterr().out
-    assert "trainable parameters" in printed
+    config = make_config(shapes_cache, out, tiny_vit_dir)
+    config.log_to = ["jsonl", "tensorboard"]
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        metrics = fit(config, progress=False)
+    assert "trainable parameters" in caplog.text
     assert set(metrics) >= {"accuracy", "routing_entropy", "importance_cv", "expert_importance"}
     assert 0 <= metrics["accuracy"] <= 100 and len(metrics["expert_importance"]) == 4
     assert sum(metrics["expert_importance"]) == pytest.approx(1.0, abs=1e-3)
@@ -75,9 +77,28 @@ def test_fit_trains_only_prompts_routers_mapper_head_and_eval_reproduces(shapes_
     evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert len(evals) >= 2 and all("expert_importance" in record["eval"] for record in evals)
     assert (out / "importance.png").stat().st_size > 5_000
+    assert_tensorboard_holds_the_run(out / "tensorboard", evals)
     again = evaluate_checkpoint(str(shapes_cache), out / "checkpoint", "val", [])
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
     assert again["expert_importance"] == pytest.approx(metrics["expert_importance"], abs=1e-4)
+
+
+def assert_tensorboard_holds_the_run(directory: Path, evals: list[dict]) -> None:
+    """The event files, read back by TensorBoard's own reader: the scalars log.jsonl has, the config, the figure."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "train/examples_per_s", "eval/accuracy", "eval/routing_entropy"} <= set(tags["scalars"])
+    logged = [json.loads(line) for line in (directory.parent / "log.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in logged if "loss" in r]
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")] == losses
+    assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == [
+        (r["step"], pytest.approx(r["eval"]["accuracy"])) for r in evals]
+    assert [e.step for e in events.Images("importance")] == [r["step"] for r in evals]
+    assert events.Images("importance")[-1].encoded_image_string.startswith(b"\x89PNG")
+    [text] = [e for e in events.Tensors("config/text_summary")]
+    assert b"method: mope" in text.tensor_proto.string_val[0]
 
 
 def test_frozen_encoder_is_bit_identical_after_training_steps(shapes_cache, tiny_vit_dir, tmp_path):
@@ -91,7 +112,7 @@ def test_frozen_encoder_is_bit_identical_after_training_steps(shapes_cache, tiny
     frozen_before = {name: t.clone() for name, t in model.encoder.state_dict().items()}
     trained_before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(method.param_groups(model), weight_decay=0.1)
-    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True))
+    examples = reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=True))
     for batch in list(DataLoader(examples, batch_size=16, collate_fn=method.collate))[:3]:
         method.loss(model, batch).backward()
         optimizer.step()

@@ -11,10 +11,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cache_schema import ArraySpec, CacheWriter, ClassTable, FeatureSpec, SplitPlan, SplitReader, write_table
+from cache_schema.torch_data import CacheDataset
 from precompute.sources.shapes import DETECTION_CLASSES, SEG_CLASSES, ShapesSource, ShapesWorld
 from trainer.cli import main as trainer_main
 from trainer.config import TrainConfig
-from trainer.data import CacheExamples
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
 
@@ -112,7 +112,7 @@ def test_batches_carry_aligned_rgb_and_every_label(cache, tiny_vit_dir, tiny_rob
     reader = SplitReader(cache, "shapes", "train")
     method.check_cache(reader)
     method.build_model(reader)
-    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=False))
+    examples = reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=False))
     batch = method.collate([examples[i] for i in range(5)])
     assert batch["rgb"].shape == (5, 3, R, R)
     labels = batch["expert_labels"]
@@ -130,7 +130,7 @@ def test_batches_carry_aligned_rgb_and_every_label(cache, tiny_vit_dir, tiny_rob
     seg_ids, seg_vocab = labels["seg-coco"]
     assert seg_ids.max() < len(SEG_CLASSES) and seg_vocab[0, 255].abs().sum() == 0
     assert batch["items"][0]["prompts"][0].startswith("question: ") and batch["image_index"].tolist() == [0, 1, 2, 3, 4]
-    train = method.collate([CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True))[0]])
+    train = method.collate([reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=True))[0]])
     assert train["image_index"].tolist() == [0] * 5 and train["input_ids"].shape[0] == 5  # five questions, one image
 
 
@@ -191,12 +191,12 @@ def test_shuffled_experts_read_another_samples_labels_deterministically(cache, t
     all of a sample's labels), a function of the seed; RGB and questions stay the sample's own."""
     reader = SplitReader(cache, "shapes", "train")
 
-    def examples(seed: int, shuffle: bool) -> CacheExamples:
+    def examples(seed: int, shuffle: bool) -> CacheDataset:
         config = make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir, shuffle_experts=shuffle)
         config.seed = seed
         method = get_method(config)
-        return CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True),
-                             sources=method.feature_sources)
+        return reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=True),
+                                    sources=method.feature_sources)
 
     own, shuffled, again, other_seed = examples(0, False), examples(0, True), examples(0, True), examples(1, True)
     assert set(shuffled.sources) == set(own.arrays) - {"rgb"}

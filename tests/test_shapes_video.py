@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from cache_schema import SplitReader
-from precompute import sources as source_registry
 from precompute.decode_media import frame_indices
 from precompute.experts.video_audio import VitAvgClsExpert
 from precompute.sources import MediaError, Sample, SourceError
@@ -225,8 +224,6 @@ def test_source_samples_info_and_options():
         ShapesVideoSource(None, "train", frames=8)
 
 
-@pytest.mark.skipif("shapes-video" not in source_registry.SOURCES,
-                    reason="the `shapes-video` source is not registered yet (precompute/sources/__init__.py)")
 def test_vit_avg_cls_runs_on_shapes_video_through_the_engine(tmp_path, tiny_vit_dir, ray_local):
     from precompute.engine import RunConfig, run
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from cache_schema import ArraySpec, CacheWriter, FeatureSpec, SplitPlan, SplitReader
-from trainer.stream import ShardStream
+from cache_schema import ArraySpec, CacheError, CacheWriter, FeatureSpec, SplitPlan, SplitReader
 
 SPEC = FeatureSpec("emb", "toy", "m", "r", "p", (ArraySpec("cls", "float32", (3,)),))
 
@@ -40,8 +39,8 @@ def collate(items):
 
 
 def rank_batches(reader, rank, world_size, epoch, num_workers=0, batch_size=4, buffer=8):
-    stream = ShardStream(reader, {"visual": "emb/cls"}, expand, batch_size, seed=3, rank=rank, world_size=world_size,
-                         num_workers=num_workers, shuffle_buffer=buffer)
+    stream = reader.iterable_dataset({"visual": "emb/cls"}, expand, seed=3, rank=rank, world_size=world_size,
+                                     num_workers=num_workers, shuffle_buffer=buffer, batch_size=batch_size)
     stream.epoch = epoch
     loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, drop_last=True)
     return stream, list(itertools.islice(loader, stream.batches_per_rank(epoch)))
@@ -51,7 +50,7 @@ def rank_batches(reader, rank, world_size, epoch, num_workers=0, batch_size=4, b
 def test_every_rank_gets_the_same_number_of_full_batches_and_no_example_twice(tmp_path, num_workers):
     reader = build_cache(tmp_path, "wds")
     per_rank = [rank_batches(reader, rank, 3, epoch=0, num_workers=num_workers)[1] for rank in range(3)]
-    stream = ShardStream(reader, {"visual": "emb/cls"}, expand, 4, seed=3, world_size=3, num_workers=num_workers)
+    stream = reader.iterable_dataset({"visual": "emb/cls"}, expand, seed=3, world_size=3, num_workers=num_workers, batch_size=4)
     expected = stream.batches_per_rank(0)
     assert expected > 0 and [len(batches) for batches in per_rank] == [expected] * 3
     assert all(len(batch) == 4 for batches in per_rank for batch in batches)
@@ -83,5 +82,5 @@ def test_zarr_and_wds_caches_stream_the_same_examples(tmp_path):
 
 def test_a_wrong_feature_path_fails_at_construction(tmp_path):
     reader = build_cache(tmp_path, "wds")
-    with pytest.raises(KeyError, match="no array 'pooled'"):
-        ShardStream(reader, {"visual": "emb/pooled"}, expand, 4, seed=0)
+    with pytest.raises(CacheError, match="'visual': feature 'emb' of toy/train has no array 'pooled' \\(it has: cls\\)"):
+        reader.iterable_dataset({"visual": "emb/pooled"}, expand)

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from cache_schema import ArraySpec, CacheError, CacheWriter, FeatureSpec, SplitPlan, SplitReader
 from precompute.sources.shapes import ShapesSource
 from trainer.config import ConfigError, TrainConfig, load_config
-from trainer.data import CacheExamples, training_examples
+from trainer.data import training_examples
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
-from trainer.stream import ShardStream
+from cache_schema.torch_data import ShardStream
 
 LEVELS, WIDTH = 4, 16
 
@@ -63,7 +63,7 @@ def make_config(cache: Path, out: Path, lm: Path, **changes) -> TrainConfig:
 def test_examples_expand_per_question_and_skip_gaps(cache, tiny_lm_dir, tmp_path):
     method = get_method(make_config(cache, tmp_path / "run", tiny_lm_dir))
     reader = SplitReader(cache, "shapes", "train")
-    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True))
+    examples = reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=True))
     assert examples.skipped_samples == 1
     assert len(examples) == sum(len(a["questions"]) for i, a in enumerate(reader.annotations) if i != 3)
     item = examples[0]
@@ -145,6 +145,26 @@ def test_webdataset_cache_at_a_url_streams_resumes_after_kill_and_evaluates(tiny
     assert 0 <= metrics["vqa_accuracy"] <= 100
 
 
+def test_a_library_callers_messages_go_through_logging(cache, tiny_lm_dir, tmp_path, caplog):
+    """What `fit` says reaches the `trainer` logger (a library user captures, routes or silences it);
+    the CLI prints it (test_resume_after_kill_equals_uninterrupted reads it from stdout)."""
+    import logging
+
+    import torch
+
+    from trainer.loop import build_run
+
+    config = make_config(cache, tmp_path / "run", tiny_lm_dir)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        build_run(config, torch.device("cpu"))
+    [record] = [r for r in caplog.records if "training examples from" in r.getMessage()]
+    assert record.name == "trainer.loop" and record.levelno == logging.INFO
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):  # silenced
+        build_run(config, torch.device("cpu"))
+    assert not caplog.records
+
+
 def test_missing_feature_and_misfit_spec_fail_before_training(cache, tiny_lm_dir, tmp_path):
     config = make_config(cache, tmp_path / "run", tiny_lm_dir, model={"lm": str(tiny_lm_dir), "feature": "clip-cls"})
     with pytest.raises(CacheError, match="no feature 'clip-cls'.*vit-cls"):
@@ -172,3 +192,29 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, ["lrr=1"])
     with pytest.raises(ConfigError, match="not KEY=VALUE"):
         load_config(None, ["lr"])
+
+
+def test_the_schedule_is_linear_warmup_then_cosine_to_min_lr_for_every_group():
+    """transformers' schedule, as the trainer builds it: after warmup exactly the cosine the loop
+    used to compute by hand (to min_lr / lr of each group's own peak); during warmup step s runs at
+    s / warmup of the peak, one step behind the old (s + 1) / warmup (so step 0 runs at 0)."""
+    import math
+
+    import torch
+
+    from trainer.loop import lr_schedule
+
+    config = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=3)
+    weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.AdamW([{"params": weights[:1], "lr": 1e-3}, {"params": weights[1:], "lr": 5e-3}])
+    scheduler = lr_schedule(optimizer, config, total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    floor = 1e-5 / 1e-3
+    for step, (low, high) in enumerate(rates):
+        factor = (step / 3 if step < 3 else floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - 3) / 7)))
+        assert (low, high) == (pytest.approx(1e-3 * factor), pytest.approx(5e-3 * factor))
+    assert rates[0] == [0.0, 0.0] and rates[3] == [pytest.approx(1e-3), pytest.approx(5e-3)]

@@ -16,7 +16,6 @@ from precompute.engine import RunConfig, run
 from test_expert_video_audio import save_tiny_ast, save_tiny_timesformer
 from test_media import write_csv, write_json, write_tone, write_video
 from trainer.config import TrainConfig
-from trainer.data import CacheExamples
 from trainer.loop import fit
 from trainer.methods import MethodError, get_method
 
@@ -94,7 +93,7 @@ def test_epalm_trains_on_cached_augmented_audio_views(tmp_path, tiny_lm_dir, ray
     method = get_method(config)
     reader = SplitReader(cache, "audiocaps", "train")
     method.check_cache(reader)
-    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=True))
+    examples = reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=True))
     assert len(examples) == 3 * 4 and sorted(e["view"] for _, e in examples.examples) == [0] * 4 + [1] * 4 + [2] * 4
     items = [examples[i] for i in range(len(examples))]
     batch = method.collate(items)

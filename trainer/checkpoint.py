@@ -32,7 +32,7 @@ from trainer.config import ConfigError, TrainConfig, load_config, save_config
 from trainer.methods.base import MethodError
 
 CHECKPOINT_DIR = "checkpoint"
-COSMETIC_KEYS = frozenset({"num_workers", "log_every", "device", "max_failures"})  # how it runs, not what it trains
+COSMETIC_KEYS = frozenset({"num_workers", "log_every", "log_to", "device", "max_failures"})  # how it runs, not what it trains
 UNSET = object()
 
 

@@ -4,6 +4,7 @@
                  [--workers N] [--address auto|HOST:PORT] [--allow-config-change] [KEY=VALUE ...]
     trainer eval --cache DIR --checkpoint DIR [--split S] [KEY=VALUE ...]
     trainer predict --cache DIR --checkpoint DIR --split S
+    trainer config [--method epalm|mope|prismer]     every key, its default and what it does
 
 Any config key can be overridden with KEY=VALUE (nested with dots: model.variant=lin); every
 value is checked against its type and range before anything runs.
@@ -17,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-from cache_schema import CacheError
 from trainer.config import ConfigError
-from trainer.methods import METHODS, MethodError
-
-USER_ERRORS = (CacheError, ConfigError, MethodError, FileNotFoundError)
+from trainer.errors import USER_ERRORS
+from trainer.logs import show_messages
+from trainer.methods import METHODS
+logger = logging.getLogger(__name__)
 
 
 def positive_int(text: str) -> int:
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume OUT's checkpoint although the config differs from the one it was made with; the "
                         "new values apply from the resumed step and checkpoint.json records the change. Default: "
-                        "refuse, naming the keys (num_workers, log_every, device and max_failures may always change)")
+                        "refuse, naming the keys (num_workers, log_every, log_to, device and max_failures may always change)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-4 model.variant=lin")
     for name, help_text in (("eval", "score a checkpoint on a split; prints metrics, writes metrics.json"),
@@ -66,7 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--split", help="split to use (default: the config's eval_split)")
         p.add_argument("--out", help="where metrics.json / predictions go (default: the checkpoint directory)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.num_beams=1")
+    p = commands.add_parser("config", help="every config key with its default and what it does")
+    p.add_argument("--method", choices=sorted(METHODS), default="epalm", help="whose model.* keys to list (default: epalm)")
     return parser
+
+
+def describe_config(method: str) -> str:
+    """`trainer config`: each key, its default, and its description; then the method's model.* keys."""
+    import dataclasses
+
+    from trainer.config import TrainConfig
+    from trainer.methods import method_class
+
+    def show(value: object) -> str:
+        return "(required)" if value is dataclasses.MISSING else json.dumps(value, default=str)
+
+    defaults = TrainConfig(method=method).to_dict()
+    rows = [(name, show(defaults[name]), info.description or "")
+            for name, info in TrainConfig.__pydantic_fields__.items()]
+    module = method_class(method).__module__.replace(".", "/")
+    def model_rows(prefix: str, options: dict[str, object]) -> list[tuple[str, str, str]]:
+        return [row for name, value in options.items()
+                for row in (model_rows(f"{prefix}{name}.", value) if isinstance(value, dict) and value
+                            else [(f"{prefix}{name}", show(value), f"see {module}.py")])]
+
+    rows += model_rows("model.", method_class(method).option_defaults())
+    width = max(len(name) for name, _, _ in rows) + 2, max(len(value) for _, value, _ in rows) + 2
+    return "\n".join(f"{name:<{width[0]}}{value:<{width[1]}}{text}".rstrip() for name, value, text in rows)
 
 
 def check_out_dir(out: str | Path) -> None:
@@ -87,11 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [item for item in extra if item.startswith("-") or "=" not in item]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "config":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        print(describe_config(args.method))
+        return 0
     args.overrides = [*args.overrides, *extra]
     from trainer.checkpoint import check_resume, show
     from trainer.config import load_config
     from trainer.loop import evaluate_checkpoint, fit
 
+    show_messages()
     try:
         if args.command == "fit":
             config = load_config(args.config, args.overrides, cache=args.cache, method=args.method, out=args.out,
@@ -99,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             check_out_dir(config.out)
             changes = check_resume(Path(config.out), config, args.allow_config_change)
             if changes:
-                print("resuming with a changed config (recorded in checkpoint.json's config_changes): " +
-                      ", ".join(f"{key} {show(old)} -> {show(new)}" for key, (old, new) in changes.items()))
+                logger.info("resuming with a changed config (recorded in checkpoint.json's config_changes): " +
+                            ", ".join(f"{key} {show(old)} -> {show(new)}" for key, (old, new) in changes.items()))
             workers = args.workers or 1
             if workers == 1 and args.address is None:
                 metrics = fit(config, progress=not args.no_progress, allow_config_change=args.allow_config_change)

@@ -13,12 +13,13 @@ number YAML 1.1 left as a string, `1e-4`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, field, fields
+import importlib.util
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 
@@ -36,6 +37,16 @@ def yaml_float(value: Any) -> Any:
     return value
 
 
+def log_targets(targets: list[str]) -> list[str]:
+    """`log_to`: jsonl always (resume and the figures read OUT/log.jsonl back); tensorboard only
+    where its package is installed, said now rather than after the model has loaded."""
+    if "jsonl" not in targets:
+        raise ValueError("jsonl is always written (resume and the figures read it back); add it")
+    if "tensorboard" in targets and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("tensorboard needs its package: pip install tensorboard (or expertcache[tensorboard])")
+    return list(dict.fromkeys(targets))
+
+
 Float = Annotated[float, BeforeValidator(yaml_float)]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
@@ -43,31 +54,33 @@ NonNegative = Annotated[int, Field(ge=0)]
 
 @dataclass(config=ConfigDict(strict=True))
 class TrainConfig:
-    method: str = "epalm"
-    cache: str = "./cache"
-    source: str | None = None  # None: the cache's only source
-    train_split: str = "train"
-    eval_split: str | None = "val"  # None: no evaluation
-    out: str = "./runs/run"
-    seed: NonNegative = 0
-    max_steps: Positive | None = None  # None: `epochs` worth of steps
-    epochs: Annotated[Float, Field(gt=0)] = 1.0
-    batch_size: Positive = 32  # the global batch: with `trainer fit --workers N` each rank takes batch_size / N of it
-    grad_accum: Positive = 1
-    lr: Annotated[Float, Field(gt=0)] = 1e-4
-    weight_decay: Annotated[Float, Field(ge=0)] = 0.02
-    warmup_steps: NonNegative = 100
-    min_lr: Annotated[Float, Field(ge=0)] = 1e-6
-    grad_clip: Annotated[Float, Field(gt=0)] = 1.0
-    eval_every: NonNegative = 0  # steps; 0: only at the end
-    save_every: Positive = 200
-    max_eval_examples: Positive | None = None
-    num_workers: NonNegative = 2
-    shuffle_buffer: Positive = 1000  # examples; WebDataset caches only (shards stream through this buffer)
-    device: str = "auto"  # auto: cuda when available
-    log_every: Positive = 10
-    max_failures: NonNegative = 3  # --workers / --address: Ray Train restarts after a lost worker, from the last checkpoint
-    model: dict[str, Any] = field(default_factory=dict)  # the method's own config (e.g. EPALMConfig fields)
+    method: str = Field("epalm", description="training method: epalm | prismer | mope")
+    cache: str = Field("./cache", description="feature cache: a directory or an fsspec URL (s3://bucket/cache)")
+    source: str | None = Field(None, description="the cache's source to train on; null: its only one")
+    train_split: str = Field("train", description="split to train on")
+    eval_split: str | None = Field("val", description="split to evaluate on (during and after training); null: none")
+    out: str = Field("./runs/run", description="run directory: checkpoint/, log.jsonl; a checkpoint there is resumed")
+    seed: NonNegative = Field(0, description="seeds the model's new parts, the data order and every random draw")
+    max_steps: Positive | None = Field(None, description="optimizer steps; null: `epochs` worth")
+    epochs: Annotated[Float, Field(gt=0)] = Field(1.0, description="passes over the training set, when max_steps is null")
+    batch_size: Positive = Field(32, description="the global batch: with --workers N each rank takes batch_size / N")
+    grad_accum: Positive = Field(1, description="micro-batches accumulated per optimizer step")
+    lr: Annotated[Float, Field(gt=0)] = Field(1e-4, description="peak learning rate (AdamW, after warmup)")
+    weight_decay: Annotated[Float, Field(ge=0)] = Field(0.02, description="AdamW weight decay")
+    warmup_steps: NonNegative = Field(100, description="linear warmup from 0 to lr over this many steps")
+    min_lr: Annotated[Float, Field(ge=0)] = Field(1e-6, description="learning rate the cosine decays to at the last step")
+    grad_clip: Annotated[Float, Field(gt=0)] = Field(1.0, description="max global norm of the trainable gradients")
+    eval_every: NonNegative = Field(0, description="evaluate every N steps; 0: only at the end")
+    save_every: Positive = Field(200, description="checkpoint every N steps (and at the end)")
+    max_eval_examples: Positive | None = Field(None, description="evaluate on the first N examples; null: all")
+    num_workers: NonNegative = Field(2, description="DataLoader worker processes")
+    shuffle_buffer: Positive = Field(1000, description="examples in the shuffle buffer tar shards stream through (WebDataset caches)")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
+    log_every: Positive = Field(10, description="write loss, lr and examples/s every N steps")
+    log_to: Annotated[list[Literal["jsonl", "tensorboard"]], AfterValidator(log_targets)] = Field(
+        default_factory=lambda: ["jsonl"], description="[jsonl] or [jsonl, tensorboard] (adds OUT/tensorboard)")
+    max_failures: NonNegative = Field(3, description="--workers / --address: Ray Train restarts after a lost worker")
+    model: dict[str, Any] = Field(default_factory=dict, description="the method's own options (model.KEY, below)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,73 +1,29 @@
-"""From the cache to batches: features joined with annotations by sample key.
+"""From the cache to a rank's training batches.
 
-One cached sample often yields several training examples (five captions, many questions per
-image); the method says how (`Method.expand`). Features are read whole-shard into memory when they
-fit, so a DataLoader worker does array indexing, not storage I/O, per example. Samples that are a
-recorded gap (invalid input) or sit in an uncommitted shard are left out, and counted.
+The examples themselves come from the cache's own PyTorch API (`SplitReader.torch_dataset` /
+`iterable_dataset`, cache_schema/torch_data.py): features joined with annotations by sample key,
+as a method's `expand` says, gaps and uncommitted shards left out and counted.
 
 `train_batches` decides which examples each rank trains on at each step, for one process and for
 every rank of `trainer fit --workers N` alike: from a Zarr cache a seeded order per epoch, each
-global batch sliced across the ranks; from a WebDataset cache the shards stream (trainer/stream.py),
-dealt out per epoch, the same number of batches on every rank.
+global batch sliced across the ranks; from a WebDataset cache the shards stream, dealt out per
+epoch, the same number of batches on every rank.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from cache_schema import SplitReader
+from cache_schema.torch_data import CacheDataset, ShardStream
 from trainer.config import TrainConfig
 from trainer.methods.base import Method
-from trainer.stream import ShardStream
-
-IN_MEMORY_LIMIT_BYTES = 2 << 30
-
-
-class CacheExamples(Dataset):
-    def __init__(self, reader: SplitReader, features: dict[str, str], expand: Callable[[dict[str, Any]], list[dict[str, Any]]],
-                 max_examples: int | None = None,
-                 sources: Callable[[SplitReader, np.ndarray], dict[str, np.ndarray]] | None = None):
-        """`features` maps a batch field name to `feature/array` in the cache (e.g. visual -> vit-cls/cls);
-        `sources(reader, usable)` (a method's `feature_sources`) may say that a field of sample i is
-        read from another sample (a shuffled-input control)."""
-        self.reader = reader
-        usable = np.ones(reader.num_samples, dtype=bool)
-        self.arrays: dict[str, Any] = {}
-        for field_name, path in features.items():
-            feature_name, _, array_name = path.partition("/")
-            feature = reader.feature(feature_name)
-            usable &= feature.usable
-            spec = feature.spec.array(array_name)
-            nbytes = reader.num_samples * int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
-            # tar shards have no random access: a WebDataset split (an eval split; training streams) is read whole
-            in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES or feature.format == "wds"
-            self.arrays[field_name] = feature.read(array_name) if in_memory else feature.group[array_name]
-        self.skipped_samples = int((~usable).sum())
-        self.sources = sources(reader, usable) if sources is not None else {}
-        self.examples: list[tuple[int, dict[str, Any]]] = []
-        for index, annotations in enumerate(reader.annotations):
-            if usable[index]:
-                self.examples.extend((index, example) for example in expand(annotations))
-        if max_examples is not None:
-            self.examples = self.examples[:max_examples]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        index, example = self.examples[i]
-        item = {"key": self.reader.keys[index], **example}
-        for field_name, array in self.arrays.items():
-            source = self.sources.get(field_name)
-            item[field_name] = np.asarray(array[index if source is None else int(source[index])])
-        return item
 
 
 class EpochSampler(Sampler[int]):
@@ -97,16 +53,22 @@ class EpochSampler(Sampler[int]):
         return max(0, self.size // self.batch_size - self.start_batch) * (self.batch_size // self.world_size)
 
 
-def training_examples(reader: SplitReader, method: Method, config: TrainConfig) -> CacheExamples | ShardStream:
+def training_examples(reader: SplitReader, method: Method, config: TrainConfig) -> CacheDataset | ShardStream:
     """The training set: streamed shard by shard when any feature it reads is stored as tar shards."""
     fields, expand = method.feature_fields(), functools.partial(method.expand, train=True)
-    if any(reader.feature(path.partition("/")[0]).format == "wds" for path in fields.values()):
-        return ShardStream(reader, fields, expand, config.batch_size, config.seed, num_workers=config.num_workers,
-                           shuffle_buffer=config.shuffle_buffer)
-    return CacheExamples(reader, fields, expand, sources=method.feature_sources)
+    if any(feature.format == "wds" for feature, _ in reader.feature_arrays(fields).values()):
+        return reader.iterable_dataset(fields, expand, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+                                       num_workers=config.num_workers, batch_size=config.batch_size)
+    return reader.torch_dataset(fields, expand, sources=method.feature_sources)
 
 
-def train_batches(train_set: CacheExamples | ShardStream, method: Method, config: TrainConfig, state: dict[str, int], rank: int = 0,
+def eval_examples(reader: SplitReader, method: Method, config: TrainConfig) -> CacheDataset:
+    """An evaluation split's examples, in the split's order (a WebDataset split is read whole)."""
+    return reader.torch_dataset(method.feature_fields(), functools.partial(method.expand, train=False),
+                                max_examples=config.max_eval_examples, sources=method.feature_sources)
+
+
+def train_batches(train_set: CacheDataset | ShardStream, method: Method, config: TrainConfig, state: dict[str, int], rank: int = 0,
                   world_size: int = 1) -> Iterator[dict[str, Any]]:
     """This rank's training batches, endlessly, epoch after epoch, from the data position in
     `state` (`epoch`, `batch_in_epoch` in global batches), which it advances as batches are taken.

@@ -1,6 +1,6 @@
 """The training loop shared by every method: short enough to read in one sitting.
 
-fit:  cache -> examples -> AdamW (trainable params only) with warmup + cosine -> checkpoints,
+fit:  cache -> examples -> AdamW (trainable params only) with transformers' warmup + cosine -> checkpoints,
       a JSONL log, periodic eval, and resume from the last checkpoint after a kill.
 train: that loop for one process; `fit` runs it here, trainer/distributed.py on every Ray Train
       rank (build_run, then train with the DDP-wrapped model and the rank's slice of each batch).
@@ -10,6 +10,7 @@ evaluate_checkpoint: reload frozen backbones by name + the trained tensors, scor
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -20,29 +21,33 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from cache_schema import CacheError, SplitReader, list_splits
+from cache_schema import Cache, CacheError, SplitReader, open_cache
+from cache_schema.torch_data import CacheDataset, ShardStream
 from trainer.checkpoint import check_resume, find_checkpoint, load_trainable, read_info, save_checkpoint
 from trainer.config import TrainConfig, load_config
-from trainer.data import CacheExamples, train_batches, training_examples
+from trainer.data import eval_examples, train_batches, training_examples
+from trainer.logs import RunLog
 from trainer.methods import MethodError, get_method
 from trainer.methods.base import Method
-from trainer.stream import ShardStream
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
-def resolve_source(config: TrainConfig) -> str:
-    sources = sorted({source for source, _ in list_splits(config.cache)})
+def resolve_source(config: TrainConfig, cache: Cache) -> str:
     if config.source is not None:
         return config.source
-    if len(sources) != 1:
-        raise CacheError(f"{config.cache} holds sources {sources}; say which with source=NAME")
-    return sources[0]
+    if len(cache.sources) != 1:
+        raise CacheError(f"{config.cache} holds sources {cache.sources}; say which with source=NAME")
+    return cache.sources[0]
 
 
 def autocast(device: torch.device):
@@ -53,9 +58,7 @@ def autocast(device: torch.device):
 
 
 def eval_loader(method: Method, reader: SplitReader, config: TrainConfig) -> DataLoader:
-    examples = CacheExamples(reader, method.feature_fields(), lambda a: method.expand(a, train=False),
-                             max_examples=config.max_eval_examples, sources=method.feature_sources)
-    return DataLoader(examples, batch_size=config.batch_size, collate_fn=method.collate, num_workers=config.num_workers)
+    return DataLoader(eval_examples(reader, method, config), batch_size=config.batch_size, collate_fn=method.collate, num_workers=config.num_workers)
 
 
 @torch.no_grad()
@@ -72,12 +75,11 @@ def evaluate(method: Method, model: torch.nn.Module, loader: DataLoader, device:
     return method.score(predictions), predictions
 
 
-def learning_rate_factor(step: int, config: TrainConfig, total_steps: int) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    floor = config.min_lr / config.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> LambdaLR:
+    """transformers' linear warmup over `warmup_steps`, then cosine decay to `min_lr` at `total_steps`;
+    with several parameter groups each decays to the same fraction (min_lr / lr) of its own peak."""
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, config.warmup_steps, total_steps,
+                                                       min_lr_rate=config.min_lr / config.lr)
 
 
 @dataclass
@@ -88,7 +90,7 @@ class Run:
     config: TrainConfig
     method: Method
     model: torch.nn.Module  # unwrapped: what is checkpointed and evaluated
-    train_set: CacheExamples | ShardStream
+    train_set: CacheDataset | ShardStream
     eval_reader: SplitReader | None
     info: dict[str, Any]  # checkpoint.json, less the step
     device: torch.device
@@ -99,12 +101,13 @@ def open_splits(config: TrainConfig) -> tuple[Method, str, SplitReader, SplitRea
     """The method, the source, and the train / eval splits, checked against the method's needs:
     cheap (headers and specs only), so a bad cache or config fails before anything heavy loads."""
     method = get_method(config)
-    source = resolve_source(config)
-    train_reader = SplitReader(config.cache, source, config.train_split)
+    cache = open_cache(config.cache)
+    source = resolve_source(config, cache)
+    train_reader = cache.split(config.train_split, source)
     method.check_cache(train_reader)
     eval_reader = None
-    if config.eval_split and (source, config.eval_split) in list_splits(config.cache):
-        eval_reader = SplitReader(config.cache, source, config.eval_split)
+    if config.eval_split and f"{source}/{config.eval_split}" in cache.splits:
+        eval_reader = cache.split(config.eval_split, source)
         method.check_cache(eval_reader)
     return method, source, train_reader, eval_reader
 
@@ -123,9 +126,9 @@ def build_run(config: TrainConfig, device: torch.device, verbose: bool = True) -
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if verbose:
-        print(f"{config.method}: {len(train_set)} training examples from {train_reader.num_samples - train_set.skipped_samples} "
-              f"samples ({train_set.skipped_samples} skipped: invalid or uncommitted); trainable parameters "
-              f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        logger.info(f"{config.method}: {len(train_set)} training examples from {train_reader.num_samples - train_set.skipped_samples} "
+                    f"samples ({train_set.skipped_samples} skipped: invalid or uncommitted); trainable parameters "
+                    f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     batches_per_epoch = len(train_set) // config.batch_size
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accum))
     info = {"method": config.method, "backbones": method.backbones(), "source": source,
@@ -167,7 +170,7 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
     config, method, device, out = run.config, run.method, run.device, Path(run.config.out)
     leader = rank == 0
     optimizer = torch.optim.AdamW(method.param_groups(run.model), weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config, run.total_steps))
+    scheduler = lr_schedule(optimizer, config, run.total_steps)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
 
@@ -178,13 +181,13 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
                       for group in optimizer.param_groups]
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        apply_config_to_restored(optimizer, scheduler, configured, config, run.total_steps)
+        apply_config_to_restored(optimizer, scheduler, configured)
         state = saved["state"]
         rng = saved.get("rank_rng", [saved["rng"]])
         if rank < len(rng):
             torch.set_rng_state(rng[rank])
         if leader:
-            print(f"resuming from {checkpoint} at step {state['step']}")
+            logger.info(f"resuming from {checkpoint} at step {state['step']}")
 
     def save() -> Path | None:
         rng = gather(torch.get_rng_state(), world_size)
@@ -194,7 +197,7 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
                           "state": dict(state), "rng": rng[0], **({"rank_rng": rng} if world_size > 1 else {})}
         return save_checkpoint(out, run.model, config, {**run.info, "step": state["step"]}, training_state)
 
-    log = (out / "log.jsonl").open("a") if leader else None
+    log = RunLog(out, config, state["step"]) if leader else None
     model.train()
     stream = train_batches(run.train_set, method, config, state, rank, world_size)
     bar = progress(run.total_steps, state["step"], f"fit {config.method}") if progress and leader else tqdm(disable=True)
@@ -223,14 +226,13 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
             if leader:
                 record = {"step": state["step"], "epoch": state["epoch"], "loss": round(loss_value, 5),
                           "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 1)}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                log.train(record)
                 bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{rate:.0f}")
             window_start, window_examples = time.perf_counter(), 0
         if (leader and run.eval_reader is not None and config.eval_every and state["step"] % config.eval_every == 0
                 and state["step"] < run.total_steps):
             metrics, _ = evaluate(method, run.model, eval_loader(method, run.eval_reader, config), device)
-            record_eval(method, out, log, state["step"], metrics)
+            log.figures(method.figures(log.eval(state["step"], metrics)), state["step"])
         if state["step"] % config.save_every == 0 and state["step"] < run.total_steps:
             path = save()
             if on_save is not None:
@@ -240,7 +242,7 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
     metrics: dict[str, Any] = {}
     if leader and run.eval_reader is not None:
         metrics, predictions = evaluate(method, run.model, eval_loader(method, run.eval_reader, config), device)
-        record_eval(method, out, log, state["step"], metrics)
+        log.figures(method.figures(log.eval(state["step"], metrics)), state["step"])
         write_results(out / "checkpoint", config.eval_split, metrics, predictions)
     if log is not None:
         log.close()
@@ -249,8 +251,7 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
     return metrics
 
 
-def apply_config_to_restored(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                             configured: list[dict[str, Any]], config: TrainConfig, total_steps: int) -> None:
+def apply_config_to_restored(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, configured: list[dict[str, Any]]) -> None:
     """Restored optimizer and schedule state carry the hyperparameters of the run that saved them
     (weight decay, base learning rates); a resume with an accepted config change
     (`--allow-config-change`) must train with the new ones, as checkpoint.json records. With no
@@ -260,8 +261,8 @@ def apply_config_to_restored(optimizer: torch.optim.Optimizer, scheduler: torch.
     bases = [group["initial_lr"] for group in optimizer.param_groups]
     if bases != scheduler.base_lrs:
         scheduler.base_lrs = bases
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = base * learning_rate_factor(scheduler.last_epoch, config, total_steps)  # as LambdaLR sets it
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # as LambdaLR sets it (its factors: this run's config)
 
 
 def accumulating(model: torch.nn.Module, last: bool):
@@ -287,15 +288,6 @@ def gather(value: Any, world_size: int) -> list[Any]:
     return values
 
 
-def record_eval(method: Method, out: Path, log, step: int, metrics: dict[str, Any]) -> None:
-    """Append an eval record to the run's log and let the method redraw its figures from all of them."""
-    log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
-    log.flush()
-    with (out / "log.jsonl").open() as f:
-        history = [record for record in map(json.loads, f) if "eval" in record]
-    method.after_eval(out, history)
-
-
 def write_results(directory: Path, split: str, metrics: dict[str, float], predictions: list[dict[str, Any]]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "metrics.json").write_text(json.dumps({"split": split, **metrics}, indent=1))
@@ -317,7 +309,7 @@ def load_for_eval(cache: str, checkpoint: Path, split: str | None, overrides: li
         if backbone != saved:
             raise MethodError(f"{checkpoint} was trained against {role} {saved['id']} @ {saved['revision']}; "
                               f"that now resolves to {backbone['id']} @ {backbone['revision']}")
-    reader = SplitReader(cache, info["source"], config.eval_split)
+    reader = open_cache(cache).split(config.eval_split, info["source"])
     method.check_cache(reader)
     method.restore_state(info.get("method_state", {}))
     model = method.build_model(reader).to(device)

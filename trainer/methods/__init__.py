@@ -18,11 +18,15 @@ METHODS: dict[str, str] = {
 }
 
 
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise MethodError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
+    module, _, attribute = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def get_method(config: TrainConfig) -> Method:
-    if config.method not in METHODS:
-        raise MethodError(f"unknown method {config.method!r}; registered: {', '.join(sorted(METHODS))}")
-    module, _, attribute = METHODS[config.method].partition(":")
-    return getattr(importlib.import_module(module), attribute)(config)
+    return method_class(config.method)(config)
 
 
-__all__ = ["METHODS", "MethodError", "get_method"]
+__all__ = ["METHODS", "MethodError", "get_method", "method_class"]

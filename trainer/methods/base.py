@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from cache_schema import SplitReader
 from trainer.config import TrainConfig
 from trainer.methods.errors import MethodError
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 T = TypeVar("T")
 
@@ -92,6 +94,12 @@ class Method(ABC):
     def __init__(self, config: TrainConfig):
         self.config = config
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """`model.*` keys and their defaults (`dataclasses.MISSING`: required; None: decided by the
+        cache or another key), for `trainer config`."""
+        return {}
+
     @abstractmethod
     def feature_fields(self) -> dict[str, str]:
         """Batch field -> `feature/array` in the cache, e.g. {"visual": "vit-cls/cls"}."""
@@ -123,9 +131,11 @@ class Method(ABC):
     def score(self, predictions: list[dict[str, Any]]) -> dict[str, Any]:
         """The method's metrics over `predict`'s records (numbers, or lists of numbers)."""
 
-    def after_eval(self, out: Path, history: list[dict[str, Any]]) -> None:
-        """Called after every evaluation during `fit` with all of the run's eval records so far
-        (`{"step", "eval": metrics}`, oldest first): the place to draw a method's figures into `out`."""
+    def figures(self, history: list[dict[str, Any]]) -> dict[str, Figure]:
+        """The method's figures by name, drawn from all of the run's eval records so far
+        (`{"step", "eval": metrics}`, oldest first); called after every evaluation during `fit`,
+        which writes each to OUT/<name>.png (and TensorBoard, with `log_to: [..., tensorboard]`)."""
+        return {}
 
     @abstractmethod
     def backbones(self) -> dict[str, dict[str, str]]:

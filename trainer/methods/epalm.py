@@ -386,15 +386,3 @@ class EPALM(nn.Module):
             row = tokens[winner].tolist()
             results.append(row[: row.index(eos)] if eos in row else row)
         return results
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The tensors that training changes (connections, prompt, adapters), detached, by parameter name."""
-        return {name: param.detach() for name, param in self.named_parameters() if param.requires_grad}
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Inverse of `trainable_state_dict`; the key sets must match exactly (the LM comes from `config.lm`)."""
-        expected = {name for name, param in self.named_parameters() if param.requires_grad}
-        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-        if missing or unexpected:
-            raise ValueError(f"trainable state does not fit this model: missing {missing}, unexpected {unexpected}")
-        self.load_state_dict(state, strict=False)

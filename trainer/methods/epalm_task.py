@@ -52,6 +52,10 @@ class EPALMMethod(Method):
             options["lm"], revision=options.get("lm_revision")), options.get("lm_revision"))
         self.tokenizer.padding_side = "left"
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        return {**{f.name: f.default for f in fields(EPALMConfig)}, "visual_dim": None, **TASK_KEYS}
+
     def feature_fields(self) -> dict[str, str]:
         arrays = {"visual": f"{self.task['feature']}/cls"}
         if self.task["views"]:

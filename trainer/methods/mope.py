@@ -74,11 +74,6 @@ class MoPEConfig:
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return (self.prompt_length * (("static" in self.prompts) + ("dynamic" in self.prompts))
-                + ("mapped" in self.prompts))
-
 
 @dataclass
 class PromptedLayer:

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from functools import cached_property
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +33,9 @@ from cache_schema import SplitReader, load_timm_model, model_revision
 from trainer.eval.classification import accuracy, f1_scores
 from trainer.methods.base import Method, MethodError, check_model_ref, load_frozen
 from trainer.methods.mope import MoPE, MoPEConfig, prompted_encoder, routing_statistics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MODALITIES = {  # main modality -> (default encoder, main feature, default complementary feature)
     "image": ("swin_base_patch4_window7_224", "rgb", "text-cls"),
@@ -67,6 +69,13 @@ class MoPEMethod(Method):
         self.classes: list[str] = []
         self.multi_label = False
         self.routing: dict[str, Any] = {}
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        encoder, main, complementary = MODALITIES["image"]
+        return {"modality": "image", "encoder": encoder, "encoder_revision": None, "main_feature": main,
+                "complementary": complementary,
+                **{f.name: f.default for f in fields(MoPEConfig) if f.name not in DECIDED_BY_CACHE}}
 
     # ---- what the cache must hold ----------------------------------------------------------------
 
@@ -217,11 +226,11 @@ class MoPEMethod(Method):
                                             np.array([r["label"] for r in predictions]))}
         return {**metrics, **self.routing}
 
-    def after_eval(self, out: Path, history: list[dict[str, Any]]) -> None:
-        """Draw OUT/importance.png: each expert's share of the routing mass at every evaluation."""
+    def figures(self, history: list[dict[str, Any]]) -> dict[str, Figure]:
+        """`importance` (OUT/importance.png): each expert's share of the routing mass at every evaluation."""
         points = [(record["step"], record["eval"]) for record in history if "expert_importance" in record["eval"]]
         if not points:
-            return
+            return {}
         import matplotlib
 
         matplotlib.use("Agg")
@@ -242,5 +251,4 @@ class MoPEMethod(Method):
         bottom.set_ylabel("routing entropy")
         bottom.set_xlabel("step")
         figure.tight_layout()
-        figure.savefig(out / "importance.png", dpi=110)
-        plt.close(figure)
+        return {"importance": figure}

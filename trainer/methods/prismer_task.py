@@ -129,6 +129,11 @@ class PrismerMethod(Method):
         self.answer_list: list[str] = []
         self.vocabularies: dict[str, np.ndarray] = {}
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        return {**{f.name: f.default for f in fields(PrismerConfig) if f.name != "experts"}, "experts": "prismer",
+                **TASK_KEYS, "augment": {f.name: f.default for f in fields(AugmentConfig)}}
+
     def feature_fields(self) -> dict[str, str]:
         field_paths = {RGB_FEATURE: f"{RGB_FEATURE}/rgb"}
         for name in self.expert_names:

@@ -144,6 +144,8 @@ def test_fit_trains_small_parts_and_eval_reproduces_from_the_checkpoint(cache, t
                      "vision.readouts.", "vision_projection.")
     assert all(name.startswith(trained_parts) or ".crossattention." in name for name in tensors)
     assert any(name.startswith("vision.resampler.") for name in tensors) and not any("vision.vit." in n for n in tensors)
+    # the stems' BatchNorm statistics are trained state: eval mode normalises with them
+    assert any(name.startswith("vision.stems.") and name.endswith(".running_var") for name in tensors)
     info = json.loads((checkpoint / "checkpoint.json").read_text())
     assert set(info["backbones"]) == {"vision", "lm"}
     answers = info["method_state"]["answer_list"]

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from cache_schema import ArraySpec, CacheError, CacheWriter, FeatureSpec, SplitPlan, SplitReader
 from precompute.sources.shapes import ShapesSource
+from trainer.checkpoint import load_trainable, trainable_state
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.data import training_examples
 from trainer.loop import evaluate_checkpoint, fit
@@ -218,3 +220,24 @@ def test_the_schedule_is_linear_warmup_then_cosine_to_min_lr_for_every_group():
         factor = (step / 3 if step < 3 else floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - 3) / 7)))
         assert (low, high) == (pytest.approx(1e-3 * factor), pytest.approx(5e-3 * factor))
     assert rates[0] == [0.0, 0.0] and rates[3] == [pytest.approx(1e-3), pytest.approx(5e-3)]
+
+
+def test_a_checkpoint_keeps_the_running_statistics_of_trained_modules_only(tmp_path):
+    """BatchNorm in a trained part evaluates with the statistics it gathered in training; a frozen
+    module's buffers come from its own checkpoint and are not saved again."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4))
+    model[2].requires_grad_(False)
+    for _ in range(5):
+        model(torch.randn(16, 3) * 3 + 2)
+    save_file(trainable_state(model), tmp_path / "model.safetensors")
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= set(trainable_state(model))
+    assert not any(name.startswith("2.") for name in trainable_state(model))
+
+    torch.manual_seed(1)
+    reloaded = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4))
+    reloaded[2].load_state_dict(model[2].state_dict())
+    reloaded[2].requires_grad_(False)
+    load_trainable(reloaded, tmp_path)
+    x = torch.randn(8, 3)
+    assert torch.equal(model.eval()(x), reloaded.eval()(x))

@@ -114,7 +114,15 @@ def recorded_changes(out: Path, config: TrainConfig) -> list[dict[str, Any]]:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters and the buffers of the modules that own them.
+
+    A trained module's buffers are trained state too: BatchNorm's running mean and variance (in
+    Prismer's expert stems) are what eval mode normalises with. Saved without them, a reloaded model
+    evaluates with the defaults (mean 0, variance 1) and its expert path reads noise.
+    """
     names = {name for name, p in model.named_parameters() if p.requires_grad}
+    owners = {name.rpartition(".")[0] for name in names}
+    names |= {name for name, _ in model.named_buffers() if name.rpartition(".")[0] in owners}
     return {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if name in names}
 
 

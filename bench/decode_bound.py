@@ -10,7 +10,8 @@ the same thread count:
   one thread, which gives the per-core decode rate;
 - pipeline, in-process: `precompute.engine.commit_shard` over every shard (the actor's own code:
   decode threads, preprocess, batched predict, Zarr write, commit record) for `rgb` at
-  resolution 224 and for `vit-cls` with a 1-block ViT at 224 px (a model too cheap to matter);
+  resolution 224 and for `vit-cls` with a 1-block ViT (width 32, patch 16) at 224 px (a model too
+  cheap to matter);
   the bare forward of that ViT is timed too, for reference;
 - `precompute run` end to end, as a user runs it (Ray start, model load, planning included), with
   its start-up (command start to the first shard's first decode) read from the commit records.
@@ -168,13 +169,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600, help="JPEGs to generate (default: 600)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="decode threads on every side, and torch threads (default: the CPU count, as an actor)")
+    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: --threads, as the actor)")
     parser.add_argument("--batch-size", type=int, default=32, help="(default: 32, the engine's)")
     parser.add_argument("--shard-size", type=int, default=200, help="(default: 200)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repeats; the best counts (default: 2)")
     parser.add_argument("--no-run", action="store_true", help="skip the end-to-end `precompute run`")
     parser.add_argument("--out", type=Path, default=Path("bench/out/decode_bound.json"), help="JSON results")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)  # what the actor does with its CPUs
+    torch.set_num_threads(args.torch_threads or args.threads)  # the actor: its CPUs
     load_before = load_average()
     if load_before > BUSY_LOAD:
         print(f"warning: load average {load_before:.2f} before timing: other jobs share this machine", flush=True)
@@ -182,7 +184,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="decode-bound-") as scratch:
         scratch = Path(scratch)
         paths = make_jpegs(scratch / "images", args.images)
-        model = save_tiny_vit(scratch / "vit-1block", depth=1, img_size=SIZE)
+        model = save_tiny_vit(scratch / "vit-1block", depth=1, img_size=SIZE, patch_size=16)
         for path in paths:  # page cache: every side reads from memory
             path.read_bytes()
         rounds: dict[str, list[float]] = {}

@@ -59,7 +59,7 @@ class RunConfig:
     overwrite: bool = False
     workers: int | None = None
     retries: int = 2
-    decode_threads: int = 2
+    decode_threads: int | None = None  # per actor; None: the actor's CPUs, at least 2
     source_options: dict[str, Any] = field(default_factory=dict)
     expert_options: dict[str, Any] = field(default_factory=dict)
 
@@ -166,9 +166,9 @@ def commit_shard(expert: Expert, spec: FeatureSpec, writer: CacheWriter, source_
     Ray can time exactly the actor's code path in-process.
     """
     began = time.perf_counter()
-    arrays, valid, invalid = run_samples(expert, spec, source, samples, batch_size, inputs, decoder)
+    arrays, valid, invalid, profile = run_samples(expert, spec, source, samples, batch_size, inputs, decoder)
     return writer.write_shard(source_name, source.split, spec, shard, start, [s.key for s in samples], arrays, valid,
-                              invalid, time.perf_counter() - began, device, node=node)
+                              invalid, time.perf_counter() - began, device, node=node, profile=profile)
 
 
 class InfrastructureError(Exception):
@@ -311,7 +311,7 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, work: d
     def start_actor() -> Any:
         return worker_cls.remote(name, config.models.get(name), config.expert_options.get(name, {}), config.source,
                                  {split: split_work.source for split, split_work in work.items()}, cache, config.format,
-                                 int(cpus), config.decode_threads)
+                                 int(cpus), config.decode_threads or max(2, int(cpus)))
 
     actors = [start_actor() for _ in range(count)]
     try:

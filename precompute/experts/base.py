@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cache_schema import ClassTable, FeatureSpec, load_timm_model, model_revision
 from precompute.experts import ExpertError, option_value
@@ -96,6 +97,17 @@ def check_safetensors(expert: str, path: Path) -> None:
         raise ExpertError(f"{expert}: {path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     if size < needed:
         raise ExpertError(f"{expert}: {path}: truncated safetensors file ({size} bytes; its tensors need {needed})")
+
+
+def uint8_tensor(image: torch.Tensor | Image.Image) -> torch.Tensor:
+    """What the tensor-resizing experts' `preprocess` takes: the uint8 [3, H, W] tensor of
+    `Source.load_image_tensor`, or a decoded RGB image (as scripts and tests hold them), made that
+    tensor with the same pixels, so both give the same feature."""
+    if isinstance(image, torch.Tensor):
+        return image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return pil_to_tensor(image)
 
 
 def timm_tensor_transform(data_config: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import resolve_data_config
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash
 from precompute.experts import ExpertError
-from precompute.experts.base import PIXELS, Expert, timm_tensor_transform
+from precompute.experts.base import PIXELS, Expert, timm_tensor_transform, uint8_tensor
 from precompute.sources import Sample, Source
 
 
@@ -49,8 +50,8 @@ class ImagePooledExpert(Expert):
     def read_input(self, source: Source, sample: Sample) -> torch.Tensor:
         return source.load_image_tensor(sample)
 
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        return self.transform(image)
+    def preprocess(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        return self.transform(uint8_tensor(image))
 
     @torch.inference_mode()
     def pool(self, batch: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash
-from precompute.experts.base import PIXELS
+from precompute.experts.base import PIXELS, uint8_tensor
 from precompute.experts.labels import LabelExpert, frame_tensor
 from precompute.sources import Sample, Source
 
@@ -39,8 +40,8 @@ class RgbExpert(LabelExpert):
     def read_input(self, source: Source, sample: Sample) -> torch.Tensor:
         return source.load_image_tensor(sample)
 
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        return frame_tensor(image, self.resolution)
+    def preprocess(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        return frame_tensor(uint8_tensor(image), self.resolution)
 
     def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         return {"rgb": batch.numpy()}

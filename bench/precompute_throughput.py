@@ -37,31 +37,17 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import timm
 import torch
 
 from cache_schema import CacheLayout, CommitRecord, SplitReader
 from precompute.engine import RunConfig, run, worker_layout
 from precompute.experts import get_expert
 from precompute.sources import get_source
-from vit_models import save_vit_base  # bench/ is on sys.path when a script here runs
+from vit_models import save_tiny_vit, save_vit_base  # bench/ is on sys.path when a script here runs
 
 EXPERT, SOURCE, SPLIT = "vit-cls", "shapes", "train"
 GOAL = 0.85  # the pipeline should keep this share of the bare loop's rate
 SHARED_CORES = 0.2  # other processes using more than this, on average, make wall-clock ratios unreliable
-
-
-def save_tiny_vit(path: Path) -> str:
-    """A toy timm ViT (as in the tests): the forward costs next to nothing, overheads show."""
-    torch.manual_seed(0)
-    model = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=6, num_heads=2, num_classes=4)
-    model.pretrained_cfg = {
-        "input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
-        "crop_pct": 1.0, "crop_mode": "center", "num_classes": 4, "architecture": "vit_tiny_patch16_224",
-    }
-    timm.models.save_for_hf(model, str(path), safe_serialization=True,
-                            model_args={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 6, "num_heads": 2})
-    return str(path)
 
 
 class CpuMonitor:

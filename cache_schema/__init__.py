@@ -6,7 +6,7 @@
 Importing this package does not import torch.
 """
 
-from cache_schema.commit import CommitRecord, keys_digest
+from cache_schema.commit import PROFILE_STAGES, CommitRecord, keys_digest
 from cache_schema.layout import SCHEMA_VERSION, CacheError, CacheLayout
 from cache_schema.models import load_timm_model
 from cache_schema.reader import Cache, FeatureReader, SplitReader, list_splits, open_cache
@@ -17,6 +17,7 @@ from cache_schema.writer import CacheWriter, SplitPlan
 
 __all__ = [
     "SCHEMA_VERSION",
+    "PROFILE_STAGES",
     "TEXT_DTYPE",
     "ArraySpec",
     "Cache",

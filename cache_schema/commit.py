@@ -16,6 +16,12 @@ import numpy as np
 from cache_schema.layout import SCHEMA_VERSION, CacheError, read_json, write_json_atomic
 
 
+# Where a shard's seconds went, in pipeline order: decode and preprocess are summed over the decode
+# threads (CPU-side work, in parallel); wait is the forward loop idle for want of decoded samples;
+# forward the batched model calls; write the arrays' packing, compression and storage.
+PROFILE_STAGES = ("decode", "preprocess", "wait", "forward", "write")
+
+
 def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
@@ -73,6 +79,7 @@ class CommitRecord:
     device: str
     invalid: dict[str, str] = field(default_factory=dict)
     node: str = ""  # the Ray node that wrote it: on a cluster, several nodes can share a host name
+    profile: dict[str, float] = field(default_factory=dict)  # seconds per PROFILE_STAGES stage; {} in older records
     schema_version: int = SCHEMA_VERSION
 
     def write(self, path: Path) -> None:

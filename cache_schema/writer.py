@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -217,13 +218,17 @@ class CacheWriter:
         seconds: float,
         device: str,
         node: str = "",
+        profile: dict[str, float] | None = None,
     ) -> CommitRecord:
-        """Write one shard's arrays, then its commit record (`node`: the Ray node id, if any).
+        """Write one shard's arrays, then its commit record (`node`: the Ray node id, if any;
+        `profile`: seconds per stage before the write, which this adds as `write`). `seconds` is the
+        shard's work before this call; the record's `seconds` adds the write's own time to it.
 
         `arrays` holds each output by its spec name: an ndarray for dense outputs (invalid samples
         zero-filled), a list with one array (ragged) or string (text) per sample otherwise. Takes
         the shard's own keys rather than the plan so a worker is sent only its shard.
         """
+        began = time.perf_counter()
         stop = start + len(keys)
         check_gap_reasons(spec.name, shard, keys, valid, invalid)
         if set(arrays) != {a.name for a in spec.arrays}:
@@ -237,6 +242,10 @@ class CacheWriter:
             for name, data in stored.items():
                 group[name][start:stop] = data
             group[VALID_ARRAY][start:stop] = valid.astype(np.uint8)
+        checksum = content_checksum(stored, valid)
+        written = time.perf_counter() - began
+        profile = {**(profile or {}), "write": written}
+        seconds += written
         record = CommitRecord(
             feature=spec.name,
             shard=shard,
@@ -245,7 +254,7 @@ class CacheWriter:
             num_samples=stop - start,
             num_valid=int(valid.sum()),
             keys_digest=keys_digest(keys),
-            checksum=content_checksum(stored, valid),
+            checksum=checksum,
             expert=spec.expert,
             model_id=spec.model_id,
             revision=spec.revision,
@@ -259,6 +268,7 @@ class CacheWriter:
             device=device,
             invalid=invalid,
             node=node,
+            profile={stage: round(value, 4) for stage, value in profile.items()},
         )
         self.layout.failure_path(source, split, spec.name, shard).unlink(missing_ok=True)
         record.write(self.layout.commit_path(source, split, spec.name, shard))

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from cache_schema import CacheError, CacheLayout, SpecMismatchError, SplitReader, list_splits, pending_shards, validate_cache
+from cache_schema import PROFILE_STAGES, CacheError, CacheLayout, SpecMismatchError, SplitReader, list_splits, pending_shards, validate_cache
 from cache_schema.commit import gap_category
 from precompute.experts import ALIASES, EXPERTS, TYPE_NAMES, ExpertError, expand_experts, expert_class, scope_options
 from precompute.sources import SOURCES, SourceError
@@ -59,7 +59,7 @@ def split_pairs(pairs: list[str], flag: str) -> dict[str, str]:
 
 # Run options that count something: (flag, attribute, least allowed value).
 RUN_COUNTS = (("--shard-size", "shard_size", 1), ("--batch-size", "batch_size", 1), ("--limit", "limit", 1),
-              ("--workers", "workers", 1), ("--retries", "retries", 0))
+              ("--workers", "workers", 1), ("--retries", "retries", 0), ("--decode-threads", "decode_threads", 1))
 
 
 def check_run_args(args: argparse.Namespace) -> None:
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join: `auto` or HOST:PORT (default: start Ray locally on 127.0.0.1)")
     p.add_argument("--workers", type=int, help="actors (default: one per GPU; without GPUs one per node, each using "
                                                    "its share of the node's CPUs as torch threads)")
+    p.add_argument("--decode-threads", type=int, help="threads per actor that decode and preprocess samples ahead of "
+                   "the forward (default: the CPUs the actor gets, at least 2; JPEG decode and tensor resizes release "
+                   "the GIL, so they scale with the threads)")
     p.add_argument("--retries", type=int, default=2, help="extra attempts for a failed shard (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace a feature (or shard plan) made with a different spec")
     p.add_argument("--source-opt", action="append", default=[], metavar="KEY=VALUE", help="source option, e.g. num=500 (repeatable)")
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "how many nodes wrote its shards; how many samples are gaps and why")
     p.add_argument("--cache", default="./cache", help=cache_help)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table (with every gap's key and reason)")
+    p.add_argument("--profile", action="store_true", help="also print where the shards' time went, per stage (decode, "
+                   "preprocess, wait, forward, write seconds, from the commit records)")
 
     p = commands.add_parser("validate", help="re-check every committed shard's checksum and gap reasons and list "
                             "pending shards; exit 0 only for a complete, intact cache")
@@ -185,6 +190,7 @@ def command_run(args: argparse.Namespace) -> int:
         experts=experts, source=args.shards, data_root=args.data_root, split=splits[0], cache=args.cache, format=args.format,
         models=parse_models(args.model, experts), shard_size=args.shard_size, batch_size=args.batch_size, limit=args.limit,
         address=args.address, overwrite=args.overwrite, workers=args.workers, retries=args.retries,
+        decode_threads=args.decode_threads,
         source_options=parse_options(args.source_opt, "--source-opt"),
         expert_options=scope_options(split_pairs(args.expert_opt, "--expert-opt"), experts),
     )
@@ -217,6 +223,7 @@ def cache_status(cache: str) -> list[dict[str, Any]]:
             seconds = sum(r.seconds for r in records)
             samples = sum(r.num_samples for r in records)
             gaps = {key: reason for r in records for key, reason in r.invalid.items()}
+            profile = {stage: round(sum(r.profile.get(stage, 0.0) for r in records), 3) for stage in PROFILE_STAGES}
             reasons: dict[str, int] = {}
             for reason in gaps.values():
                 reasons[gap_category(reason)] = reasons.get(gap_category(reason), 0) + 1
@@ -228,10 +235,29 @@ def cache_status(cache: str) -> list[dict[str, Any]]:
                 "samples_per_s": round(samples / seconds, 2) if seconds else 0.0,
                 "nodes": len({(r.host, r.node) for r in records}),  # machines / Ray nodes that wrote its shards
                 "gaps": gaps,  # every invalid sample's key and the reason its shard recorded
+                # seconds per stage over the shards whose records have a profile (older ones do not)
+                "profile": profile, "profiled_shards": sum(1 for r in records if r.profile),
+                "bound_by": bound_by(profile),
                 # what the source could not read at planning (a damaged tar), never in any shard
                 "source_problems": reader.header.get("source_info", {}).get("problems", []),
             })
     return rows
+
+
+# The forward loop's own time is spent in one of these stages; `wait` is time it had no decoded
+# samples to run, so a run where it dominates is bound by decoding (and preprocessing).
+BOUND_NAMES = {"wait": "decode", "forward": "forward", "write": "write"}
+
+
+def bound_by(profile: dict[str, float]) -> dict[str, Any] | None:
+    """The stage that took the largest share of the shards' time (decode, forward or write) and
+    that share, or None without profiled shards."""
+    spent = {name: profile.get(stage, 0.0) for stage, name in BOUND_NAMES.items()}
+    total = sum(spent.values())
+    if not total:
+        return None
+    stage = max(spent, key=spent.__getitem__)
+    return {"stage": stage, "share": round(spent[stage] / total, 3)}
 
 
 def command_status(args: argparse.Namespace) -> int:
@@ -240,10 +266,13 @@ def command_status(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{'split':<20}{'feature':<14}{'format':>7}{'shards':>7}{'done':>6}{'pending':>8}{'failed':>7}{'samples':>9}{'invalid':>8}"
-          f"{'samples/s':>10}{'nodes':>7}")
+          f"{'samples/s':>10}{'nodes':>7}  bound by")
     for r in rows:
+        bound = f"{r['bound_by']['stage']} {r['bound_by']['share']:.0%}" if r["bound_by"] else "-"
         print(f"{r['split']:<20}{r['feature']:<14}{r['format']:>7}{r['shards']:>7}{r['done']:>6}{r['pending']:>8}{len(r['failed']):>7}"
-              f"{r['samples']:>9}{r['invalid']:>8}{r['samples_per_s']:>10.1f}{r['nodes']:>7}")
+              f"{r['samples']:>9}{r['invalid']:>8}{r['samples_per_s']:>10.1f}{r['nodes']:>7}  {bound}")
+    if args.profile:
+        print_profile(rows)
     for r in rows:
         if r["invalid"]:
             counts = ", ".join(f"{count} {reason}" for reason, count in r["invalid_reasons"].items())
@@ -252,6 +281,17 @@ def command_status(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"{split}: not in the cache: {problem}")
     return 0
+
+
+def print_profile(rows: list[dict[str, Any]]) -> None:
+    """Seconds per stage, summed over each feature's profiled shards. Decode and preprocess are
+    thread-seconds of the decode pool (they run in parallel with the rest); wait, forward and write
+    are the shard's own time: wait is the forward idle for want of decoded samples."""
+    print(f"\n{'split':<20}{'feature':<14}{'shards':>7}" + "".join(f"{stage + ' s':>13}" for stage in PROFILE_STAGES))
+    for r in rows:
+        print(f"{r['split']:<20}{r['feature']:<14}{r['profiled_shards']:>7}"
+              + "".join(f"{r['profile'][stage]:>13.2f}" for stage in PROFILE_STAGES))
+    print("decode and preprocess: seconds summed over the decode threads; wait: the forward idle, waiting for them")
 
 
 def command_validate(args: argparse.Namespace) -> int:

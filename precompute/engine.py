@@ -35,8 +35,9 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from cache_schema import CacheWriter, FeatureSpec, SplitPlan, SplitReader, write_table
+from cache_schema import CacheWriter, CommitRecord, FeatureSpec, SplitPlan, SplitReader, write_table
 from precompute.experts import ExpertError, expand_experts, get_expert
+from precompute.experts.base import Expert
 from precompute.forward import run_samples, with_input_provenance
 from precompute.sources import Sample, Source, get_source
 from raysession import init_ray
@@ -58,7 +59,7 @@ class RunConfig:
     overwrite: bool = False
     workers: int | None = None
     retries: int = 2
-    decode_threads: int = 2
+    decode_threads: int | None = None  # per actor; None: the actor's CPUs, at least 2
     source_options: dict[str, Any] = field(default_factory=dict)
     expert_options: dict[str, Any] = field(default_factory=dict)
 
@@ -149,15 +150,25 @@ class ShardWorker:
                   required: list[str]) -> dict[str, Any]:
         if self.load_error is not None:  # a replacement actor whose model did not load
             raise ExpertError(self.load_error)
-        began = time.perf_counter()
-        arrays, valid, invalid = run_samples(self.expert, spec, self.sources[split], samples, batch_size,
-                                             self._inputs(required, split, shard), self.decoder)
-        record = self.writer.write_shard(
-            self.source_name, split, spec, shard, start, [s.key for s in samples],
-            arrays, valid, invalid, time.perf_counter() - began, self.device_name, node=self.node,
-        )
-        return {"shard": shard, "samples": record.num_samples, "invalid": len(invalid), "seconds": record.seconds,
-                "node": self.node}
+        record = commit_shard(self.expert, spec, self.writer, self.source_name, self.sources[split], shard, start,
+                              samples, batch_size, self._inputs(required, split, shard), self.decoder,
+                              self.device_name, self.node)
+        return {"shard": shard, "samples": record.num_samples, "invalid": record.num_samples - record.num_valid,
+                "seconds": record.seconds, "node": self.node}
+
+
+def commit_shard(expert: Expert, spec: FeatureSpec, writer: CacheWriter, source_name: str, source: Source, shard: int,
+                 start: int, samples: list[Sample], batch_size: int, inputs: dict[str, dict[str, np.ndarray]],
+                 decoder: ThreadPoolExecutor, device: str, node: str = "") -> CommitRecord:
+    """One shard from samples to commit record, as an actor does it: `run_samples`, then the writer.
+
+    A function of its own (not only the actor's method) so that a benchmark or a machine without
+    Ray can time exactly the actor's code path in-process.
+    """
+    began = time.perf_counter()
+    arrays, valid, invalid, profile = run_samples(expert, spec, source, samples, batch_size, inputs, decoder)
+    return writer.write_shard(source_name, source.split, spec, shard, start, [s.key for s in samples], arrays, valid,
+                              invalid, time.perf_counter() - began, device, node=node, profile=profile)
 
 
 class InfrastructureError(Exception):
@@ -300,7 +311,7 @@ def _run_expert(name: str, required: tuple[str, ...], config: RunConfig, work: d
     def start_actor() -> Any:
         return worker_cls.remote(name, config.models.get(name), config.expert_options.get(name, {}), config.source,
                                  {split: split_work.source for split, split_work in work.items()}, cache, config.format,
-                                 int(cpus), config.decode_threads)
+                                 int(cpus), config.decode_threads or max(2, int(cpus)))
 
     actors = [start_actor() for _ in range(count)]
     try:

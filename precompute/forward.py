@@ -9,6 +9,7 @@ place is what makes `verify` meaningful: it recomputes samples exactly as the ru
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -17,21 +18,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache_schema import FeatureSpec, TEXT_DTYPE
+from cache_schema import PROFILE_STAGES, FeatureSpec, TEXT_DTYPE
 from precompute.experts import ExpertError
 from precompute.experts.base import Expert
 from precompute.decode import MediaError
 from precompute.sources import Sample, Source
 
 
-def decode_sample(expert: Expert, source: Source, sample: Sample) -> torch.Tensor | str:
-    """The preprocessed tensor, or the reason this sample is a gap."""
+def decode_sample(expert: Expert, source: Source, sample: Sample) -> tuple[torch.Tensor | str, float, float]:
+    """(the preprocessed tensor or the reason this sample is a gap, decode seconds, preprocess seconds)."""
+    began, decoded = time.perf_counter(), None
     try:
-        return expert.preprocess(expert.read_input(source, sample))
+        media = expert.read_input(source, sample)
+        decoded = time.perf_counter()
+        result: torch.Tensor | str = expert.preprocess(media)
     except MediaError as e:
-        return str(e)
+        result = str(e)
     except Exception as e:  # a preprocessing crash on one odd input is that input's gap too
-        return f"preprocess failed: {type(e).__name__}: {e}"
+        result = f"preprocess failed: {type(e).__name__}: {e}"
+    ended = time.perf_counter()
+    decoded = decoded or ended  # read_input itself failed: all of its time was decoding
+    return result, decoded - began, ended - decoded
 
 
 def empty_outputs(spec: FeatureSpec, count: int) -> dict[str, Any]:
@@ -47,22 +54,39 @@ def empty_outputs(spec: FeatureSpec, count: int) -> dict[str, Any]:
     return arrays
 
 
+def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One batch of the decode threads' CPU tensors, copied by numpy, which copies in this thread.
+
+    `torch.stack` would split the copy over torch's intra-op (OpenMP) threads; on cores that the
+    decode threads keep busy, that team waits for a descheduled member at every copy: 32 frames of
+    224 px took 350 ms instead of 1.5 ms on 2 busy cores.
+    """
+    return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
+
+
 def run_samples(expert: Expert, spec: FeatureSpec, source: Source, samples: list[Sample], batch_size: int,
                 inputs: dict[str, dict[str, np.ndarray]], decoder: ThreadPoolExecutor
-                ) -> tuple[dict[str, Any], np.ndarray, dict[str, str]]:
-    """(outputs, valid mask, gap reasons by key) of `expert` over `samples`, in order.
+                ) -> tuple[dict[str, Any], np.ndarray, dict[str, str], dict[str, float]]:
+    """(outputs, valid mask, gap reasons by key, stage profile) of `expert` over `samples`, in order.
 
-    `inputs` holds the required features' stored arrays, first axis aligned with `samples`.
+    `inputs` holds the required features' stored arrays, first axis aligned with `samples`. The
+    profile is seconds per stage (`cache_schema.PROFILE_STAGES`): decode and preprocess summed over the decode
+    threads; forward, the batched predict; wait, the forward loop idle for lack of decoded input
+    (near 0: the model bounds the run; most of the time: decoding does).
     """
     pending = deque(decoder.submit(decode_sample, expert, source, s) for s in samples[: 2 * batch_size])
     next_submit = len(pending)
     arrays = empty_outputs(spec, len(samples))
     valid = np.zeros(len(samples), dtype=bool)
     invalid: dict[str, str] = {}
+    profile = dict.fromkeys(PROFILE_STAGES[:-1], 0.0)  # the last, write, is the writer's
     for batch_start in range(0, len(samples), batch_size):
         tensors, positions = [], []
+        waited = time.perf_counter()
         for position in range(batch_start, min(batch_start + batch_size, len(samples))):
-            result = pending.popleft().result()
+            result, decode_s, preprocess_s = pending.popleft().result()
+            profile["decode"] += decode_s
+            profile["preprocess"] += preprocess_s
             if next_submit < len(samples):
                 pending.append(decoder.submit(decode_sample, expert, source, samples[next_submit]))
                 next_submit += 1
@@ -71,16 +95,19 @@ def run_samples(expert: Expert, spec: FeatureSpec, source: Source, samples: list
             else:
                 tensors.append(result)
                 positions.append(position)
+        began = time.perf_counter()
+        profile["wait"] += began - waited
         if tensors:
             batch_inputs = {name: {k: v[positions] for k, v in arrays_.items()} for name, arrays_ in inputs.items()}
-            for name, values in expert.predict(torch.stack(tensors), batch_inputs).items():
+            for name, values in expert.predict(stack(tensors), batch_inputs).items():
                 if isinstance(arrays[name], list):
                     for position, value in zip(positions, values):
                         arrays[name][position] = value
                 else:
                     arrays[name][positions] = values
             valid[positions] = True
-    return arrays, valid, invalid
+        profile["forward"] += time.perf_counter() - began
+    return arrays, valid, invalid, profile
 
 
 def with_input_provenance(name: str, spec: FeatureSpec, required: dict[str, FeatureSpec]) -> FeatureSpec:

@@ -243,7 +243,7 @@ def verify_feature(cache: str, feature: str, split: str | None = None, samples: 
         inputs[name] = {array: np.stack([per_shard[i // size][array][i % size] for i in indices])
                         for array in per_shard[shards[0]]}
     with ThreadPoolExecutor(max_workers=2) as decoder:
-        outputs, valid, invalid = run_samples(expert, spec, source, chosen, batch_size, inputs, decoder)
+        outputs, valid, invalid, _ = run_samples(expert, spec, source, chosen, batch_size, inputs, decoder)
     result = Verification(source_name, split_name, spec, len(usable), [s.key for s in chosen], seed,
                           sorted({record.device for record in records.values()}),
                           torch.cuda.get_device_name() if device == "cuda" else "cpu", now_gaps=invalid)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from precompute.decode import decode_image
+from precompute.decode import decode_image, decode_image_tensor
 from precompute.sources import SOURCES, MediaError, Sample, SourceError, get_source
 from precompute.sources.shapes import COLORS, DETECTION_CLASSES, PAINT, SEG_CLASSES, SHAPES, SIGN_PAINT, ShapesWorld
 
@@ -55,120 +55,130 @@ def test_decoders_stand_alone_without_the_sources(module):
 
 
 
-def test_decode_zero_byte_file(tmp_path):
+@pytest.fixture(params=["pillow", "tensor"])
+def decode(request):
+    """Both image decoders, for every hostile case: `decode_image` (Pillow), and `decode_image_tensor`
+    (JPEG through torchvision's libjpeg-turbo, the rest through Pillow) seen as an image, so one
+    set of cases holds both to the same pixels and the same refusals."""
+    if request.param == "pillow":
+        return decode_image
+    return lambda path, **options: Image.fromarray(decode_image_tensor(path, **options).permute(1, 2, 0).numpy())
+
+
+def test_decode_zero_byte_file(tmp_path, decode):
     path = tmp_path / "empty.jpg"
     path.write_bytes(b"")
     with pytest.raises(MediaError, match="empty file"):
-        decode_image(path)
+        decode(path)
 
 
-def test_decode_truncated_jpeg(tmp_path):
+def test_decode_truncated_jpeg(tmp_path, decode):
     data = noisy_jpeg_bytes()
     path = tmp_path / "cut.jpg"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(MediaError, match="truncated"):
-        decode_image(path)
+        decode(path)
 
 
-def test_decode_truncated_png(tmp_path):
+def test_decode_truncated_png(tmp_path, decode):
     pixels = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     path = tmp_path / "cut.png"
     path.write_bytes(buffer.getvalue()[:2000])
     with pytest.raises(MediaError):
-        decode_image(path)
+        decode(path)
 
 
-def test_decode_random_bytes(tmp_path):
+def test_decode_random_bytes(tmp_path, decode):
     path = tmp_path / "noise.jpg"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(MediaError, match="not an image"):
-        decode_image(path)
+        decode(path)
 
 
-def test_decode_missing_file(tmp_path):
+def test_decode_missing_file(tmp_path, decode):
     with pytest.raises(MediaError, match="not found"):
-        decode_image(tmp_path / "absent.png")
+        decode(tmp_path / "absent.png")
 
 
-def test_decode_grayscale(tmp_path):
+def test_decode_grayscale(tmp_path, decode):
     path = tmp_path / "gray.png"
     Image.new("L", (5, 4), 77).save(path)
-    image = decode_image(path)
+    image = decode(path)
     assert image.mode == "RGB" and image.size == (5, 4)
     assert image.getpixel((2, 2)) == (77, 77, 77)
 
 
-def test_decode_palette_and_transparent_palette(tmp_path):
+def test_decode_palette_and_transparent_palette(tmp_path, decode):
     palette = Image.new("P", (4, 4), 1)
     palette.putpalette([0, 0, 0, 10, 120, 240] + [0] * 762)
     palette.save(tmp_path / "palette.png")
-    assert decode_image(tmp_path / "palette.png").getpixel((0, 0)) == (10, 120, 240)
+    assert decode(tmp_path / "palette.png").getpixel((0, 0)) == (10, 120, 240)
 
     transparent = Image.new("P", (4, 4), 0)
     transparent.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     transparent.putpixel((1, 1), 1)
     transparent.save(tmp_path / "transparent.png", transparency=0)
-    image = decode_image(tmp_path / "transparent.png")
+    image = decode(tmp_path / "transparent.png")
     assert image.getpixel((0, 0)) == (255, 255, 255)  # transparent black becomes white
     assert image.getpixel((1, 1)) == (255, 0, 0)
 
 
-def test_decode_cmyk_jpeg(tmp_path):
+def test_decode_cmyk_jpeg(tmp_path, decode):
     path = tmp_path / "cmyk.jpg"
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(path)
     assert Image.open(path).mode == "CMYK"
-    red, green, blue = decode_image(path).getpixel((4, 4))
+    red, green, blue = decode(path).getpixel((4, 4))
     assert red > 200 and green < 60 and blue < 60
 
 
-def test_decode_16_bit_png_is_scaled_not_clipped(tmp_path):
+def test_decode_16_bit_png_is_scaled_not_clipped(tmp_path, decode):
     values = np.array([[0, 257 * 100, 32768, 65535]], dtype=np.uint16)
     path = tmp_path / "deep.png"
     Image.fromarray(values).save(path)
     assert Image.open(path).mode == "I;16"
-    image = decode_image(path)
+    image = decode(path)
     assert [image.getpixel((x, 0))[0] for x in range(4)] == [0, 100, 128, 255]
 
 
-def test_decode_32_bit_integer_tiff(tmp_path):
+def test_decode_32_bit_integer_tiff(tmp_path, decode):
     path = tmp_path / "deep.tif"
     Image.fromarray(np.array([[0, 65535]], dtype=np.int32)).save(path)
     assert Image.open(path).mode == "I"
-    assert decode_image(path).getpixel((1, 0)) == (255, 255, 255)
+    assert decode(path).getpixel((1, 0)) == (255, 255, 255)
 
     Image.fromarray(np.array([[-5, 70000]], dtype=np.int32)).save(path)
     with pytest.raises(MediaError, match="outside 0..65535"):
-        decode_image(path)
+        decode(path)
 
 
-def test_decode_rgba_composites_on_white(tmp_path):
+def test_decode_rgba_composites_on_white(tmp_path, decode):
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     rgba.putpixel((0, 0), (0, 0, 255, 255))
     rgba.putpixel((1, 0), (0, 0, 0, 128))
     rgba.save(tmp_path / "rgba.png")
-    image = decode_image(tmp_path / "rgba.png")
+    image = decode(tmp_path / "rgba.png")
     assert image.getpixel((0, 0)) == (0, 0, 255)
     assert image.getpixel((1, 0)) == (127, 127, 127)
     assert image.getpixel((3, 3)) == (255, 255, 255)
 
     Image.new("LA", (2, 2), (0, 0)).save(tmp_path / "la.png")
-    assert decode_image(tmp_path / "la.png").getpixel((0, 0)) == (255, 255, 255)
+    assert decode(tmp_path / "la.png").getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_decode_applies_exif_orientation(tmp_path):
+def test_decode_applies_exif_orientation(tmp_path, decode):
     image = Image.new("RGB", (4, 2), (0, 0, 0))
     image.putpixel((0, 0), (255, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: display rotated 90 degrees clockwise
     image.save(tmp_path / "phone.png", exif=exif)
-    upright = decode_image(tmp_path / "phone.png")
+    upright = decode(tmp_path / "phone.png")
     assert upright.size == (2, 4)
     assert upright.getpixel((1, 0)) == (255, 0, 0)
 
 
-def test_decode_refuses_decompression_bomb(tmp_path):
+def test_decode_refuses_decompression_bomb(tmp_path, decode):
     """A PNG whose header claims 100000 x 100000 pixels is refused before any pixel is decoded."""
     buffer = io.BytesIO()
     Image.new("L", (1, 1)).save(buffer, format="PNG")
@@ -178,16 +188,16 @@ def test_decode_refuses_decompression_bomb(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(bytes(data))
     with pytest.raises(MediaError, match="too large"):
-        decode_image(path)
+        decode(path)
 
     with pytest.raises(MediaError, match="too large"):
-        decode_image(save_image(tmp_path / "small.png", size=(20, 20)), max_pixels=100)
+        decode(save_image(tmp_path / "small.png", size=(20, 20)), max_pixels=100)
 
 
-def test_decode_float_image_is_refused(tmp_path):
+def test_decode_float_image_is_refused(tmp_path, decode):
     Image.fromarray(np.zeros((2, 2), dtype=np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(MediaError, match="floating-point"):
-        decode_image(tmp_path / "float.tif")
+        decode(tmp_path / "float.tif")
 
 
 # --- registry -----------------------------------------------------------------------------

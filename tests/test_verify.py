@@ -126,7 +126,7 @@ def test_fp16_storage_of_a_bf16_forward_is_within_tolerance(made, capsys, tmp_pa
     expert.load()
     source = get_source("shapes", None, "train", num=NUM)
     with ThreadPoolExecutor(2) as decoder:
-        outputs, valid, _ = run_samples(expert, reader.spec("vit-cls"), source, source.samples(), 8, {}, decoder)
+        outputs, valid, _, _ = run_samples(expert, reader.spec("vit-cls"), source, source.samples(), 8, {}, decoder)
     assert valid.all()
     stored = zarr.open_array(cache / "shapes/train/vit-cls/cls", mode="r+")
     assert not np.array_equal(stored[:], outputs["cls"])

@@ -10,16 +10,21 @@ import json
 import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cache_schema import ClassTable, FeatureSpec, load_timm_model, model_revision
 from precompute.experts import ExpertError, option_value
 from precompute.sources import Sample, Source
 
 PROCESSOR_CONFIG = "preprocessor_config.json"
+# In the preprocessing hash of experts that resize uint8 tensors (`Source.load_image_tensor`) rather
+# than Pillow images: the pixels differ by a level or two on under 1% of values, so a feature made
+# one way is told apart from one made the other way, and a rerun into an old cache is refused as a changed spec.
+PIXELS = "uint8 tensor, torch antialiased resize"
 
 
 def pretrained_source(expert: str, model_ref: str, model_config: bool = True) -> str:
@@ -92,6 +97,42 @@ def check_safetensors(expert: str, path: Path) -> None:
         raise ExpertError(f"{expert}: {path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     if size < needed:
         raise ExpertError(f"{expert}: {path}: truncated safetensors file ({size} bytes; its tensors need {needed})")
+
+
+def uint8_tensor(image: torch.Tensor | Image.Image) -> torch.Tensor:
+    """What the tensor-resizing experts' `preprocess` takes: the uint8 [3, H, W] tensor of
+    `Source.load_image_tensor`, or a decoded RGB image (as scripts and tests hold them), made that
+    tensor with the same pixels, so both give the same feature."""
+    if isinstance(image, torch.Tensor):
+        return image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return pil_to_tensor(image)
+
+
+def timm_tensor_transform(data_config: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """timm's own eval transform for `data_config` (resize, crop, normalise) over the uint8 [3, H, W]
+    tensors of `Source.load_image_tensor`, so decoding and resizing stay in libjpeg-turbo and
+    torch's uint8 kernels, which release the GIL (Pillow's resize holds most of a sample's time).
+
+    Its to-tensor step, which expects a PIL image, becomes a uint8 -> float [0, 1] conversion; its
+    resize becomes torchvision's v2 resize with the same size, filter and antialiasing (v1's, on
+    tensors, takes 5x longer: it resizes in float); crop and normalise stay as they are. Against the same
+    transform of the same image through Pillow, resized pixels differ by at most two uint8 levels,
+    on under 1% of values (tests/test_decode_tensor.py holds the bound), so features made this way
+    carry their own preprocessing hash (`PIXELS`).
+    """
+    from timm.data import create_transform
+    from torchvision.transforms import Compose, ConvertImageDtype, Resize, ToTensor, v2
+
+    def on_tensors(step: Callable) -> Callable:
+        if isinstance(step, ToTensor):
+            return ConvertImageDtype(torch.float32)
+        if type(step) is Resize:
+            return v2.Resize(step.size, step.interpolation, step.max_size, step.antialias)
+        return step
+
+    return Compose([on_tensors(step) for step in create_transform(**data_config, is_training=False).transforms])
 
 
 def has_processor_config(source: str) -> bool:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import resolve_data_config
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash
 from precompute.experts import ExpertError
-from precompute.experts.base import Expert
+from precompute.experts.base import PIXELS, Expert, timm_tensor_transform, uint8_tensor
+from precompute.sources import Sample, Source
 
 
 class ImagePooledExpert(Expert):
@@ -28,7 +29,7 @@ class ImagePooledExpert(Expert):
     def load(self) -> None:
         self.model = self.load_frozen_timm()
         self.data_config = resolve_data_config({}, model=self.model)
-        self.transform = create_transform(**self.data_config, is_training=False)
+        self.transform = timm_tensor_transform(self.data_config)
         probe = self.pool(torch.zeros(1, *self.data_config["input_size"]))
         if probe.dim() != 2:
             raise ExpertError(f"image-pooled: {self.model_ref} pools to shape {tuple(probe.shape[1:])}, not one vector "
@@ -41,13 +42,16 @@ class ImagePooledExpert(Expert):
             expert=self.name,
             model_id=self.model_id,
             revision=self.revision,
-            preprocess_hash=config_hash({"data_config": self.data_config}),
+            preprocess_hash=config_hash({"data_config": self.data_config, "pixels": PIXELS}),
             arrays=(ArraySpec("pooled", "float16", (self.width,)),),
             params={"width": self.width, "architecture": type(self.model).__name__},
         )
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+    def read_input(self, source: Source, sample: Sample) -> torch.Tensor:
+        return source.load_image_tensor(sample)
+
+    def preprocess(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        return self.transform(uint8_tensor(image))
 
     @torch.inference_mode()
     def pool(self, batch: torch.Tensor) -> torch.Tensor:

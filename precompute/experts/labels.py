@@ -49,6 +49,16 @@ def frame_image(image: Image.Image, resolution: int) -> Image.Image:
     return image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
 
 
+def frame_tensor(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """`frame_image` for a uint8 [3, H, W] tensor: torch's antialiased bicubic (Pillow's filter, a =
+    -0.5), rounded back to uint8. Several times faster than Pillow's resize and free of the GIL;
+    its pixels differ from `frame_image`'s by at most one level (tests/test_decode_tensor.py)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import resize
+
+    return resize(image, [resolution, resolution], interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+
 def resize_maps(maps: torch.Tensor, resolution: int, nearest: bool = False) -> torch.Tensor:
     """[B, C, h, w] to the frame: bilinear for continuous values, nearest for ids."""
     if maps.shape[-2:] == (resolution, resolution):

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash
-from precompute.experts.labels import LabelExpert
+from precompute.experts.base import PIXELS, uint8_tensor
+from precompute.experts.labels import LabelExpert, frame_tensor
+from precompute.sources import Sample, Source
 
 
 class RgbExpert(LabelExpert):
@@ -30,13 +32,16 @@ class RgbExpert(LabelExpert):
             expert=self.name,
             model_id="none",
             revision="resize-bicubic-v1",
-            preprocess_hash=config_hash({"resolution": r, "resample": "bicubic"}),
+            preprocess_hash=config_hash({"resolution": r, "resample": "bicubic", "pixels": PIXELS}),
             arrays=(ArraySpec("rgb", "uint8", (3, r, r)),),
             params={"resolution": r},
         )
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.frame(image)).transpose(2, 0, 1).copy())
+    def read_input(self, source: Source, sample: Sample) -> torch.Tensor:
+        return source.load_image_tensor(sample)
+
+    def preprocess(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        return frame_tensor(uint8_tensor(image), self.resolution)
 
     def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         return {"rgb": batch.numpy()}

@@ -10,13 +10,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import resolve_data_config
 
 from typing import Any
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash
 from precompute.experts import ExpertError
-from precompute.experts.base import Expert
+from precompute.experts.base import PIXELS, Expert, timm_tensor_transform, uint8_tensor
+from precompute.sources import Sample, Source
 
 
 class ClsLevelsExpert(Expert):
@@ -54,13 +55,16 @@ class VitClsExpert(ClsLevelsExpert):
         self.model = self.load_frozen_timm()
         self.select_levels(len(self.model.blocks))
         self.data_config = resolve_data_config({}, model=self.model)
-        self.transform = create_transform(**self.data_config, is_training=False)
+        self.transform = timm_tensor_transform(self.data_config)
 
     def spec(self, feature: str) -> FeatureSpec:
-        return self.cls_spec(feature, {"data_config": self.data_config}, self.model.embed_dim)
+        return self.cls_spec(feature, {"data_config": self.data_config, "pixels": PIXELS}, self.model.embed_dim)
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+    def read_input(self, source: Source, sample: Sample) -> torch.Tensor:
+        return source.load_image_tensor(sample)
+
+    def preprocess(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        return self.transform(uint8_tensor(image))
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

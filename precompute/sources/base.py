@@ -2,7 +2,8 @@
 
 A source does two cheap things and one expensive one. Planning (`samples()`) reads only the
 annotation files and returns `Sample`s: small, picklable records that the engine can shard and
-ship to Ray actors. Decoding (`load_image()`) happens later, inside the actor, one sample at a
+ship to Ray actors. Decoding (`load_image()`, or `load_image_tensor()` for experts that take
+uint8 tensors) happens later, inside the actor, one sample at a
 time, so that a broken image becomes a recorded gap (`MediaError`) rather than a failed run.
 A wrong data root, split or annotation file is a user error and fails planning (`SourceError`).
 """
@@ -17,11 +18,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
+from precompute import decode
 from precompute.decode import MediaError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SourceError(Exception):
@@ -89,9 +94,28 @@ class Source(ABC):
     def samples(self) -> list[Sample]:
         """Every sample of the split, sorted by key, read from the annotation files only."""
 
-    @abstractmethod
+    def image_file(self, sample: Sample) -> Path | bytes | None:
+        """Where the sample's encoded image is: its file, or its bytes (an archive member); None for
+        a source that renders its images (it overrides `load_image`). Raises MediaError(reason)
+        when the file cannot even be reached."""
+        return None
+
     def load_image(self, sample: Sample) -> Image.Image:
         """The sample's image as RGB; raises MediaError(reason) when it cannot be decoded."""
+        encoded = self.image_file(sample)
+        if encoded is None:
+            raise MediaError(f"source '{self.name}' has no image files")
+        return decode.decode_image(encoded)
+
+    def load_image_tensor(self, sample: Sample) -> torch.Tensor:
+        """The same image as `load_image`, as uint8 [3, H, W], decoded by the fastest decoder for its
+        format (`decode.decode_image_tensor`: JPEG through libjpeg-turbo with the GIL released)."""
+        encoded = self.image_file(sample)
+        if encoded is None:
+            from torchvision.transforms.functional import pil_to_tensor
+
+            return pil_to_tensor(self.load_image(sample))
+        return decode.decode_image_tensor(encoded)
 
     def find_folder(self, kind: str, given: Path | str | None, candidates: list[Path], option: str) -> Path:
         """The media folder: `given` (the source's `option`) if passed, else the first of the layouts

@@ -31,9 +31,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import ClassVar
 
-from PIL import Image
-
-from precompute import decode
 from precompute.sources.base import (
     MediaError,
     Sample,
@@ -217,11 +214,11 @@ class CocoSource(Source):
 
         return locate
 
-    def load_image(self, sample: Sample) -> Image.Image:
+    def image_file(self, sample: Sample) -> Path:
         path = path_inside(self._media_root(), sample.media)
         if path is None:
             raise MediaError(f"file name leads outside the image folder {self._media_root()}: {sample.media}; not read")
-        return decode.decode_image(path)
+        return path
 
     def info(self) -> dict:
         if not self.counted:

@@ -28,9 +28,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
-from PIL import Image
-
-from precompute import decode
 from precompute.sources.base import Sample, Source, SourceError, sorted_by_key
 
 VAL_SHARE = 20  # one file name in VAL_SHARE (by hash) goes to `val`
@@ -81,8 +78,8 @@ class Food101Source(Source):
             )
         return sorted_by_key(samples, self.titles_file)
 
-    def load_image(self, sample: Sample) -> Image.Image:
-        return decode.decode_image(Path(sample.media))
+    def image_file(self, sample: Sample) -> Path:
+        return Path(sample.media)
 
     def info(self) -> dict:
         return {

@@ -20,13 +20,15 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from PIL import Image
 
-from precompute import decode
 from precompute.decode import MediaError
 from precompute.sources.base import Sample, Source, SourceError, portable_name
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -42,9 +44,16 @@ class ImagesSource(Source):
     def samples(self) -> list[Sample]:
         return folder_samples(self.data_root, IMAGE_EXTENSIONS)
 
+    def image_file(self, sample: Sample) -> Path:
+        return Path(sample.media)
+
     def load_image(self, sample: Sample) -> Image.Image:
         with portable_reasons():
-            return decode.decode_image(Path(sample.media))
+            return super().load_image(sample)
+
+    def load_image_tensor(self, sample: Sample) -> torch.Tensor:
+        with portable_reasons():
+            return super().load_image_tensor(sample)
 
 
 def folder_samples(root: Path, extensions: tuple[str, ...]) -> list[Sample]:

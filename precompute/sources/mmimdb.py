@@ -19,9 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from PIL import Image
-
-from precompute import decode
 from precompute.sources.base import Sample, Source, SourceError, read_json, sorted_by_key
 
 GENRES = (
@@ -79,8 +76,8 @@ class MmImdbSource(Source):
             )
         return sorted_by_key(samples, self.split_file)
 
-    def load_image(self, sample: Sample) -> Image.Image:
-        return decode.decode_image(Path(sample.media))
+    def image_file(self, sample: Sample) -> Path:
+        return Path(sample.media)
 
     def info(self) -> dict:
         return {

@@ -25,9 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from PIL import Image
-
-from precompute import decode
 from precompute.sources.base import Sample, Source, SourceError, entries_of, sorted_by_key
 
 LABELS = ("entailment", "neutral", "contradiction")
@@ -88,8 +85,8 @@ class SnliVeSource(Source):
             raise SourceError(f"annotation file {self.pairs_file} has no pairs")
         return sorted_by_key(samples, self.pairs_file)
 
-    def load_image(self, sample: Sample) -> Image.Image:
-        return decode.decode_image(Path(sample.media))
+    def image_file(self, sample: Sample) -> Path:
+        return Path(sample.media)
 
     def info(self) -> dict:
         return {

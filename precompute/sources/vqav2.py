@@ -29,9 +29,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import ClassVar
 
-from PIL import Image
-
-from precompute import decode
 from precompute.sources.base import (
     Sample,
     Source,
@@ -134,8 +131,8 @@ class Vqav2Source(Source):
                 for a in annotations
             }
 
-    def load_image(self, sample: Sample) -> Image.Image:
-        return decode.decode_image(Path(sample.media))
+    def image_file(self, sample: Sample) -> Path:
+        return Path(sample.media)
 
     def info(self) -> dict:
         if self.counted is None:

@@ -52,9 +52,7 @@ from typing import Any, ClassVar
 import fsspec
 from fsspec.registry import known_implementations
 from fsspec.spec import AbstractFileSystem
-from PIL import Image
 
-from precompute import decode
 from precompute.decode import MediaError
 from precompute.sources.base import Sample, Source, SourceError, portable_name
 from precompute.sources.images import IMAGE_EXTENSIONS
@@ -144,7 +142,7 @@ class WdsSource(Source):
         }
         return samples
 
-    def load_image(self, sample: Sample) -> Image.Image:
+    def image_file(self, sample: Sample) -> bytes:
         match = MEDIA.match(sample.media)
         if match is None:
             raise MediaError(f"not a wds media reference (URL#OFFSET+SIZE): {sample.media}")
@@ -155,7 +153,7 @@ class WdsSource(Source):
             raise MediaError(f"tar not found: {url}") from None
         if len(data) != size:
             raise MediaError(f"tar member truncated: {len(data)} of {size} bytes at offset {offset} of {url}")
-        return decode.decode_image(data)
+        return data
 
     def info(self) -> dict:
         if self.seen is None:

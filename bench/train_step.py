@@ -155,7 +155,7 @@ def online_collate(method: EPALMMethod) -> Callable[[list[dict[str, Any]]], dict
 
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = encode_batch(method.tokenizer, [item["prompt"] for item in items], [item["target"] for item in items],
-                             method.task["max_length"])
+                             method.options.max_length)
         batch["pixels"] = torch.stack([item["pixels"] for item in items])
         batch["items"] = [{k: v for k, v in item.items() if k != "pixels"} for item in items]
         return batch

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 
 from test_trainer import write_shapes_cache
 from trainer.cli import main
+from trainer.config import ConfigError
 
 CLI = [sys.executable, "-m", "trainer.cli"]
 
@@ -71,6 +73,40 @@ def test_a_bad_config_value_is_one_line_before_any_work(cache, tiny_lm_dir, tmp_
     if key == "model":  # model=3 replaces the model section the other overrides fill
         args = [a for a in args if not a.startswith("model.")]
     refused(capsys, args, f"error: {key}: should be {why}, got {shown}")
+    assert not out.exists()
+
+
+BAD_MODEL_VALUES = [  # method, override(s), what the one line says: a wrong type, an unknown key, out of range
+    ("epalm", ["model.num_beams=abc"], "model.num_beams: should be a valid integer, got 'abc'"),
+    ("epalm", ["model.blind=maybe"], "model.blind: should be a valid boolean, got 'maybe'"),
+    ("epalm", ["model.variant=prefix"], "model.variant: should be 'lin', 'pt', 'default' or 'ada', got 'prefix'"),
+    ("epalm", ["model.num_levels=0"], "model.num_levels: should be greater than or equal to 1, got 0"),
+    ("epalm", ["model.num_level=2"], "model.num_level: unknown key (known: lm, lm_revision, variant,"),
+    ("epalm", ["model.lm=null"], "model.lm: should be a valid string, got None"),
+    ("prismer", ["model.expert_lr=fast"], "model.expert_lr: should be a valid number, got 'fast'"),
+    ("prismer", ["model.augment.flip=sometimes"], "model.augment.flip: should be a valid boolean, got 'sometimes'"),
+    ("prismer", ["model.augment.randaugment_magnitude=30"],
+     "model.augment.randaugment_magnitude: should be less than or equal to 10, got 30"),
+    ("prismer", ["model.augment.flp=false"], "model.augment.flp: unknown key (known: crop_scale, crop_ratio, flip,"),
+    ("prismer", ["model.experts=[depth,sonar]"], "model.experts: unknown expert(s) ['sonar']"),
+    ("prismer", ["model.min_new_tokens=12"], "model: min_new_tokens=12 is more than max_new_tokens=10"),
+    ("mope", ["model.num_experts=1.5"], "model.num_experts: should be a valid integer, got 1.5"),
+    ("mope", ["model.temperature=0"], "model.temperature: should be greater than 0, got 0"),
+    ("mope", ["model.routing=top2"], "model.routing: should be 'dense' or 'top1', got 'top2'"),
+    ("mope", ["model.prompts=[static,deep]"], "model.prompts: should be 'static', 'dynamic' or 'mapped', got 'deep'"),
+    ("mope", ["model.num_experts_typo=3"], "model.num_experts_typo: unknown key (known: prompts,"),
+]
+
+
+@pytest.mark.parametrize("method,overrides,said", BAD_MODEL_VALUES, ids=[" ".join(o) for _, o, _ in BAD_MODEL_VALUES])
+def test_a_bad_model_option_is_one_line_before_any_work(cache, tiny_lm_dir, tmp_path, capsys, method, overrides, said):
+    """Each method's `model.*` keys are typed: a value of the wrong type, an unknown key or one out of
+    range is one line naming `model.KEY`, exit 2, and OUT is not made (nothing loads before)."""
+    out = tmp_path / "run"
+    args = fit_args(cache, out, tiny_lm_dir, "max_steps=2")
+    if method != "epalm":  # epalm's model.lm and model.num_levels are no keys of theirs
+        args = [a for a in args if not a.startswith("model.")] + ["--method", method]
+    refused(capsys, [*args, *overrides], f"error: {said}")
     assert not out.exists()
 
 
@@ -196,5 +232,29 @@ def test_config_lists_every_key_with_its_default_and_description(tmp_path):
     assert "model.num_classes" not in rows  # the cache decides it
     prismer = subprocess.run([*CLI, "config", "--method", "prismer"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert "model.augment.randaugment_ops" in prismer.stdout
+
+@pytest.mark.parametrize("method", ["epalm", "prismer", "mope"])
+def test_config_lists_each_model_key_the_method_takes_with_its_default(method, capsys):
+    """`trainer config --method M`'s model.* rows are the keys the method accepts: each has a
+    description, and giving every listed default back as KEY=VALUE makes the method's default options."""
+    from trainer.config import apply_overrides, check_options
+    from trainer.methods import method_class
+
+    assert main(["config", "--method", method]) == 0
+    # columns are padded apart by at least two spaces; a JSON value has none in a row
+    rows = [re.split(r"\s{2,}", line) for line in capsys.readouterr().out.splitlines() if line.startswith("model.")]
+    assert rows and all(len(row) == 3 for row in rows), [row for row in rows if len(row) != 3]  # every key described
+    required = {"model.lm": "x"} if method == "epalm" else {}
+    assert [key for key, default, _ in rows if default == "(required)"] == list(required)
+    overrides = [f"{key}={default}" for key, default, _ in rows if default not in ("(required)", "{...}")]
+    overrides += [f"{key}={value}" for key, value in required.items()]
+    options = method_class(method).Options
+    given = check_options(options, apply_overrides({}, overrides)["model"], "model.")
+    assert given == check_options(options, {key.removeprefix("model."): value for key, value in required.items()}, "model.")
+    listed = {key.removeprefix("model.").partition(".")[0] for key, _, _ in rows}
+    assert listed == set(options.model_fields)
+    with pytest.raises(ConfigError, match="unknown key"):
+        check_options(options, {**{key.removeprefix("model."): v for key, v in required.items()}, "not_a_key": 1}, "model.")
+
 
 

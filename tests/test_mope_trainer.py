@@ -5,6 +5,7 @@ modality with text-cls, text main modality with image-pooled) and an MM-IMDb-lay
 from __future__ import annotations
 
 import json
+import re
 import logging
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from conftest import save_tiny_bert
 from precompute.engine import RunConfig, run
 from precompute.sources.mmimdb import GENRES
 from precompute.sources.shapes import MATERIAL_TEMPLATES, MATERIALS
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
 
@@ -145,15 +146,16 @@ def test_the_papers_baselines_are_configurations_of_the_same_code(shapes_cache, 
     assert head_inputs == 32 + (32 if model.get("late_concat") else 0)  # ViT width (+ tiny BERT's [CLS] width)
 
 
-@pytest.mark.parametrize("model, message", [
-    ({"complementary": "vit-cls"}, "no 'vit-cls' feature"),
-    ({"complementary": "text-tokens"}, "one embedding per sample"),
-    ({"prompts": ["static", "deep"]}, "prompts must be among"),
-    ({"num_experts_typo": 3}, "unknown model option"),
-    ({"modality": "audio"}, "image or text"),
+@pytest.mark.parametrize("model, error, message", [
+    ({"complementary": "vit-cls"}, MethodError, "no 'vit-cls' feature"),
+    ({"complementary": "text-tokens"}, MethodError, "one embedding per sample"),
+    ({"prompts": ["static", "deep"]}, ConfigError, "model.prompts: should be 'static', 'dynamic' or 'mapped', got 'deep'"),
+    ({"num_experts_typo": 3}, ConfigError, "model.num_experts_typo: unknown key"),
+    ({"modality": "audio"}, ConfigError, "model.modality: should be 'image' or 'text'"),
+    ({"prompts": ["dynamic"], "complementary": None}, MethodError, "need a complementary embedding"),
 ])
-def test_bad_configs_are_refused_before_training(shapes_cache, tiny_vit_dir, tmp_path, model, message):
-    with pytest.raises(MethodError, match=message):
+def test_bad_configs_are_refused_before_training(shapes_cache, tiny_vit_dir, tmp_path, model, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         fit(make_config(shapes_cache, tmp_path / "run", tiny_vit_dir, **model), progress=False)
     assert not (tmp_path / "run" / "checkpoint").exists()
 

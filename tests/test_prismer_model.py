@@ -216,7 +216,7 @@ def test_rank_picks_the_candidate_with_the_best_mean_log_likelihood(tiny_roberta
 
 
 def test_bad_configs_are_refused():
-    with pytest.raises(ValueError, match="freeze must be one of"):
+    with pytest.raises(ValueError, match="freeze"):
         PrismerConfig(freeze="everything")
     with pytest.raises(ValueError, match="experts must be distinct"):
         PrismerConfig(experts=[ExpertInput("depth", 1), ExpertInput("depth", 1)])

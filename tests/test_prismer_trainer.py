@@ -14,7 +14,7 @@ from cache_schema import ArraySpec, CacheWriter, ClassTable, FeatureSpec, SplitP
 from cache_schema.torch_data import CacheDataset
 from precompute.sources.shapes import DETECTION_CLASSES, SEG_CLASSES, ShapesSource, ShapesWorld
 from trainer.cli import main as trainer_main
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
 
@@ -184,7 +184,7 @@ def test_expert_lr_gives_the_expert_side_its_own_rate(cache, tiny_vit_dir, tiny_
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert expert_ids | {id(p) for p in rest["params"]} == trainable and not expert_ids & {id(p) for p in rest["params"]}
     assert len(get_method(make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir)).param_groups(model)) == 1
-    with pytest.raises(MethodError, match="model.expert_lr must be a positive number"):
+    with pytest.raises(ConfigError, match="model.expert_lr: should be a valid number"):
         get_method(make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir, expert_lr="fast"))
 
 
@@ -216,7 +216,7 @@ def test_shuffled_experts_read_another_samples_labels_deterministically(cache, t
     out = tmp_path / "shuffled"
     metrics = fit(make_config(cache, out, tiny_vit_dir, tiny_roberta_dir, shuffle_experts=True), progress=False)
     assert 0 <= metrics["vqa_accuracy"] <= 100
-    with pytest.raises(MethodError, match="shuffle_experts needs experts"):
+    with pytest.raises(ConfigError, match="shuffle_experts needs experts"):
         get_method(make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir, experts=[], shuffle_experts=True))
 
 
@@ -236,7 +236,7 @@ def test_bad_experts_or_models_are_refused_before_training(tmp_path, tiny_vit_di
         fit(make_config(root, tmp_path / "a", tiny_vit_dir, tiny_roberta_dir, experts=["depth", "normal"]), progress=False)
     with pytest.raises(MethodError, match="edge labels are 16 px but rgb is 32 px"):
         fit(make_config(root, tmp_path / "b", tiny_vit_dir, tiny_roberta_dir, experts=["edge"]), progress=False)
-    with pytest.raises(MethodError, match="unknown expert"):
+    with pytest.raises(ConfigError, match=r"model.experts: unknown expert\(s\) \[.sonar.\]"):
         get_method(make_config(root, tmp_path / "c", tiny_vit_dir, tiny_roberta_dir, experts=["sonar"]))
     with pytest.raises(MethodError, match=r"model.vision: .*no-vit does not exist \(a local path"):
         fit(make_config(root, tmp_path / "e", tmp_path / "no-vit", tiny_roberta_dir, experts=["depth"]), progress=False)

@@ -93,6 +93,7 @@ def test_epalm_trains_on_cached_augmented_audio_views(tmp_path, tiny_lm_dir, ray
     method = get_method(config)
     reader = SplitReader(cache, "audiocaps", "train")
     method.check_cache(reader)
+    method.restore_state(method.derive_state(reader))  # the number of cached views
     examples = reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=True))
     assert len(examples) == 3 * 4 and sorted(e["view"] for _, e in examples.examples) == [0] * 4 + [1] * 4 + [2] * 4
     items = [examples[i] for i in range(len(examples))]

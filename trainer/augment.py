@@ -21,12 +21,17 @@ photometric ops change the RGB only; shear, translate and rotate move every view
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, Field
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from trainer.config import OPTIONS, Float, NonNegative, PositiveFloat
+
+Fraction = Annotated[Float, Field(gt=0, le=1)]
 
 KINDS = ("rgb", "continuous", "normal", "ids")
 ID_FILL = 255
@@ -52,13 +57,20 @@ RANDAUGMENT_OPS = {
 GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
 
-@dataclass
-class AugmentConfig:
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area fraction (Prismer's)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True  # horizontal flip; data whose text says "left"/"right" must turn it off
-    randaugment_ops: int = 2  # RandAugment(N=2, M=5) as Prismer
-    randaugment_magnitude: int = 5  # 0..10 (the RandAugment paper's scale)
+class AugmentConfig(BaseModel):
+    """Prismer's training augmentation (RandomResizedCrop, flip, RandAugment(N=2, M=5)); typed and
+    ranged when made, as `model.augment.*` of `trainer fit --method prismer`."""
+
+    model_config = OPTIONS
+
+    # YAML gives a pair as a list: the pairs take one (strict=False), their numbers stay strict
+    crop_scale: tuple[Fraction, Fraction] = Field(
+        (0.5, 1.0), strict=False, description="RandomResizedCrop: the crop's area as a fraction of the image, (min, max)")
+    crop_ratio: tuple[PositiveFloat, PositiveFloat] = Field(
+        (3 / 4, 4 / 3), strict=False, description="RandomResizedCrop: the crop's width / height, (min, max)")
+    flip: bool = Field(True, description="horizontal flip; data whose text says left / right must turn it off")
+    randaugment_ops: NonNegative = Field(2, description="RandAugment: ops applied per sample")
+    randaugment_magnitude: int = Field(5, ge=0, le=10, description="RandAugment: magnitude 0..10 (the paper's scale)")
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
@@ -128,8 +140,6 @@ def augment_views(views: dict[str, torch.Tensor], kinds: dict[str, str], size: i
                   config: AugmentConfig | None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """uint8 [C, H, W] views of one frame -> uint8 [C, size, size] each; `config=None` is evaluation (resize only)."""
     _check(views, kinds)
-    if config is not None and not 0 <= config.randaugment_magnitude <= 10:
-        raise ValueError(f"augment_views: randaugment_magnitude is {config.randaugment_magnitude}, expected 0..10")
     is_ids = {name: kinds[name] == "ids" for name in views}
     wrapped = {name: tv_tensors.Mask(view) if is_ids[name] else tv_tensors.Image(view) for name, view in views.items()}
     interpolation = {name: InterpolationMode.NEAREST if is_ids[name] else InterpolationMode.BILINEAR for name in views}

@@ -74,25 +74,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe_config(method: str) -> str:
-    """`trainer config`: each key, its default, and its description; then the method's model.* keys."""
-    import dataclasses
+    """`trainer config`: each key, its default, and its description; then the method's model.* keys
+    (its Options' fields, a nested section's keys under its name)."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
 
     from trainer.config import TrainConfig
     from trainer.methods import method_class
 
     def show(value: object) -> str:
-        return "(required)" if value is dataclasses.MISSING else json.dumps(value, default=str)
+        return "(required)" if value is PydanticUndefined else json.dumps(value, default=str)
 
-    defaults = TrainConfig(method=method).to_dict()
-    rows = [(name, show(defaults[name]), info.description or "")
-            for name, info in TrainConfig.__pydantic_fields__.items()]
-    module = method_class(method).__module__.replace(".", "/")
-    def model_rows(prefix: str, options: dict[str, object]) -> list[tuple[str, str, str]]:
-        return [row for name, value in options.items()
-                for row in (model_rows(f"{prefix}{name}.", value) if isinstance(value, dict) and value
-                            else [(f"{prefix}{name}", show(value), f"see {module}.py")])]
+    def rows_of(prefix: str, fields: dict) -> list[tuple[str, str, str]]:
+        rows = []
+        for name, info in fields.items():
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                rows.append((f"{prefix}{name}", "{...}", info.description or ""))
+                rows += rows_of(f"{prefix}{name}.", type(default).model_fields)
+            else:
+                rows.append((f"{prefix}{name}", show(default), info.description or ""))
+        return rows
 
-    rows += model_rows("model.", method_class(method).option_defaults())
+    rows = [(name, json.dumps(method) if name == "method" else value, text)  # the listing is of this method
+            for name, value, text in rows_of("", TrainConfig.__pydantic_fields__)]
+    rows += rows_of("model.", method_class(method).Options.model_fields)
     width = max(len(name) for name, _, _ in rows) + 2, max(len(value) for _, value, _ in rows) + 2
     return "\n".join(f"{name:<{width[0]}}{value:<{width[1]}}{text}".rstrip() for name, value, text in rows)
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 
@@ -50,6 +50,11 @@ def log_targets(targets: list[str]) -> list[str]:
 Float = Annotated[float, BeforeValidator(yaml_float)]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+NonNegativeFloat = Annotated[Float, Field(ge=0)]
+# a method's options and its model's config: the same strictness, and a misspelt key is an error
+OPTIONS = ConfigDict(strict=True, extra="forbid")
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(config=ConfigDict(strict=True))
@@ -62,14 +67,14 @@ class TrainConfig:
     out: str = Field("./runs/run", description="run directory: checkpoint/, log.jsonl; a checkpoint there is resumed")
     seed: NonNegative = Field(0, description="seeds the model's new parts, the data order and every random draw")
     max_steps: Positive | None = Field(None, description="optimizer steps; null: `epochs` worth")
-    epochs: Annotated[Float, Field(gt=0)] = Field(1.0, description="passes over the training set, when max_steps is null")
+    epochs: PositiveFloat = Field(1.0, description="passes over the training set, when max_steps is null")
     batch_size: Positive = Field(32, description="the global batch: with --workers N each rank takes batch_size / N")
     grad_accum: Positive = Field(1, description="micro-batches accumulated per optimizer step")
-    lr: Annotated[Float, Field(gt=0)] = Field(1e-4, description="peak learning rate (AdamW, after warmup)")
-    weight_decay: Annotated[Float, Field(ge=0)] = Field(0.02, description="AdamW weight decay")
+    lr: PositiveFloat = Field(1e-4, description="peak learning rate (AdamW, after warmup)")
+    weight_decay: NonNegativeFloat = Field(0.02, description="AdamW weight decay")
     warmup_steps: NonNegative = Field(100, description="linear warmup from 0 to lr over this many steps")
-    min_lr: Annotated[Float, Field(ge=0)] = Field(1e-6, description="learning rate the cosine decays to at the last step")
-    grad_clip: Annotated[Float, Field(gt=0)] = Field(1.0, description="max global norm of the trainable gradients")
+    min_lr: NonNegativeFloat = Field(1e-6, description="learning rate the cosine decays to at the last step")
+    grad_clip: PositiveFloat = Field(1.0, description="max global norm of the trainable gradients")
     eval_every: NonNegative = Field(0, description="evaluate every N steps; 0: only at the end")
     save_every: Positive = Field(200, description="checkpoint every N steps (and at the end)")
     max_eval_examples: Positive | None = Field(None, description="evaluate on the first N examples; null: all")
@@ -86,16 +91,49 @@ class TrainConfig:
         return asdict(self)
 
 
-def describe(error: ValidationError) -> str:
-    """pydantic's report as one line, `key: what is wrong, got VALUE` per bad key."""
+def describe(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """pydantic's report as one line, `key: what is wrong, got VALUE` per bad key (`prefix` before
+    each key, dotted into nested sections; an unknown key lists the known ones of its `model`)."""
     by_key: dict[str, dict[str, Any]] = {}
     for problem in error.errors():
-        key = str(problem["loc"][0]) if problem["loc"] else "config"
+        # a union member (`int | None`) or list index in the location is not part of the key
+        path = [part for part in problem["loc"] if isinstance(part, str) and part.isidentifier()]
+        key = (prefix + ".".join(path)).rstrip(".")  # "": the model's own check of several keys together
         # `int | None` reports a failure per member; the one that is not "should be None" says why
         if key not in by_key or by_key[key]["type"] == "none_required":
             by_key[key] = problem
-    return "; ".join(f"{key}: {problem['msg'].removeprefix('Input ')}, got {problem['input']!r}"
-                     for key, problem in by_key.items())
+
+    def what(problem: dict[str, Any]) -> str:
+        if problem["type"] == "extra_forbidden":
+            return f"unknown key (known: {', '.join(known_keys(model, problem['loc'][:-1]))})"
+        if problem["type"] == "missing":
+            return "required"
+        if problem["type"] == "value_error":  # a model's own check: its message says it all
+            return problem["msg"].removeprefix("Value error, ")
+        return f"{problem['msg'].removeprefix('Input ')}, got {problem['input']!r}"
+
+    return "; ".join(f"{key}: {what(problem)}" if key else what(problem) for key, problem in by_key.items())
+
+
+def known_keys(model: type[BaseModel] | None, section: tuple[Any, ...]) -> list[str]:
+    """The keys of `model`'s nested `section` (e.g. ("augment",)): the fields of the model its type names."""
+    for name in section:
+        if model is None or name not in model.model_fields:
+            return []
+        annotation = model.model_fields[name].annotation
+        model = next((t for t in (annotation, *get_args(annotation)) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return list(model.model_fields) if model is not None else []
+
+
+def check_options(cls: type[M], data: Any, prefix: str) -> M:
+    """A method's options (`model.*`) from plain data, every key known and every value of its type
+    and in its range, or one ConfigError line naming each bad `prefix`KEY."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: should be a mapping, got {data!r}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe(e, prefix, cls)) from None
 
 
 def parse_scalar(raw: str) -> Any:

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import DataLoader
 
 from cache_schema import SplitReader
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, check_options
 from trainer.methods.errors import MethodError
 
 if TYPE_CHECKING:
@@ -90,15 +91,14 @@ def one_line(error: BaseException) -> str:
 
 class Method(ABC):
     name: ClassVar[str]
+    # the method's `model.*` keys: every one typed, ranged and described (`trainer config` lists them)
+    Options: ClassVar[type[BaseModel]]
 
     def __init__(self, config: TrainConfig):
+        """Checks `config.model` against `Options` first: a bad key or value is one ConfigError
+        line naming `model.KEY`, before anything loads."""
         self.config = config
-
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        """`model.*` keys and their defaults (`dataclasses.MISSING`: required; None: decided by the
-        cache or another key), for `trainer config`."""
-        return {}
+        self.options = check_options(self.Options, config.model, "model.")
 
     @abstractmethod
     def feature_fields(self) -> dict[str, str]:

@@ -36,48 +36,48 @@ to learn whatever order they need, and the visual token is not part of the text.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 from transformers import DynamicCache, OPTForCausalLM
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
+from trainer.config import OPTIONS, NonNegative, Positive
 from trainer.methods.text import IGNORE_INDEX
 
-VARIANTS = ("lin", "pt", "default", "ada")
 
-
-@dataclass
-class EPALMConfig:
+class EPALMConfig(BaseModel):
     """What to adapt and how. `variant` picks the paper's model family:
 
     lin      one shared connection, nothing else
     pt       one shared connection + soft prompt
     default  one connection per level (unless `shared_connector`) + soft prompt
     ada      default + adapters in every block (`prompt_length=0` gives the paper's adapters-only "ada")
+
+    Each field's type and range is checked when a config is made (`trainer config --method epalm`
+    lists them with their descriptions).
     """
 
-    lm: str
-    lm_revision: str | None = None
-    variant: str = "default"
-    visual_dim: int = 768
-    num_levels: int = 6
-    shared_connector: bool = False
-    injection_start: int | None = None
-    injection_end: int | None = None
-    prompt_length: int = 10
-    prompt_mlp: bool = False
-    adapter_factor: int = 8
+    model_config = OPTIONS
 
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        for name in ("visual_dim", "num_levels", "adapter_factor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.prompt_length < 0:
-            raise ValueError(f"prompt_length must be >= 0, got {self.prompt_length}")
+    lm: str = Field(description="the frozen OPT: hub id or local path")
+    lm_revision: str | None = Field(None, description="hub revision of lm; null: its default branch")
+    variant: Literal["lin", "pt", "default", "ada"] = Field(
+        "default", description="lin (shared connection) | pt (+ soft prompt) | default (a connection per level + "
+                               "prompt) | ada (+ adapters)")
+    visual_dim: Positive = Field(768, description="width of the visual [CLS] tokens")
+    num_levels: Positive = Field(6, description="visual levels the LM reads: the deepest of the cached [CLS] tokens")
+    shared_connector: bool = Field(False, description="one connection for every level (lin and pt always share)")
+    injection_start: NonNegative | None = Field(None, description="first decoder layer given a visual token; "
+                                                                  "null: the middle layer")
+    injection_end: NonNegative | None = Field(None, description="the levels are spread over layers [start, end); "
+                                                                "null: the LM's depth")
+    prompt_length: NonNegative = Field(10, description="soft prompt tokens (pt, default, ada)")
+    prompt_mlp: bool = Field(False, description="reparametrise the soft prompt by Linear-Tanh-Linear")
+    adapter_factor: Positive = Field(8, description="adapter bottleneck: hidden size / adapter_factor (ada)")
 
     @property
     def uses_shared_connector(self) -> bool:

@@ -4,99 +4,108 @@ The model is in `epalm.py`; this file is what the shared loop needs around it: w
 read (`model.feature`, default `vit-cls`), how annotations become examples, and the paper's
 metrics (official VQA accuracy for open-ended answers; BLEU/CIDEr for captions).
 
-`model.*` config keys: every `EPALMConfig` field, plus `task` (vqa | caption), `feature`,
-`blind` (train and evaluate with no visual token: the same LM and prompt, blind),
-`num_beams` (3), `max_new_tokens`, `max_length`, `caption_prompt` and `views` (train on the
-feature's cached augmented views too: each training example appears once with the clean [CLS]
-stack and once with each view, so an epoch sees every view once; evaluation reads the clean one).
+`model.*` config keys are `EPALMOptions`' fields: the model's (`EPALMConfig`) and the task's
+(`trainer config --method epalm` lists them). With `views` each training example appears once
+with the clean [CLS] stack and once with each cached augmented view, so an epoch sees every view
+once; evaluation reads the clean one.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from cache_schema import SplitReader, model_revision
+from trainer.config import Positive
 from trainer.methods.base import Method, MethodError, load_frozen
 from trainer.methods.epalm import EPALM, EPALMConfig, load_lm
 from trainer.methods.text import encode_batch, training_answer, vqa_or_caption_metrics, vqa_prompt
 
-TASK_KEYS = {"task": "vqa", "feature": "vit-cls", "blind": False, "num_beams": 3, "max_new_tokens": None,
-             "max_length": 64, "caption_prompt": "", "views": False}
+
+class EPALMOptions(EPALMConfig):
+    """`model.*` of `trainer fit --method epalm`: the model's config and what the task adds."""
+
+    visual_dim: Positive | None = Field(None, description="width of the cached [CLS] tokens; null: the cache's "
+                                                          "(another value is refused)")
+    task: Literal["vqa", "caption"] = Field("vqa", description="vqa (open-ended answers, VQA accuracy) | caption "
+                                                               "(CIDEr, BLEU)")
+    feature: str = Field("vit-cls", description="the cached feature whose [CLS] stacks the LM reads")
+    blind: bool = Field(False, description="train and evaluate with no visual token: the same LM and prompt, blind")
+    num_beams: Positive = Field(3, description="beam search width when generating")
+    max_new_tokens: Positive | None = Field(None, description="most tokens generated; null: 10 for vqa, 24 for caption")
+    max_length: Positive = Field(64, description="tokens per example (prompt + target), longer ones are cut")
+    caption_prompt: str = Field("", description="the text a caption is generated after")
+    views: bool = Field(False, description="train on the feature's cached augmented views too (each once per epoch)")
+
+    @model_validator(mode="after")
+    def derive_lengths(self) -> EPALMOptions:
+        if self.max_new_tokens is None:
+            self.max_new_tokens = 10 if self.task == "vqa" else 24
+        return self
+
+    def config_for_model(self, visual_dim: int) -> EPALMConfig:
+        """The model's config: these options with the cache's [CLS] width."""
+        return EPALMConfig(**self.model_dump(include=set(EPALMConfig.model_fields)) | {"visual_dim": visual_dim})
 
 
 class EPALMMethod(Method):
     name = "epalm"
+    Options = EPALMOptions
+    options: EPALMOptions
 
     def __init__(self, config):
         super().__init__(config)
-        options = dict(config.model)
-        self.task = {key: options.pop(key, default) for key, default in TASK_KEYS.items()}
-        if self.task["task"] not in ("vqa", "caption"):
-            raise MethodError(f"epalm: model.task must be vqa or caption, got {self.task['task']!r}")
-        if self.task["max_new_tokens"] is None:
-            self.task["max_new_tokens"] = 10 if self.task["task"] == "vqa" else 24
-        known = {f.name for f in fields(EPALMConfig)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise MethodError(f"epalm: unknown model option(s) {unknown}; known: {sorted(known | set(TASK_KEYS))}")
-        if "lm" not in options:
-            raise MethodError("epalm: model.lm (the frozen OPT: hub id or local path) is required")
-        self.model_options = options
-        self.tokenizer = load_frozen("model.lm", options["lm"], lambda: AutoTokenizer.from_pretrained(
-            options["lm"], revision=options.get("lm_revision")), options.get("lm_revision"))
+        lm, revision = self.options.lm, self.options.lm_revision
+        self.tokenizer = load_frozen("model.lm", lm, lambda: AutoTokenizer.from_pretrained(lm, revision=revision), revision)
         self.tokenizer.padding_side = "left"
 
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        return {**{f.name: f.default for f in fields(EPALMConfig)}, "visual_dim": None, **TASK_KEYS}
-
     def feature_fields(self) -> dict[str, str]:
-        arrays = {"visual": f"{self.task['feature']}/cls"}
-        if self.task["views"]:
-            arrays["views"] = f"{self.task['feature']}/views"
+        arrays = {"visual": f"{self.options.feature}/cls"}
+        if self.options.views:
+            arrays["views"] = f"{self.options.feature}/views"
         return arrays
 
     def check_cache(self, reader: SplitReader) -> None:
-        spec = reader.spec(self.task["feature"])
-        if self.task["views"]:
-            if "views" not in {array.name for array in spec.arrays}:
-                raise MethodError(f"epalm: model.views=true, but {reader.source}/{reader.split} caches no augmented "
-                                  f"views of {self.task['feature']!r} (precompute it with --expert-opt views=N)")
-            self.num_views = spec.array("views").shape[0]
+        spec = reader.spec(self.options.feature)
+        if self.options.views and "views" not in {array.name for array in spec.arrays}:
+            raise MethodError(f"epalm: model.views=true, but {reader.source}/{reader.split} caches no augmented "
+                              f"views of {self.options.feature!r} (precompute it with --expert-opt views=N)")
         levels, width = spec.array("cls").shape
-        wanted_width = self.model_options.get("visual_dim", width)
-        wanted_levels = self.model_options.get("num_levels", 6)
         problems = []
-        if wanted_width != width:
-            problems.append(f"model.visual_dim={wanted_width} but the cached [CLS] tokens are {width}-d")
-        if wanted_levels > levels:
-            problems.append(f"model.num_levels={wanted_levels} but the cache holds {levels} levels")
+        if self.options.visual_dim not in (None, width):
+            problems.append(f"model.visual_dim={self.options.visual_dim} but the cached [CLS] tokens are {width}-d")
+        if self.options.num_levels > levels:
+            problems.append(f"model.num_levels={self.options.num_levels} but the cache holds {levels} levels")
         if problems:
             raise MethodError(
-                f"epalm: cached feature {self.task['feature']!r} (model {spec.model_id}, layers "
+                f"epalm: cached feature {self.options.feature!r} (model {spec.model_id}, layers "
                 f"{spec.params.get('layers')}) does not fit the config: " + "; ".join(problems)
             )
 
+    def derive_state(self, train_reader: SplitReader) -> dict[str, Any]:
+        """With `views`: how many augmented views the training split caches (each is one more example)."""
+        if not self.options.views:
+            return {}
+        return {"num_views": train_reader.spec(self.options.feature).array("views").shape[0]}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self.num_views = state.get("num_views", 0)
+
     def build_model(self, reader: SplitReader) -> nn.Module:
-        spec = reader.spec(self.task["feature"])
-        options = {"visual_dim": spec.array("cls").shape[1], "num_levels": min(6, spec.array("cls").shape[0]),
-                   **self.model_options}
-        self.cached_levels = spec.array("cls").shape[0]
+        config = self.options.config_for_model(visual_dim=reader.spec(self.options.feature).array("cls").shape[1])
         try:
-            config = EPALMConfig(**options)
             lm = load_frozen("model.lm", config.lm, lambda: load_lm(config.lm, config.lm_revision), config.lm_revision)
             return EPALM(config, lm)
         except ValueError as e:
             raise MethodError(f"epalm: {e}") from e
 
     def expand(self, annotations: dict[str, Any], train: bool) -> list[dict[str, Any]]:
-        if self.task["task"] == "vqa":
+        if self.options.task == "vqa":
             examples = []
             for index, question in enumerate(annotations.get("questions", [])):
                 example = {"prompt": vqa_prompt(question["question"]), "qid": str(question.get("question_id", index)),
@@ -106,17 +115,17 @@ class EPALMMethod(Method):
                 examples.append(example)
         else:
             captions = annotations.get("captions", [])
-            prompt = self.task["caption_prompt"]
+            prompt = self.options.caption_prompt
             if not train:
                 return [{"prompt": prompt, "references": captions}] if captions else []
             examples = [{"prompt": prompt, "target": " " + c} for c in captions]
-        if train and self.task["views"]:
+        if train and self.options.views:
             return [{**example, "view": view} for view in range(1 + self.num_views) for example in examples]
         return examples
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         targets = [item["target"] for item in items] if all("target" in item for item in items) else None
-        batch = encode_batch(self.tokenizer, [item["prompt"] for item in items], targets, self.task["max_length"])
+        batch = encode_batch(self.tokenizer, [item["prompt"] for item in items], targets, self.options.max_length)
         # view 0 is the clean [CLS] stack, view v > 0 the v-th cached augmented one
         visual = [item["visual"] if item.get("view", 0) == 0 else item["views"][item["view"] - 1] for item in items]
         batch["visual"] = torch.stack([torch.from_numpy(v).float() for v in visual])
@@ -124,10 +133,10 @@ class EPALMMethod(Method):
         return batch
 
     def _visual(self, model: EPALM, batch: dict[str, Any]) -> torch.Tensor | None:
-        if self.task["blind"]:
+        if self.options.blind:
             return None
         # the deepest `num_levels` of the cached levels (the cache may hold more than the model reads)
-        return batch["visual"][:, self.cached_levels - model.config.num_levels :].to(model.lm.device)
+        return batch["visual"][:, -model.config.num_levels :].to(model.lm.device)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         device = model.lm.device
@@ -140,8 +149,8 @@ class EPALMMethod(Method):
         predictions = []
         for batch in loader:
             generated = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                       self._visual(model, batch), max_new_tokens=self.task["max_new_tokens"],
-                                       num_beams=self.task["num_beams"])
+                                       self._visual(model, batch), max_new_tokens=self.options.max_new_tokens,
+                                       num_beams=self.options.num_beams)
             for item, tokens in zip(batch["items"], generated):
                 predictions.append({**item, "prediction": self.tokenizer.decode(tokens, skip_special_tokens=True).strip()})
         return predictions
@@ -149,8 +158,8 @@ class EPALMMethod(Method):
     def score(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
         if not predictions:
             raise MethodError("epalm: the evaluation split has no examples for this task")
-        return vqa_or_caption_metrics(self.task["task"], predictions)
+        return vqa_or_caption_metrics(self.options.task, predictions)
 
     def backbones(self) -> dict[str, dict[str, str]]:
-        model_id, revision = model_revision(self.model_options["lm"], self.model_options.get("lm_revision"))
+        model_id, revision = model_revision(self.options.lm, self.options.lm_revision)
         return {"lm": {"id": model_id, "revision": revision}}

@@ -35,44 +35,55 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field, model_validator
 from timm.models.swin_transformer import SwinTransformer, window_partition, window_reverse
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from trainer.config import OPTIONS, NonNegative, NonNegativeFloat, Positive, PositiveFloat
+
 PROMPT_KINDS = ("static", "dynamic", "mapped")
 
 
-@dataclass
-class MoPEConfig:
-    num_classes: int
-    multi_label: bool = False  # sigmoid + binary cross-entropy per class (MM-IMDB) instead of softmax
-    complementary_dim: int | None = None  # width of ψ; None: no complementary modality
-    prompts: tuple[str, ...] = PROMPT_KINDS
-    prompt_length: int = 6  # l, for the static and the dynamic prompt each
-    num_experts: int = 16  # k
-    temperature: float = 0.1  # τ
-    routing: str = "dense"  # dense | top1
-    router_noise: float = 1.0  # std of ε, added to the logits / τ while training
-    importance_weight: float = 0.01
-    importance_threshold: float = 0.05  # γ
-    mapper_dim: int = 256
-    late_concat: bool = False  # P-LateConcat: [pooled; ψ] -> head
+class PromptConfig(BaseModel):
+    """The prompts and their router: what a user chooses (`model.*` of `trainer fit --method mope`,
+    listed by `trainer config --method mope`); each field typed and ranged when a config is made."""
 
-    def __post_init__(self) -> None:
-        self.prompts = tuple(self.prompts)
-        unknown = set(self.prompts) - set(PROMPT_KINDS)
-        if unknown:
-            raise ValueError(f"prompts must be among {PROMPT_KINDS}, got {sorted(unknown)}")
-        if self.routing not in ("dense", "top1"):
-            raise ValueError(f"routing must be dense or top1, got {self.routing!r}")
-        needs_complementary = {"dynamic", "mapped"} & set(self.prompts) or self.late_concat
-        if needs_complementary and not self.complementary_dim:
+    model_config = OPTIONS
+
+    # YAML gives a list: the field takes one (strict=False), its items stay checked
+    prompts: tuple[Literal["static", "dynamic", "mapped"], ...] = Field(
+        PROMPT_KINDS, strict=False, description="which prompts every layer gets: static, dynamic (the mixture of "
+                                                "prompt experts), mapped")
+    prompt_length: NonNegative = Field(6, description="l: tokens of the static and of the dynamic prompt, each")
+    num_experts: Positive = Field(16, description="k: prompt experts of the dynamic prompt")
+    temperature: PositiveFloat = Field(0.1, description="tau: the router's softmax temperature")
+    routing: Literal["dense", "top1"] = Field("dense", description="dense (every expert, weighted) | top1 (the "
+                                                                   "winner, at its score)")
+    router_noise: NonNegativeFloat = Field(1.0, description="std of the noise added to the router's logits / tau "
+                                                            "while training")
+    importance_weight: NonNegativeFloat = Field(0.01, description="weight of the importance loss")
+    importance_threshold: NonNegativeFloat = Field(0.05, description="gamma: the importance loss is off below this")
+    mapper_dim: Positive = Field(256, description="hidden width of the mapped prompt's MLP")
+    late_concat: bool = Field(False, description="P-LateConcat: [pooled; the complementary embedding] -> head")
+
+
+class MoPEConfig(PromptConfig):
+    """The prompts, and what the data decides: the classes and the complementary embedding's width."""
+
+    num_classes: int = Field(ge=2)
+    multi_label: bool = False  # sigmoid + binary cross-entropy per class (MM-IMDB) instead of softmax
+    complementary_dim: Positive | None = None  # width of ψ; None: no complementary modality
+
+    @model_validator(mode="after")
+    def complementary_when_needed(self) -> MoPEConfig:
+        if ({"dynamic", "mapped"} & set(self.prompts) or self.late_concat) and not self.complementary_dim:
             raise ValueError("dynamic/mapped prompts and late_concat need a complementary embedding (complementary_dim)")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        return self
 
 
 @dataclass

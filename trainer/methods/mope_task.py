@@ -5,12 +5,9 @@ from the cache: the main input (`rgb` at the encoder's resolution, or `text-toke
 complementary embedding (`text-cls`, or `image-pooled` when the text is the main modality), and
 each sample's `label` annotation, with the class names from the source's record in the cache.
 
-`model.*` config keys: `modality` (image | text: which encoder is prompted), `encoder` (a timm name
-or `save_for_hf` directory for images, default `swin_base_patch4_window7_224`; a transformers id
-or directory for text, default `bert-base-uncased`), `encoder_revision`, `main_feature` (default
-`rgb` / `text-tokens`), `complementary` (a cached feature holding one embedding per sample, default
-`text-cls` / `image-pooled`; null for single-modality prompt tuning) and every `MoPEConfig` field
-but `num_classes`, `multi_label` and `complementary_dim`, which the cache decides.
+`model.*` config keys are `MoPEOptions`' fields (`trainer config --method mope` lists them):
+which modality is the main one and its frozen encoder, the cached features read, and the prompts
+(`PromptConfig`); the classes and the complementary embedding's width come from the cache.
 
 Metrics: accuracy for single-label sources (Food-101, SNLI-VE, shapes), F1 macro and micro at
 sigmoid > 0.5 for multi-label ones (MM-IMDB); with dynamic prompts also the routing entropy and
@@ -19,20 +16,21 @@ each expert's importance, and OUT/importance.png, expert importance over trainin
 
 from __future__ import annotations
 
-from dataclasses import fields
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, ValidationError, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from cache_schema import SplitReader, load_timm_model, model_revision
+from trainer.config import describe
 from trainer.eval.classification import accuracy, f1_scores
 from trainer.methods.base import Method, MethodError, check_model_ref, load_frozen
-from trainer.methods.mope import MoPE, MoPEConfig, prompted_encoder, routing_statistics
+from trainer.methods.mope import MoPE, MoPEConfig, PromptConfig, prompted_encoder, routing_statistics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -41,41 +39,51 @@ MODALITIES = {  # main modality -> (default encoder, main feature, default compl
     "image": ("swin_base_patch4_window7_224", "rgb", "text-cls"),
     "text": ("bert-base-uncased", "text-tokens", "image-pooled"),
 }
-TASK_KEYS = ("modality", "encoder", "encoder_revision", "main_feature", "complementary")
-DECIDED_BY_CACHE = ("num_classes", "multi_label", "complementary_dim")
+
+
+class MoPEOptions(PromptConfig):
+    """`model.*` of `trainer fit --method mope`. `encoder`, `main_feature` and `complementary` left
+    out take the modality's defaults (listed here for image); `complementary: null` is none at all
+    (single-modality prompt tuning)."""
+
+    modality: Literal["image", "text"] = Field("image", description="which encoder is prompted: image | text")
+    encoder: str = Field(MODALITIES["image"][0], description="the frozen main encoder: a timm name or save_for_hf "
+                                                             f"directory (image); hub id or directory (text: "
+                                                             f"{MODALITIES['text'][0]})")
+    encoder_revision: str | None = Field(None, description="hub revision of encoder; null: its default branch")
+    main_feature: str = Field(MODALITIES["image"][1], description=f"the cached main input (text: {MODALITIES['text'][1]})")
+    complementary: str | None = Field(MODALITIES["image"][2], description="the cached embedding of the other modality "
+                                      f"(text: {MODALITIES['text'][2]}); null: none (single-modality prompt tuning)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def modality_defaults(cls, data: Any) -> Any:
+        """The keys left out take the defaults of the modality given (a bad one is the Literal's to refuse)."""
+        if isinstance(data, dict) and data.get("modality") in MODALITIES:
+            defaults = dict(zip(("encoder", "main_feature", "complementary"), MODALITIES[data["modality"]]))
+            return defaults | data
+        return data
+
+    def config_for_model(self, num_classes: int, multi_label: bool, complementary_dim: int | None) -> MoPEConfig:
+        """The model's config: these prompts with what the cache decides."""
+        return MoPEConfig(**self.model_dump(include=set(PromptConfig.model_fields)), num_classes=num_classes,
+                          multi_label=multi_label, complementary_dim=complementary_dim)
 
 
 class MoPEMethod(Method):
     name = "mope"
+    Options = MoPEOptions
+    options: MoPEOptions
 
     def __init__(self, config):
         super().__init__(config)
-        options = dict(config.model)
-        modality = options.pop("modality", "image")
-        if modality not in MODALITIES:
-            raise MethodError(f"mope: model.modality must be image or text, got {modality!r}")
-        default_encoder, default_main, default_complementary = MODALITIES[modality]
-        self.modality = modality
-        self.encoder_ref = str(options.pop("encoder", default_encoder))
-        self.encoder_revision = options.pop("encoder_revision", None)
-        check_model_ref("model.encoder", self.encoder_ref, self.encoder_revision, timm_name=modality == "image")
-        self.main_feature = options.pop("main_feature", default_main)
-        self.complementary = options.pop("complementary", default_complementary) or None
-        known = {f.name for f in fields(MoPEConfig)} - set(DECIDED_BY_CACHE)
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise MethodError(f"mope: unknown model option(s) {unknown}; known: {sorted(known | set(TASK_KEYS))}")
-        self.model_options = options
+        self.modality = self.options.modality
+        self.encoder_ref, self.encoder_revision = self.options.encoder, self.options.encoder_revision
+        check_model_ref("model.encoder", self.encoder_ref, self.encoder_revision, timm_name=self.modality == "image")
+        self.main_feature, self.complementary = self.options.main_feature, self.options.complementary
         self.classes: list[str] = []
         self.multi_label = False
         self.routing: dict[str, Any] = {}
-
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        encoder, main, complementary = MODALITIES["image"]
-        return {"modality": "image", "encoder": encoder, "encoder_revision": None, "main_feature": main,
-                "complementary": complementary,
-                **{f.name: f.default for f in fields(MoPEConfig) if f.name not in DECIDED_BY_CACHE}}
 
     # ---- what the cache must hold ----------------------------------------------------------------
 
@@ -130,10 +138,12 @@ class MoPEMethod(Method):
         encoder = self._load_encoder().eval()
         complementary_dim = reader.spec(self.complementary).arrays[0].shape[0] if self.complementary else None
         try:
-            config = MoPEConfig(num_classes=len(self.classes), multi_label=self.multi_label,
-                                complementary_dim=complementary_dim, **self.model_options)
+            config = self.options.config_for_model(len(self.classes), self.multi_label, complementary_dim)
+        except ValidationError as e:
+            raise MethodError(f"mope: {describe(e)}") from None
+        try:
             model = MoPE(config, prompted_encoder(encoder))
-        except (ValueError, TypeError) as e:
+        except ValueError as e:
             raise MethodError(f"mope: {e}") from e
         if self.modality == "image":
             data_config = encoder.pretrained_cfg

@@ -61,23 +61,21 @@ pre-training trains (stems, resampler, adaptors, cross-attention), `finetune` th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 import transformers
+from pydantic import BaseModel, Field, model_validator
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from transformers import DynamicCache, EncoderDecoderCache, RobertaForCausalLM
 
 from cache_schema import load_timm_model
+from trainer.config import OPTIONS, Float, Positive
 from trainer.methods.text import IGNORE_INDEX
 
-FREEZE_POLICIES = {
-    "pretrain": "vision and language frozen; stems, resampler, adaptors and cross-attention train (Prismer's pre-training)",
-    "finetune": "vision frozen; the whole language decoder trains too (Prismer's fine-tuning)",
-}
 EMBEDDING_DIM = 64  # id labels: the class-table / word-embedding width (cache_schema tables)
 NUM_IDS = 256  # uint8 id maps; id 255 is "nothing here" and reads as the zero vector
 
@@ -92,30 +90,39 @@ class ExpertInput:
     instances: bool = False  # detection: add a random instance embedding per instance id
 
 
-@dataclass
-class PrismerConfig:
-    vision: str = "vit_base_patch16_clip_224.openai"
-    lm: str = "FacebookAI/roberta-base"
-    lm_revision: str | None = None
-    experts: list[ExpertInput] = field(default_factory=list)
-    num_latents: int = 64
-    resampler_layers: int = 4
-    resampler_heads: int = 8
-    num_instance_embeddings: int = 128
-    freeze: str = "pretrain"
-    label_smoothing: float = 0.1
-    baseline_latents: bool = True  # no experts: keep the resampler's latents (the same trainable parts)
+class PrismerParts(BaseModel):
+    """The frozen models, the trained parts' sizes and what trains: all of the model's config but the
+    expert inputs. Each field typed and ranged when a config is made (`trainer config --method
+    prismer` lists them with their descriptions)."""
+
+    model_config = OPTIONS
+
+    vision: str = Field("vit_base_patch16_clip_224.openai", description="the frozen ViT: a timm name or a save_for_hf directory")
+    lm: str = Field("FacebookAI/roberta-base", description="the frozen RoBERTa decoder: hub id or local path")
+    lm_revision: str | None = Field(None, description="hub revision of lm; null: its default branch")
+    num_latents: Positive = Field(64, description="Experts Resampler: latent tokens it returns")
+    resampler_layers: Positive = Field(4, description="Experts Resampler: perceiver layers")
+    resampler_heads: Positive = Field(8, description="Experts Resampler: attention heads")
+    num_instance_embeddings: Positive = Field(128, description="detection: random instance embeddings to draw from")
+    freeze: Literal["pretrain", "finetune"] = Field(
+        "pretrain", description="pretrain: stems, resampler, adaptors and cross-attention train (Prismer's "
+                                "pre-training); finetune: the whole decoder too")
+    label_smoothing: Annotated[Float, Field(ge=0, le=1)] = Field(0.1, description="of the caption / answer loss")
+    baseline_latents: bool = Field(True, description="with no experts, keep the resampler's latents (the same "
+                                                     "trained parts as with experts)")
 
 
-    def __post_init__(self) -> None:
-        if self.freeze not in FREEZE_POLICIES:
-            raise ValueError(f"freeze must be one of {sorted(FREEZE_POLICIES)}, got {self.freeze!r}")
-        for name in ("num_latents", "resampler_layers", "resampler_heads", "num_instance_embeddings"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+class PrismerConfig(PrismerParts):
+    """The model's config: its parts and the expert labels it reads."""
+
+    experts: list[ExpertInput] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def distinct_experts(self) -> PrismerConfig:
         names = [expert.name for expert in self.experts]
         if len(set(names)) != len(names):
             raise ValueError(f"experts must be distinct, got {names}")
+        return self
 
 
 class SquaredReLU(nn.Module):

@@ -14,27 +14,22 @@ Labels, by the expert that cached them (`precompute run --expert prismer` writes
                                               plus a random instance embedding in the model
     ocrdet               word ids          -> each word's own embedding (cached per sample)
 
-`model.*` config keys: `vision` (a timm name or a `save_for_hf` directory), `lm` (a RoBERTa hub id
-or directory), `lm_revision`, `experts` (a list of cached feature names, "prismer" for all six, or
-[] for the RGB-only baseline), every other `PrismerConfig` field, and `task` (vqa | caption),
-`inference` (VQA: rank | generate), `num_candidates` (rank's top-k, 16), `num_beams` (3),
-`max_new_tokens`, `min_new_tokens`, `max_length`, `caption_prompt` ("A picture of"),
-`answer_list_size` (the rank answer list: the commonest training answers, 3128 as for VQAv2),
-`augment` (`AugmentConfig` fields, or null for none) and `shuffle_experts` (a control: every image
-reads ANOTHER image's expert labels, a fixed derangement of the split's usable samples seeded by
-the run's `seed`, the same in training and evaluation; RGB and questions stay the image's own),
-`expert_lr` (the learning rate of the parts that bring the experts in: stems, resampler, read-outs,
-instance embeddings; default: `lr`, as for everything else).
+`model.*` config keys are `PrismerOptions`' fields: the model's (`PrismerConfig`, with `experts`
+as cached feature names), the task's and `augment` (`AugmentConfig`); `trainer config --method
+prismer` lists them. `shuffle_experts` is a control: every image reads ANOTHER image's expert
+labels, a fixed derangement of the split's usable samples seeded by the run's `seed`, the same in
+training and evaluation; RGB and questions stay the image's own. `expert_lr` gives the parts that
+bring the experts in (stems, resampler, read-outs, instance embeddings) their own learning rate.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import fields
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator, model_validator
 from timm.data import resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader
@@ -42,8 +37,9 @@ from transformers import AutoTokenizer
 
 from cache_schema import CacheError, SplitReader, load_timm_model, model_revision, read_table
 from trainer.augment import AugmentConfig, augment_views
+from trainer.config import NonNegative, Positive, PositiveFloat
 from trainer.methods.base import Method, MethodError, check_model_ref, load_frozen
-from trainer.methods.prismer import EMBEDDING_DIM, NUM_IDS, ExpertInput, Prismer, PrismerConfig, load_decoder
+from trainer.methods.prismer import EMBEDDING_DIM, NUM_IDS, ExpertInput, Prismer, PrismerConfig, PrismerParts, load_decoder
 from trainer.methods.text import encode_batch, training_answer, vqa_or_caption_metrics, vqa_prompt
 
 # expert (as recorded in the cached spec) -> (array read, augmentation kind, channels)
@@ -51,11 +47,6 @@ CONTINUOUS_EXPERTS = {"depth": ("depth", "continuous", 1), "normal": ("normal", 
 ID_EXPERTS = {"seg-coco": "seg", "seg-ade": "seg", "objdet": "instances", "ocrdet": "words"}
 PRISMER_EXPERTS = ["depth", "normal", "edge", "seg-coco", "objdet", "ocrdet"]
 RGB_FEATURE = "rgb"
-TASK_KEYS = {"task": "vqa", "inference": "rank", "num_candidates": 16, "num_beams": 3, "max_new_tokens": None,
-             "min_new_tokens": None, "max_length": 64, "caption_prompt": "A picture of", "answer_list_size": 3128,
-             "augment": {}, "shuffle_experts": False, "expert_lr": None}
-
-
 def derangement(usable: np.ndarray, seed: int) -> np.ndarray:
     """int64 [len(usable)]: for each usable sample, another usable sample (never itself), a fixed
     function of `seed` and the mask: the usable samples in a seeded random order, each reading the
@@ -69,81 +60,91 @@ def derangement(usable: np.ndarray, seed: int) -> np.ndarray:
     return sources
 
 
-def parse_experts(value: Any) -> list[str]:
-    if value in (None, "", "none"):
-        return []
-    if value == "prismer":
-        return list(PRISMER_EXPERTS)
-    names = value.split(",") if isinstance(value, str) else list(value)
-    names = [str(name).strip() for name in names]
-    unknown = [name for name in names if name not in CONTINUOUS_EXPERTS and name not in ID_EXPERTS]
-    if unknown:
-        raise MethodError(f"prismer: unknown expert(s) {unknown} in model.experts; "
-                          f"known: {sorted(CONTINUOUS_EXPERTS) + sorted(ID_EXPERTS)}")
-    return names
+class PrismerOptions(PrismerParts):
+    """`model.*` of `trainer fit --method prismer`: the model's config and what the task adds."""
+
+    experts: list[str] = Field("prismer", validate_default=True,
+                               description="cached expert features to read: a list or comma-separated names, "
+                                           "prismer (all six), or [] for the RGB-only baseline")
+    task: Literal["vqa", "caption"] = Field("vqa", description="vqa (VQA accuracy) | caption (CIDEr, BLEU)")
+    inference: Literal["rank", "generate"] = Field(
+        "rank", description="VQA: rank the answer list (Prismer's closed-ended) or generate freely")
+    num_candidates: Positive = Field(16, description="rank: the answers scored in full, the top-k by first token")
+    num_beams: Positive = Field(3, description="beam search width when generating")
+    max_new_tokens: Positive | None = Field(None, description="most tokens generated; null: 10 for vqa, 20 for caption")
+    min_new_tokens: NonNegative | None = Field(None, description="fewest tokens generated; null: 1 for vqa, 4 for "
+                                                                 "caption (at most max_new_tokens)")
+    max_length: Positive = Field(64, description="tokens per text (prompt + target), longer ones are cut")
+    caption_prompt: str = Field("A picture of", description="the text a caption is generated after")
+    answer_list_size: Positive = Field(3128, description="rank: the commonest training answers ranked (VQAv2's 3128)")
+    augment: AugmentConfig | None = Field(default_factory=AugmentConfig,
+                                          description="training augmentation (below); null: none")
+    shuffle_experts: bool = Field(False, description="control: every image reads another image's expert labels")
+    expert_lr: PositiveFloat | None = Field(None, description="learning rate of the parts that bring the experts in; "
+                                                              "null: lr")
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def expert_names(cls, value: Any) -> Any:
+        if value in (None, "", "none"):
+            return []
+        if value == "prismer":
+            return list(PRISMER_EXPERTS)
+        return [name.strip() for name in value.split(",")] if isinstance(value, str) else value
+
+    @field_validator("experts")
+    @classmethod
+    def known_experts(cls, names: list[str]) -> list[str]:
+        unknown = [name for name in names if name not in CONTINUOUS_EXPERTS and name not in ID_EXPERTS]
+        if unknown:
+            raise ValueError(f"unknown expert(s) {unknown}; known: {sorted(CONTINUOUS_EXPERTS) + sorted(ID_EXPERTS)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"experts must be distinct, got {names}")
+        return names
+
+    @model_validator(mode="after")
+    def derive_lengths(self) -> PrismerOptions:
+        caption = self.task == "caption"
+        if self.max_new_tokens is None:
+            self.max_new_tokens = 20 if caption else 10
+        if self.min_new_tokens is None:
+            self.min_new_tokens = min(4 if caption else 1, self.max_new_tokens)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens} is more than max_new_tokens={self.max_new_tokens}")
+        if self.shuffle_experts and not self.experts:
+            raise ValueError("shuffle_experts needs experts to shuffle (experts is empty)")
+        return self
+
+    def config_for_model(self, experts: list[ExpertInput]) -> PrismerConfig:
+        """The model's config: these options with the labels it reads."""
+        return PrismerConfig(**self.model_dump(include=set(PrismerParts.model_fields)), experts=experts)
 
 
 class PrismerMethod(Method):
     name = "prismer"
+    Options = PrismerOptions
+    options: PrismerOptions
 
     def __init__(self, config):
         super().__init__(config)
-        options = dict(config.model)
-        self.task = {key: options.pop(key, default) for key, default in TASK_KEYS.items()}
-        if self.task["task"] not in ("vqa", "caption"):
-            raise MethodError(f"prismer: model.task must be vqa or caption, got {self.task['task']!r}")
-        if self.task["inference"] not in ("rank", "generate"):
-            raise MethodError(f"prismer: model.inference must be rank or generate, got {self.task['inference']!r}")
-        caption = self.task["task"] == "caption"
-        self.task["max_new_tokens"] = self.task["max_new_tokens"] or (20 if caption else 10)
-        if self.task["min_new_tokens"] is None:
-            self.task["min_new_tokens"] = min(4 if caption else 1, self.task["max_new_tokens"])
-        if not 0 <= self.task["min_new_tokens"] <= self.task["max_new_tokens"]:
-            raise MethodError(f"prismer: model.min_new_tokens={self.task['min_new_tokens']} must be between 0 and "
-                              f"model.max_new_tokens={self.task['max_new_tokens']}")
-        try:
-            self.augment = None if self.task["augment"] is None else AugmentConfig(**self.task["augment"])
-        except TypeError as e:
-            raise MethodError(f"prismer: model.augment: {e}; known: {[f.name for f in fields(AugmentConfig)]}") from None
-        if not isinstance(self.task["shuffle_experts"], bool):
-            raise MethodError(f"prismer: model.shuffle_experts must be true or false, got {self.task['shuffle_experts']!r}")
-        if self.task["expert_lr"] is not None and not (isinstance(self.task["expert_lr"], (int, float))
-                                                       and not isinstance(self.task["expert_lr"], bool)
-                                                       and self.task["expert_lr"] > 0):
-            raise MethodError(f"prismer: model.expert_lr must be a positive number, got {self.task['expert_lr']!r}")
-        self.expert_names = parse_experts(options.pop("experts", "prismer"))
-        if self.task["shuffle_experts"] and not self.expert_names:
-            raise MethodError("prismer: model.shuffle_experts needs experts to shuffle (model.experts is empty)")
-        known = {f.name for f in fields(PrismerConfig)} - {"experts"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise MethodError(f"prismer: unknown model option(s) {unknown}; known: {sorted(known | set(TASK_KEYS) | {'experts'})}")
-        self.model_options = options
-        defaults = PrismerConfig()
-        self.vision_ref = check_model_ref("model.vision", options.get("vision", defaults.vision), timm_name=True)
-        self.lm_ref = options.get("lm", defaults.lm)
-        self.lm_revision = options.get("lm_revision")
+        self.vision_ref = check_model_ref("model.vision", self.options.vision, timm_name=True)
+        self.lm_ref, self.lm_revision = self.options.lm, self.options.lm_revision
         self.tokenizer = load_frozen("model.lm", self.lm_ref, lambda: AutoTokenizer.from_pretrained(
             self.lm_ref, revision=self.lm_revision), self.lm_revision)
         self.tokenizer.padding_side = "left"
         self.answer_list: list[str] = []
         self.vocabularies: dict[str, np.ndarray] = {}
 
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        return {**{f.name: f.default for f in fields(PrismerConfig) if f.name != "experts"}, "experts": "prismer",
-                **TASK_KEYS, "augment": {f.name: f.default for f in fields(AugmentConfig)}}
-
     def feature_fields(self) -> dict[str, str]:
         field_paths = {RGB_FEATURE: f"{RGB_FEATURE}/rgb"}
-        for name in self.expert_names:
+        for name in self.options.experts:
             if name in CONTINUOUS_EXPERTS:
                 field_paths[name] = f"{name}/{CONTINUOUS_EXPERTS[name][0]}"
             else:
                 field_paths[name] = f"{name}/{ID_EXPERTS[name]}"
-        if "objdet" in self.expert_names:
+        if "objdet" in self.options.experts:
             field_paths["objdet:classes"] = "objdet/classes"
-        if "ocrdet" in self.expert_names:
+        if "ocrdet" in self.options.experts:
             field_paths["ocrdet:embeddings"] = "ocrdet/embeddings"
         return field_paths
 
@@ -159,9 +160,9 @@ class PrismerMethod(Method):
                 ) from None
 
         resolution = spec(RGB_FEATURE).params["resolution"]
-        for name in self.expert_names:
+        for name in self.options.experts:
             expert_spec = spec(name)
-            if self.task["shuffle_experts"] and reader.feature(name).format == "wds":
+            if self.options.shuffle_experts and reader.feature(name).format == "wds":
                 raise MethodError(f"prismer: model.shuffle_experts reads labels across samples, which a streamed "
                                   f"WebDataset feature ({reader.source}/{reader.split} {name}) cannot do; use a Zarr cache")
             if expert_spec.expert != name:
@@ -173,7 +174,7 @@ class PrismerMethod(Method):
     def feature_sources(self, reader: SplitReader, usable: np.ndarray) -> dict[str, np.ndarray]:
         """With `shuffle_experts`, every expert field (ids, classes, word vectors together) of sample i
         is read from sample derangement[i]; RGB stays its own."""
-        if not self.task["shuffle_experts"]:
+        if not self.options.shuffle_experts:
             return {}
         try:
             sources = derangement(usable, self.config.seed)
@@ -184,27 +185,27 @@ class PrismerMethod(Method):
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """With `expert_lr`, the parts that start from nothing and bring the experts in learn at their
         own rate: they sit behind zero-initialised read-outs, so at one shared rate they start last."""
-        if self.task["expert_lr"] is None:
+        if self.options.expert_lr is None:
             return super().param_groups(model)
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         prefixes = ("vision.stems.", "vision.resampler.", "vision.readouts.", "vision.instance_embedding")
         expert_side = [p for name, p in trainable if name.startswith(prefixes)]
         rest = [p for name, p in trainable if not name.startswith(prefixes)]
-        return [{"params": rest, "lr": self.config.lr}, {"params": expert_side, "lr": float(self.task["expert_lr"])}]
+        return [{"params": rest, "lr": self.config.lr}, {"params": expert_side, "lr": self.options.expert_lr}]
 
     def derive_state(self, train_reader: SplitReader) -> dict[str, Any]:
-        if self.task["task"] != "vqa":
+        if self.options.task != "vqa":
             return {}
         counts = Counter(training_answer(question) for annotations in train_reader.annotations
                          for question in annotations.get("questions", []))
-        return {"answer_list": [answer for answer, _ in counts.most_common(self.task["answer_list_size"])]}
+        return {"answer_list": [answer for answer, _ in counts.most_common(self.options.answer_list_size)]}
 
     def restore_state(self, state: dict[str, Any]) -> None:
         self.answer_list = list(state.get("answer_list", []))
 
     def build_model(self, reader: SplitReader) -> nn.Module:
         experts = []
-        for name in self.expert_names:
+        for name in self.options.experts:
             if name in CONTINUOUS_EXPERTS:
                 experts.append(ExpertInput(name, channels=CONTINUOUS_EXPERTS[name][2]))
             else:
@@ -214,7 +215,7 @@ class PrismerMethod(Method):
         vit = load_frozen("model.vision", self.vision_ref, lambda: load_timm_model(self.vision_ref), timm_name=True)
         lm = load_frozen("model.lm", self.lm_ref, lambda: load_decoder(self.lm_ref, self.lm_revision), self.lm_revision)
         try:
-            model = Prismer(PrismerConfig(**{**self.model_options, "experts": experts}), vit, lm)
+            model = Prismer(self.options.config_for_model(experts), vit, lm)
         except (OSError, TypeError, ValueError) as e:
             raise MethodError(f"prismer: {e}") from e
         data_config = resolve_data_config({}, model=model.vision.vit)
@@ -243,7 +244,7 @@ class PrismerMethod(Method):
     def expand(self, annotations: dict[str, Any], train: bool) -> list[dict[str, Any]]:
         """Training: one example per image holding all its texts, so the image side runs once for
         its five questions or captions. Evaluation: one example per question (per image for captions)."""
-        if self.task["task"] == "vqa":
+        if self.options.task == "vqa":
             questions = annotations.get("questions", [])
             if train:
                 return [{"prompts": [vqa_prompt(q["question"]) for q in questions],
@@ -252,7 +253,7 @@ class PrismerMethod(Method):
                      "answers": q.get("answers", []), "answer_type": q.get("answer_type", ""), "train": False}
                     for index, q in enumerate(questions)]
         captions = annotations.get("captions", [])
-        prompt = self.task["caption_prompt"]
+        prompt = self.options.caption_prompt
         if train:
             return [{"prompts": [prompt] * len(captions), "targets": [" " + c for c in captions], "train": True}] if captions else []
         return [{"prompts": [prompt], "references": captions, "train": False}] if captions else []
@@ -261,12 +262,12 @@ class PrismerMethod(Method):
         """One sample's RGB and labels, augmented together, as the model reads them (before batching)."""
         views = {RGB_FEATURE: torch.from_numpy(item[RGB_FEATURE])}
         kinds = {RGB_FEATURE: "rgb"}
-        for name in self.expert_names:
+        for name in self.options.experts:
             views[name] = torch.from_numpy(item[name])
             kinds[name] = CONTINUOUS_EXPERTS[name][1] if name in CONTINUOUS_EXPERTS else "ids"
-        views = augment_views(views, kinds, self.image_size, self.augment if item["train"] else None)
+        views = augment_views(views, kinds, self.image_size, self.options.augment if item["train"] else None)
         sample = {RGB_FEATURE: (views[RGB_FEATURE].float() / 255 - self.mean) / self.std}
-        for name in self.expert_names:
+        for name in self.options.experts:
             if name in CONTINUOUS_EXPERTS:
                 sample[name] = views[name].float() / 127.5 - 1
             else:
@@ -288,14 +289,14 @@ class PrismerMethod(Method):
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         samples = [self.expert_labels(item) for item in items]
         expert_labels = {}
-        for name in self.expert_names:
+        for name in self.options.experts:
             if name in CONTINUOUS_EXPERTS:
                 expert_labels[name] = torch.stack([sample[name] for sample in samples])
             else:
                 expert_labels[name] = tuple(torch.stack([sample[name][i] for sample in samples]) for i in range(2))
         prompts = [prompt for item in items for prompt in item["prompts"]]
         targets = [target for item in items for target in item["targets"]] if items[0]["train"] else None
-        batch = encode_batch(self.tokenizer, prompts, targets, self.task["max_length"])
+        batch = encode_batch(self.tokenizer, prompts, targets, self.options.max_length)
         batch["image_index"] = torch.tensor([i for i, item in enumerate(items) for _ in item["prompts"]])
         batch["rgb"] = torch.stack([sample[RGB_FEATURE] for sample in samples])
         batch["expert_labels"] = expert_labels
@@ -328,18 +329,18 @@ class PrismerMethod(Method):
         return answer_ids.to(device), (answer_ids != self.tokenizer.pad_token_id).long().to(device)
 
     def predict(self, model: nn.Module, loader: DataLoader) -> list[dict[str, Any]]:
-        rank = self.task["task"] == "vqa" and self.task["inference"] == "rank"
+        rank = self.options.task == "vqa" and self.options.inference == "rank"
         if rank:
             answer_ids, answer_mask = self.answer_tokens(model.lm.device)
         predictions = []
         for batch in loader:
             inputs = self.inputs(model, batch)
             if rank:
-                best = model.rank_answers(*inputs, answer_ids, answer_mask, self.task["num_candidates"]).tolist()
+                best = model.rank_answers(*inputs, answer_ids, answer_mask, self.options.num_candidates).tolist()
                 texts = [self.answer_list[index] for index in best]
             else:
-                generated = model.generate(*inputs, max_new_tokens=self.task["max_new_tokens"],
-                                           min_new_tokens=self.task["min_new_tokens"], num_beams=self.task["num_beams"])
+                generated = model.generate(*inputs, max_new_tokens=self.options.max_new_tokens,
+                                           min_new_tokens=self.options.min_new_tokens, num_beams=self.options.num_beams)
                 texts = [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
             predictions.extend({**item, "prediction": text} for item, text in zip(batch["items"], texts))
         return predictions
@@ -347,9 +348,9 @@ class PrismerMethod(Method):
     def score(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
         if not predictions:
             raise MethodError("prismer: the evaluation split has no examples for this task")
-        return vqa_or_caption_metrics(self.task["task"], predictions)
+        return vqa_or_caption_metrics(self.options.task, predictions)
 
     def backbones(self) -> dict[str, dict[str, str]]:
         vision_id, vision_revision = model_revision(self.vision_ref)
-        lm_id, lm_revision = model_revision(self.lm_ref, self.model_options.get("lm_revision"))
+        lm_id, lm_revision = model_revision(self.lm_ref, self.lm_revision)
         return {"vision": {"id": vision_id, "revision": vision_revision}, "lm": {"id": lm_id, "revision": lm_revision}}

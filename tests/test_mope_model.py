@@ -130,9 +130,12 @@ def test_importance_loss_is_the_squared_cv_and_off_below_the_threshold():
     collapsed = torch.zeros(8, 4)
     collapsed[:, 0] = 1.0
     assert importance_loss(collapsed, threshold=0.05).item() == pytest.approx(3.0)  # importance [8,0,0,0]: cv^2 = 3
-    slightly_off = torch.tensor([[0.26, 0.24, 0.25, 0.25]]).repeat(8, 1)
+    slightly_off = torch.tensor([[0.26, 0.24, 0.25, 0.25]]).repeat(8, 1)  # cv 0.028
     assert importance_loss(slightly_off, threshold=0.05).item() == 0.0
     assert importance_loss(slightly_off, threshold=0.0).item() > 0.0
+    # the paper thresholds the cv itself (0.14 > 0.05), not its square (0.02, which is below)
+    uneven = torch.tensor([[0.3, 0.2, 0.25, 0.25]]).repeat(8, 1)
+    assert importance_loss(uneven, threshold=0.05).item() == pytest.approx(0.02)
 
 
 def test_router_noise_only_while_training_and_top1_keeps_one_expert():
@@ -142,15 +145,20 @@ def test_router_noise_only_while_training_and_top1_keeps_one_expert():
     pixels, complementary = torch.randn(4, 3, 16, 16), torch.randn(4, 8)
     model.eval()
     with torch.no_grad():
-        first = model({"pixel_values": pixels}, complementary).routing[0]
-        again = model({"pixel_values": pixels}, complementary).routing[0]
-    assert torch.equal(first, again)
-    assert ((first > 0).sum(dim=-1) == 1).all()
+        first = model({"pixel_values": pixels}, complementary)
+        again = model({"pixel_values": pixels}, complementary)
+        mixing, clean = model.prompts.route(0, complementary)
+    assert torch.equal(first.logits, again.logits) and torch.equal(first.routing[0], again.routing[0])
+    assert ((mixing > 0).sum(dim=-1) == 1).all()  # top-1 mixes one expert...
+    assert torch.equal(first.routing[0], clean) and ((clean > 0).sum(dim=-1) == 4).all()  # ...importance reads all
     model.train()
     assert not model.encoder.training  # the frozen encoder never drops out
     with torch.no_grad():
-        noisy = [model({"pixel_values": pixels}, complementary).routing[0] for _ in range(3)]
-    assert any(not torch.equal(noisy[0], other) for other in noisy[1:])
+        noisy = [model({"pixel_values": pixels}, complementary) for _ in range(3)]
+    assert any(not torch.equal(noisy[0].logits, other.logits) for other in noisy[1:])  # the noise moves the prompt
+    # Eq. 5: the importance loss sums the routing scores without the noise
+    assert all(torch.equal(noisy[0].routing[0], other.routing[0]) for other in noisy[1:])
+    assert torch.allclose(noisy[0].routing[0], clean)
 
 
 def test_configuration_errors_are_clear():

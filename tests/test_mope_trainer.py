@@ -131,7 +131,7 @@ def test_text_main_modality_prompts_the_text_encoder_with_the_image_embedding(sh
 
 @pytest.mark.parametrize("variant, model", [
     ("P-ImgOnly", {"prompts": ["static"], "complementary": None}),
-    ("P-SequentialFuse", {"prompts": ["mapped"]}),
+    ("P-SequentialFuse", {"prompts": ["static", "mapped"]}),
     ("P-LateConcat", {"prompts": ["static"], "late_concat": True}),
 ])
 def test_the_papers_baselines_are_configurations_of_the_same_code(shapes_cache, tiny_vit_dir, tmp_path, variant, model):

@@ -10,9 +10,12 @@ the text) classifies; the other modality arrives only as one cached global embed
     mapped prompt   one token per layer, an MLP of ψ (Linear → LayerNorm → GELU → Linear per stage).
 
 Only prompts, routers, the mapper and a linear head train. The importance loss keeps the router
-from collapsing onto a few experts: per layer, importance_k = Σ_batch r_k and the loss is its
-squared coefficient of variation, switched off below the threshold γ (paper: 0.05), so it pushes
-only against real imbalance, not towards exact uniformity.
+from collapsing onto a few experts, as the paper's Eq. 5-6 define it: per layer, importance_k =
+Σ_batch softmax(W ψ / τ)_k, the routing scores WITHOUT the noise ε (the noise only mixes the
+prompt), and the loss is the squared coefficient of variation of the importances, stopped (zero,
+no gradient) while the coefficient of variation itself (std / mean, std over the k experts with
+divisor k) is below γ (paper: 0.05): it pushes only against real imbalance, not towards exact
+uniformity. The paper thresholds the CV, not its square; the std's divisor it does not give.
 
 Where the prompts go:
 - ViT and BERT: after [CLS] (and any other prefix tokens), replaced by fresh ones at every layer;
@@ -27,8 +30,10 @@ Where the prompts go:
   not. Swin's own LayerNorm + average pool over the image tokens feeds the head.
 
 Baselines of the paper's table are configurations of this model: P-ImgOnly / P-TextOnly = static
-prompts only and no ψ; P-SequentialFuse = the mapped prompt only; P-LateConcat = static prompts and
-ψ concatenated to the pooled features before the head.
+prompts only and no ψ; P-SequentialFuse = static + mapped prompts (Table 2's static + mapped row
+reproduces Table 1's P-SequentialFuse); P-LateConcat = static prompts and ψ concatenated to the
+pooled features before the head (the paper also prompt-tunes the complementary encoder there; here
+ψ is cached from a frozen encoder, so this baseline is weaker than the paper's).
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ class PromptConfig(BaseModel):
     router_noise: NonNegativeFloat = Field(1.0, description="std of the noise added to the router's logits / tau "
                                                             "while training")
     importance_weight: NonNegativeFloat = Field(0.01, description="weight of the importance loss")
-    importance_threshold: NonNegativeFloat = Field(0.05, description="gamma: the importance loss is off below this")
+    importance_threshold: NonNegativeFloat = Field(0.05, description="gamma: the importance loss is off while the "
+                                                                     "importances' coefficient of variation is below this")
     mapper_dim: Positive = Field(256, description="hidden width of the mapped prompt's MLP")
     late_concat: bool = Field(False, description="P-LateConcat: [pooled; the complementary embedding] -> head")
 
@@ -117,29 +123,33 @@ class PromptGenerator(nn.Module):
         else:
             self.mapper = self.stage_maps = None
 
-    def route(self, index: int, complementary: torch.Tensor) -> torch.Tensor:
-        """Routing scores [B, k] of layer `index`: softmax(W ψ / τ + ε); top-1 keeps the winner's score."""
+    def route(self, index: int, complementary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s routing scores [B, k] that mix the experts, softmax(W ψ / τ + ε) (top-1
+        keeps the winner's score), and the clean scores softmax(W ψ / τ) that the importance loss
+        sums (Eq. 5: no noise); the same tensor where no noise is drawn (evaluation)."""
         logits = self.routers[index](complementary) / self.config.temperature
+        clean = logits.softmax(dim=-1)
+        scores = clean
         if self.training and self.config.router_noise > 0:
-            logits = logits + torch.randn_like(logits) * self.config.router_noise
-        scores = logits.softmax(dim=-1)
+            scores = (logits + torch.randn_like(logits) * self.config.router_noise).softmax(dim=-1)
         if self.config.routing == "top1":
             winner = F.one_hot(scores.argmax(dim=-1), scores.shape[-1]).to(scores.dtype)
             scores = scores * winner  # the winner's score, not 1, so the router still gets a gradient
-        return scores
+        return scores, clean
 
     def forward(self, index: int, complementary: torch.Tensor | None, batch_size: int,
                 mapped_trunk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Layer `index`'s prompt tokens [B, P, C] and its routing scores [B, k] (None without dynamic)."""
-        tokens, scores = [], None
+        """Layer `index`'s prompt tokens [B, P, C] and its noise-free routing scores [B, k] (None
+        without dynamic prompts): what the importance loss and the routing statistics read."""
+        tokens, clean = [], None
         if self.static is not None:
             tokens.append(self.static[index].unsqueeze(0).expand(batch_size, -1, -1))
         if self.experts is not None:
-            scores = self.route(index, complementary)
+            scores, clean = self.route(index, complementary)
             tokens.append(torch.einsum("bk,klc->blc", scores, self.experts[index].to(scores.dtype)))
         if self.mapper is not None:
             tokens.append(self.stage_maps[str(self.layers[index].stage)](mapped_trunk).unsqueeze(1))
-        return torch.cat(tokens, dim=1), scores
+        return torch.cat(tokens, dim=1), clean
 
 
 def prompt_tokens(*shape: int) -> nn.Parameter:
@@ -148,10 +158,11 @@ def prompt_tokens(*shape: int) -> nn.Parameter:
 
 
 def importance_loss(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(std / mean)² of the experts' importance over the batch; 0 when already below `threshold`."""
+    """Eq. 5-6: (std / mean)² of the experts' importance (`scores` [B, k], the noise-free routing
+    scores, summed over the batch); 0, with no gradient, while std / mean is below `threshold` (γ)."""
     importance = scores.sum(dim=0)
-    cv_squared = importance.var(unbiased=False) / importance.mean().pow(2).clamp_min(1e-12)
-    return torch.where(cv_squared < threshold, torch.zeros_like(cv_squared), cv_squared)
+    cv = importance.std(unbiased=False) / importance.mean().clamp_min(1e-12)
+    return torch.where(cv < threshold, torch.zeros_like(cv), cv.square())
 
 
 class PromptedViT(nn.Module):
@@ -290,7 +301,8 @@ class PromptedText(nn.Module):
 class MoPEOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
-    routing: list[torch.Tensor] = field(default_factory=list)  # per prompted layer, [B, k] (dynamic prompts only)
+    # per prompted layer, the noise-free routing scores [B, k] (dynamic prompts only)
+    routing: list[torch.Tensor] = field(default_factory=list)
 
 
 class MoPE(nn.Module):

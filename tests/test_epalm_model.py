@@ -107,21 +107,37 @@ def test_without_prompt_or_visual_it_is_the_plain_lm(lm_fixture, request):
 
 def test_injection_schedule_spreads_levels_evenly(opt_dir):
     assert make_model(opt_dir).injection_layers() == [(2, 0), (3, 1)]
+    # the authors' configs: the last 12 layers, each level into two consecutive ones (OPT-350M: 12-23,
+    # OPT-2.7B / 6.7B: 20-31), every layer writing its level afresh
+    for num_layers, start in ((24, 12), (32, 20)):
+        lm = OPTForCausalLM(tiny_opt_config(num_layers=num_layers))
+        model = EPALM(EPALMConfig(lm="unused", visual_dim=VISUAL_DIM), lm=lm)
+        assert model.injection_layers() == [(start + i, i // 2) for i in range(12)]
+        carried = EPALM(EPALMConfig(lm="unused", visual_dim=VISUAL_DIM, write_every_layer=False), lm=lm)
+        assert carried.injection_layers() == [(start + 2 * i, i) for i in range(6)]
     lm = OPTForCausalLM(tiny_opt_config(num_layers=24))
-    model = EPALM(EPALMConfig(lm="unused", visual_dim=VISUAL_DIM), lm=lm)
-    assert model.injection_layers() == [(12, 0), (14, 1), (16, 2), (18, 3), (20, 4), (22, 5)]
+    # Table 9's rows: one level into the last 12 layers; 6 levels into all 24; the input only
+    one_token = EPALM(EPALMConfig(lm="unused", visual_dim=VISUAL_DIM, num_levels=1), lm=lm)
+    assert one_token.injection_layers() == [(layer, 0) for layer in range(12, 24)]
+    everywhere = EPALM(EPALMConfig(lm="unused", visual_dim=VISUAL_DIM, injection_start=0), lm=lm)
+    assert everywhere.injection_layers() == [(layer, layer // 4) for layer in range(24)]
+    into_input = EPALM(EPALMConfig(lm="unused", visual_dim=VISUAL_DIM, num_levels=1, injection_start=0,
+                                   injection_end=1), lm=lm)
+    assert into_input.injection_layers() == [(0, 0)]
     with pytest.raises(ValueError, match="num_levels=3"):
         make_model(opt_dir, num_levels=3)
     with pytest.raises(ValueError, match="injection layers"):
         make_model(opt_dir, injection_start=3, injection_end=3)
 
 
-def test_visual_token_is_prepended_once_then_replaced(opt_dir):
-    """6 layers, 2 levels over [2, 6): written at 2 and 4, carried through 3 and 5."""
+@pytest.mark.parametrize("write_every_layer", [False, True])
+def test_visual_token_is_prepended_once_then_replaced(opt_dir, write_every_layer):
+    """6 layers, 2 levels over [2, 6): level 0 owns layers 2-3, level 1 layers 4-5. Written at 2
+    and 4 and carried through 3 and 5, or (every layer) written afresh at 3 and 5 too."""
     lm = OPTForCausalLM(tiny_opt_config(num_layers=6))
-    config = EPALMConfig(lm="unused", visual_dim=VISUAL_DIM, num_levels=2, prompt_length=3, injection_start=2)
+    config = EPALMConfig(lm="unused", visual_dim=VISUAL_DIM, num_levels=2, prompt_length=3, injection_start=2,
+                         write_every_layer=write_every_layer)
     model = EPALM(config, lm=lm).eval()
-    assert model.injection_layers() == [(2, 0), (4, 1)]
     layer_inputs = []
     for layer in lm.model.decoder.layers:  # pre-LN: the attention LayerNorm sees the raw layer input
         layer.self_attn_layer_norm.register_forward_pre_hook(lambda module, args: layer_inputs.append(args[0]))
@@ -134,22 +150,27 @@ def test_visual_token_is_prepended_once_then_replaced(opt_dir):
     written = [model.connectors[level](visual[:, level]) for level in range(2)]
     assert torch.equal(layer_inputs[2][:, 0], written[0])
     assert torch.equal(layer_inputs[4][:, 0], written[1])
-    for carried in (3, 5):
-        assert not any(torch.allclose(layer_inputs[carried][:, 0], token) for token in written)
+    for later, level in ((3, 0), (5, 1)):
+        if write_every_layer:
+            assert torch.equal(layer_inputs[later][:, 0], written[level])
+        else:
+            assert not any(torch.allclose(layer_inputs[later][:, 0], token) for token in written)
 
 
-@pytest.mark.parametrize("variant", ["lin", "pt", "default", "ada"])
-def test_only_connections_prompt_and_adapters_train(opt_dir, variant):
-    model = make_model(opt_dir, variant=variant, prompt_mlp=True).train()
+@pytest.mark.parametrize("variant, adapters", [("lin", False), ("pt", False), ("default", False), ("ada", False),
+                                               ("default", True)])
+def test_only_connections_prompt_and_adapters_train(opt_dir, variant, adapters):
+    model = make_model(opt_dir, variant=variant, adapters=adapters, prompt_mlp=True).train()
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert trainable == set(trainable_state(model))
     modules = {name.split(".")[0] for name in trainable}
     expected = {
-        "lin": {"connectors"},
-        "pt": {"connectors", "soft_prompt"},
-        "default": {"connectors", "soft_prompt"},
-        "ada": {"connectors", "soft_prompt", "attention_adapters", "ffn_adapters"},
-    }[variant]
+        ("lin", False): {"connectors"},
+        ("pt", False): {"connectors", "soft_prompt"},
+        ("default", False): {"connectors", "soft_prompt"},
+        ("ada", False): {"connectors", "attention_adapters", "ffn_adapters"},  # adapters INSTEAD of the prompt
+        ("default", True): {"connectors", "soft_prompt", "attention_adapters", "ffn_adapters"},
+    }[(variant, adapters)]
     assert modules == expected
     assert len(model.connectors) == (2 if variant in ("default", "ada") else 1)
 
@@ -304,16 +325,16 @@ def test_blind_baseline_runs_and_differs_from_seeing(opt_dir):
 
 
 def test_adapters_start_near_identity(opt_dir):
-    """Same seed -> same connections and prompt; the adapters alone make "ada" differ, slightly."""
+    """Same seed -> same connections and prompt; the adapters alone make default + adapters differ, slightly."""
     input_ids, attention_mask, visual = random_ids(2, 5), torch.ones(2, 5, dtype=torch.long), random_visual(2)
     default = make_model(opt_dir, variant="default")(input_ids, attention_mask, visual).logits
-    ada = make_model(opt_dir, variant="ada")(input_ids, attention_mask, visual).logits
+    ada = make_model(opt_dir, variant="default", adapters=True)(input_ids, attention_mask, visual).logits
     difference = (default - ada).abs().max().item()
     assert 0 < difference < 0.1 * default.std().item()
 
 
 def test_trained_tensors_round_trip_through_the_checkpoint_file(opt_dir, tmp_path):
-    trained = make_model(opt_dir, variant="ada", prompt_mlp=True, seed=0).train()
+    trained = make_model(opt_dir, variant="default", adapters=True, prompt_mlp=True, seed=0).train()
     input_ids = random_ids(2, 6)
     attention_mask, visual = torch.ones_like(input_ids), random_visual(2)
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-2)
@@ -324,7 +345,7 @@ def test_trained_tensors_round_trip_through_the_checkpoint_file(opt_dir, tmp_pat
     save_file(state, tmp_path / "model.safetensors")
 
     expected = trained(input_ids, attention_mask, visual).logits
-    fresh = make_model(opt_dir, variant="ada", prompt_mlp=True, seed=1)
+    fresh = make_model(opt_dir, variant="default", adapters=True, prompt_mlp=True, seed=1)
     assert not torch.equal(fresh(input_ids, attention_mask, visual).logits, expected)
     load_trainable(fresh, tmp_path)
     assert torch.equal(fresh(input_ids, attention_mask, visual).logits, expected)

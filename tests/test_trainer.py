@@ -222,6 +222,36 @@ def test_the_schedule_is_linear_warmup_then_cosine_to_min_lr_for_every_group():
     assert rates[0] == [0.0, 0.0] and rates[3] == [pytest.approx(1e-3), pytest.approx(5e-3)]
 
 
+def test_epalm_prompt_and_adapters_train_at_their_own_fixed_rate(cache, tiny_lm_dir, tmp_path):
+    """eP-ALM's recipe: prompt and adapters at a fixed lr beside the connections' warmup + cosine;
+    without the keys, one group at the run's lr (as before)."""
+    from trainer.loop import lr_schedule
+
+    model_options = {"lm": str(tiny_lm_dir), "num_levels": 2, "variant": "default", "adapters": True}
+    config = make_config(cache, tmp_path / "run", tiny_lm_dir, lr=2e-3, min_lr=1e-5, warmup_steps=2,
+                         model={**model_options, "prompt_lr": 1e-3, "adapter_lr": 5e-4})
+    method = get_method(config)
+    model = method.build_model(SplitReader(cache, "shapes", "train"))
+    groups = method.param_groups(model)
+    names = {id(p): n.split(".")[0] for n, p in model.named_parameters()}
+    by_part = {frozenset(names[id(p)] for p in g["params"]): (g["lr"], g["fixed_lr"]) for g in groups}
+    assert by_part == {frozenset({"connectors"}): (2e-3, False), frozenset({"soft_prompt"}): (1e-3, True),
+                       frozenset({"attention_adapters", "ffn_adapters"}): (5e-4, True)}
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = lr_schedule(optimizer, config, total_steps=6)
+    rates = []
+    for _ in range(6):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert [r[0] for r in rates][:3] == [0.0, pytest.approx(1e-3), pytest.approx(2e-3)]  # warmup, then decay
+    assert rates[-1][0] < 2e-3
+    assert all(r[1:] == [1e-3, 5e-4] for r in rates)  # fixed from the first step to the last
+    plain = get_method(make_config(cache, tmp_path / "plain", tiny_lm_dir, model=model_options))
+    assert [(len(g["params"]), g["lr"]) for g in plain.param_groups(model)] == [
+        (sum(p.requires_grad for p in model.parameters()), 1e-3)]
+
+
 def test_a_checkpoint_keeps_the_running_statistics_of_trained_modules_only(tmp_path):
     """BatchNorm in a trained part evaluates with the statistics it gathered in training; a frozen
     module's buffers come from its own checkpoint and are not saved again."""

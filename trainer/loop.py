@@ -77,9 +77,18 @@ def evaluate(method: Method, model: torch.nn.Module, loader: DataLoader, device:
 
 def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> LambdaLR:
     """transformers' linear warmup over `warmup_steps`, then cosine decay to `min_lr` at `total_steps`;
-    with several parameter groups each decays to the same fraction (min_lr / lr) of its own peak."""
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, config.warmup_steps, total_steps,
-                                                       min_lr_rate=config.min_lr / config.lr)
+    with several parameter groups each decays to the same fraction (min_lr / lr) of its own peak,
+    except a group a method marks `fixed_lr`, which keeps its lr from the first step to the last
+    (eP-ALM's prompt and adapters)."""
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, config.warmup_steps, total_steps,
+                                                           min_lr_rate=config.min_lr / config.lr)
+    if not any(group.get("fixed_lr") for group in optimizer.param_groups):
+        return schedule
+    cosine = schedule.lr_lambdas[0]
+    for group in optimizer.param_groups:  # undo the first factor transformers' schedule applied
+        group["lr"] = group["initial_lr"]
+    return LambdaLR(optimizer, [(lambda step: 1.0) if group.get("fixed_lr") else cosine
+                                for group in optimizer.param_groups])
 
 
 @dataclass

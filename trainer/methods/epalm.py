@@ -6,19 +6,26 @@ The vision encoder ran once, upstream; what arrives here is `visual` [B, K, Dv]:
 frozen; what trains is small:
 
 * connections: level k's [CLS] -> Linear(Dv, d_model), one per level, or one shared by all levels;
-* a soft prompt (variants "pt", "default", "ada"): `prompt_length` learned input vectors before the text;
-* adapters (variant "ada"): a bottleneck MLP after attention and after the FFN of every block.
+* a soft prompt (variants "pt", "default"): `prompt_length` learned input vectors before the text;
+* adapters (variant "ada", which has them INSTEAD of the soft prompt, as the paper's Fig. 7; or
+  `adapters: true` on another variant): a bottleneck MLP after attention and after the FFN of every block.
 
-How the visual token travels through the L decoder layers (numbered from 0):
+How the visual token travels through the L decoder layers (numbered from 0), over the injection
+layers [start, end) (default: the last 12 layers, as the authors' configs for the 24- and 32-layer
+OPTs, layers 20-31 of OPT-2.7B; the last half of an LM with fewer than 24 layers):
 
     layers [0, start)         prompt + text                     the LM's own computation
     layer  start              [vis_0] + prompt + text           one position prepended
-    layer  start + i * step   [vis_i] written over position 0   deeper [CLS], same length
-    later layers              carry the last written token
+    later injection layers    [vis_k] written over position 0   same length
+    layers [end, L)           carry the last written token
 
-Level k is written at layer `start + floor(k * (end - start) / K)`, an even split of [start, end)
-over the K levels: 6 levels over the last 12 of 24 layers -> every second layer (the paper's
-setting); 2 levels over layers [2, 4) of a 4-layer model -> layers 2 and 3.
+The K levels split [start, end) evenly: layer i belongs to level floor((i - start) * K / (end -
+start)), so 6 levels over 12 layers give each level two consecutive layers (the paper's setting)
+and one level over 12 layers is "one token into many layers" (Table 9's first row). By default
+(`write_every_layer`) every injection layer writes its level's token afresh, as the authors' code
+does; with `write_every_layer: false` each level is written once, at the first of its layers, and
+the layers after it carry what the LM made of it. `injection_start: 0, injection_end: 1` is
+Table 9's "into the input only": the token is prepended to the embeddings, then carried.
 
 Causality. The published code lets the visual token's row attend to every text position, so each
 text token can read later tokens through it from the next layer on. Here the visual token sits at
@@ -55,7 +62,11 @@ class EPALMConfig(BaseModel):
     lin      one shared connection, nothing else
     pt       one shared connection + soft prompt
     default  one connection per level (unless `shared_connector`) + soft prompt
-    ada      default + adapters in every block (`prompt_length=0` gives the paper's adapters-only "ada")
+    ada      one connection per level + adapters in every block, no soft prompt (the paper's Fig. 7:
+             adapters instead of the prompt)
+
+`adapters: true` adds the adapters to lin, pt or default (default + adapters is the soft prompt and
+the adapters together, what a tiny LM may need).
 
     Each field's type and range is checked when a config is made (`trainer config --method epalm`
     lists them with their descriptions).
@@ -67,17 +78,24 @@ class EPALMConfig(BaseModel):
     lm_revision: str | None = Field(None, description="hub revision of lm; null: its default branch")
     variant: Literal["lin", "pt", "default", "ada"] = Field(
         "default", description="lin (shared connection) | pt (+ soft prompt) | default (a connection per level + "
-                               "prompt) | ada (+ adapters)")
+                               "prompt) | ada (a connection per level + adapters instead of the prompt)")
     visual_dim: Positive = Field(768, description="width of the visual [CLS] tokens")
     num_levels: Positive = Field(6, description="visual levels the LM reads: the deepest of the cached [CLS] tokens")
     shared_connector: bool = Field(False, description="one connection for every level (lin and pt always share)")
     injection_start: NonNegative | None = Field(None, description="first decoder layer given a visual token; "
-                                                                  "null: the middle layer")
+                                                                  "null: the last 12 layers (the authors' configs "
+                                                                  "for 24- and 32-layer OPTs), the last half of a "
+                                                                  "shallower LM: max(L - 12, L // 2)")
     injection_end: NonNegative | None = Field(None, description="the levels are spread over layers [start, end); "
                                                                 "null: the LM's depth")
-    prompt_length: NonNegative = Field(10, description="soft prompt tokens (pt, default, ada)")
+    write_every_layer: bool = Field(True, description="every injection layer writes its level's token afresh (the "
+                                                      "authors' code; one level over many layers is 'one token into "
+                                                      "many layers'); false: each level once, then carried")
+    prompt_length: NonNegative = Field(10, description="soft prompt tokens (pt, default)")
     prompt_mlp: bool = Field(False, description="reparametrise the soft prompt by Linear-Tanh-Linear")
-    adapter_factor: Positive = Field(8, description="adapter bottleneck: hidden size / adapter_factor (ada)")
+    adapters: bool = Field(False, description="adapters in every block on lin, pt or default too (ada always has "
+                                              "them): default + adapters trains prompt and adapters together")
+    adapter_factor: Positive = Field(8, description="adapter bottleneck: hidden size / adapter_factor")
 
     @property
     def uses_shared_connector(self) -> bool:
@@ -85,11 +103,17 @@ class EPALMConfig(BaseModel):
 
     @property
     def uses_prompt(self) -> bool:
-        return self.variant != "lin" and self.prompt_length > 0
+        return self.variant in ("pt", "default") and self.prompt_length > 0
 
     @property
     def uses_adapters(self) -> bool:
-        return self.variant == "ada"
+        return self.variant == "ada" or self.adapters
+
+
+def default_injection_start(num_layers: int) -> int:
+    """The authors' injection start: the last 12 layers of the 24- and 32-layer OPTs (12 and 20),
+    the last half of a shallower LM (whose last 12 layers would be more than half of it)."""
+    return max(num_layers - 12, num_layers // 2)
 
 
 @dataclass
@@ -185,7 +209,7 @@ class EPALM(nn.Module):
         self.lm = lm
 
         num_layers = lm.config.num_hidden_layers
-        start = num_layers // 2 if config.injection_start is None else config.injection_start
+        start = default_injection_start(num_layers) if config.injection_start is None else config.injection_start
         end = num_layers if config.injection_end is None else config.injection_end
         if not 0 <= start < end <= num_layers:
             raise ValueError(
@@ -196,8 +220,12 @@ class EPALM(nn.Module):
                 f"num_levels={config.num_levels} visual levels cannot each get a layer of the "
                 f"{end - start} injection layers [{start}, {end})"
             )
-        span = end - start
-        self.level_at_layer = {start + level * span // config.num_levels: level for level in range(config.num_levels)}
+        span, levels = end - start, config.num_levels
+        if config.write_every_layer:
+            self.level_at_layer = {layer: (layer - start) * levels // span for layer in range(start, end)}
+        else:
+            self.level_at_layer = {start + level * span // levels: level for level in range(levels)}
+        self.first_injection_layer = start
 
         d_model = lm.config.hidden_size
         num_connectors = 1 if config.uses_shared_connector else config.num_levels
@@ -216,7 +244,7 @@ class EPALM(nn.Module):
 
     def injection_layers(self) -> list[tuple[int, int]]:
         """(decoder layer, level) for each layer that writes a visual token: the first prepends it,
-        the others overwrite it; layers in between carry it unchanged."""
+        the others overwrite it; layers without one carry it unchanged."""
         return sorted(self.level_at_layer.items())
 
     def forward(
@@ -268,7 +296,8 @@ class EPALM(nn.Module):
         masks: dict[int, Tensor] = {}
         for index, layer in enumerate(decoder.layers):
             if prefilling and visual is not None and index in self.level_at_layer:
-                hidden = self._write_visual_token(hidden, visual, self.level_at_layer[index])
+                hidden = self._write_visual_token(hidden, visual, self.level_at_layer[index],
+                                                  prepend=index == self.first_injection_layer)
             num_cached = past_key_values.get_seq_length(index) if past_key_values is not None else 0
             num_keys = num_cached + hidden.shape[1]
             if num_keys not in masks:
@@ -290,11 +319,12 @@ class EPALM(nn.Module):
             )
         return EPALMOutput(loss=loss, logits=logits, past_key_values=past_key_values)
 
-    def _write_visual_token(self, hidden: Tensor, visual: Tensor, level: int) -> Tensor:
-        """Level 0 prepends the projected [CLS]; deeper levels replace position 0 (out of place, for autograd)."""
+    def _write_visual_token(self, hidden: Tensor, visual: Tensor, level: int, prepend: bool) -> Tensor:
+        """The projected [CLS] of `level`, prepended at the first injection layer, written over
+        position 0 at the later ones (out of place, for autograd)."""
         connector = self.connectors[0 if self.config.uses_shared_connector else level]
         token = connector(visual[:, level].to(connector.weight.dtype)).to(hidden.dtype).unsqueeze(1)
-        rest = hidden if level == 0 else hidden[:, 1:]
+        rest = hidden if prepend else hidden[:, 1:]
         return torch.cat([token, rest], dim=1)
 
     def _decoder_layer(

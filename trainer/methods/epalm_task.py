@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from cache_schema import SplitReader, model_revision
-from trainer.config import Positive
+from trainer.config import Positive, PositiveFloat
 from trainer.methods.base import Method, MethodError, load_frozen
 from trainer.methods.epalm import EPALM, EPALMConfig, load_lm
 from trainer.methods.text import encode_batch, training_answer, vqa_or_caption_metrics, vqa_prompt
@@ -41,6 +41,11 @@ class EPALMOptions(EPALMConfig):
     max_length: Positive = Field(64, description="tokens per example (prompt + target), longer ones are cut")
     caption_prompt: str = Field("", description="the text a caption is generated after")
     views: bool = Field(False, description="train on the feature's cached augmented views too (each once per epoch)")
+    prompt_lr: PositiveFloat | None = Field(None, description="a fixed learning rate for the soft prompt (no warmup, "
+                                                              "no decay; the paper: 1e-5 beside the rest's 2e-5 peak); "
+                                                              "null: the run's lr and schedule")
+    adapter_lr: PositiveFloat | None = Field(None, description="a fixed learning rate for the adapters (the paper: "
+                                                               "1e-5); null: the run's lr and schedule")
 
     @model_validator(mode="after")
     def derive_lengths(self) -> EPALMOptions:
@@ -103,6 +108,20 @@ class EPALMMethod(Method):
             return EPALM(config, lm)
         except ValueError as e:
             raise MethodError(f"epalm: {e}") from e
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The connections at the run's lr and schedule; with `prompt_lr` / `adapter_lr`, the soft
+        prompt / the adapters in groups of their own at that rate, held fixed (`fixed_lr`), as the
+        paper trains them (1e-5 fixed beside 2e-5 warmed up and decayed for the rest)."""
+        fixed = {"soft_prompt.": self.options.prompt_lr, "attention_adapters.": self.options.adapter_lr,
+                 "ffn_adapters.": self.options.adapter_lr}
+        groups: dict[float | None, list[nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                lr = next((lr for prefix, lr in fixed.items() if name.startswith(prefix)), None)
+                groups.setdefault(lr, []).append(param)
+        return [{"params": params, "lr": self.config.lr if lr is None else lr, "fixed_lr": lr is not None}
+                for lr, params in groups.items()]
 
     def expand(self, annotations: dict[str, Any], train: bool) -> list[dict[str, Any]]:
         if self.options.task == "vqa":

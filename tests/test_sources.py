@@ -205,7 +205,7 @@ def test_decode_float_image_is_refused(tmp_path, decode):
 
 def test_registry_names_and_errors(tmp_path):
     assert set(SOURCES) == {"shapes", "images", "coco", "vqav2", "food101", "mmimdb", "snli-ve", "videos", "audio",
-                            "msrvtt", "msvd", "audiocaps", "shapes-video", "wds", "tabletop"}
+                            "msrvtt", "msvd", "audiocaps", "shapes-video", "wds", "tabletop", "tabletop-instruct"}
     with pytest.raises(SourceError, match="known sources: .*shapes"):
         get_source("imagenet", tmp_path, "train")
     with pytest.raises(SourceError, match="known options: image_size, num, seed"):

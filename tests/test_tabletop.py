@@ -15,6 +15,7 @@ from precompute.sources.shapes import COLORS, PAINT, SHAPES
 from precompute.sources.tabletop import (
     FORMS,
     HORIZON,
+    INSTRUCTIONS,
     MIN_VISIBLE,
     QUESTION_TYPES,
     SEG_CLASSES,
@@ -128,3 +129,80 @@ def test_source_samples_and_locators():
     assert set(source.info()["quantities"]) == set(QUESTION_TYPES)
     with pytest.raises(MediaError, match="not a tabletop locator"):
         source.load_image(Sample(key="x", media="nowhere/3", annotations={}))
+
+
+def instruction_features(world: TabletopWorld, split: str, count: int):
+    """Per scene: what the image shows that the instructions ask (colours present, leftmost and
+    rightmost colour, leftmost outline; one-hot), the sentence (one-hot over the sentences seen),
+    the instruction type and the label."""
+    rows = []
+    for index in range(count):
+        scene = world.scene(split, index)
+        task = world.instruction(scene)
+        by_x = sorted(scene.objects, key=lambda o: o.x)
+        image = np.concatenate([
+            [float(any(o.color == c for o in scene.objects)) for c in COLORS],
+            np.eye(len(COLORS))[COLORS.index(by_x[0].color)], np.eye(len(COLORS))[COLORS.index(by_x[-1].color)],
+            np.eye(len(SHAPES))[SHAPES.index(by_x[0].shape)]])
+        rows.append((image, task["text"], task["instruction"], task["label"], scene))
+    return rows
+
+
+def least_squares_accuracy(train_x, train_y, test_x, test_y) -> float:
+    """A linear classifier (least squares on ±1 targets, with a bias): what a linear head can do."""
+    def design(x):
+        return np.hstack([x, np.ones((len(x), 1))])
+
+    weights, *_ = np.linalg.lstsq(design(train_x), 2.0 * np.asarray(train_y) - 1, rcond=None)
+    return float(((design(test_x) @ weights > 0) == np.asarray(test_y)).mean())
+
+
+def test_instruction_task_needs_the_sentence_to_read_the_image():
+    """MoPE's conditional task: the answer agrees with the scene; each sentence, each type and each
+    kind of scene is as often yes as no; a linear head over [image facts; sentence] (late
+    concatenation, even with perfect image features) stays near chance, while letting the sentence
+    select among the same facts (their product) answers every question."""
+    world = TabletopWorld(seed=0)
+    train, test = instruction_features(world, "train", 3000), instruction_features(world, "val", 1000)
+    for image, text, kind, label, scene in train[:300]:
+        by_x = sorted(scene.objects, key=lambda o: o.x)
+        value = re.match(INSTRUCTIONS[kind].replace("?", r"\?").replace("{value}", "(.+)"), text).group(1)
+        truth = {"present": any(o.color == value for o in scene.objects), "leftmost": by_x[0].color == value,
+                 "rightmost": by_x[-1].color == value, "leftmost_shape": by_x[0].shape == value}[kind]
+        assert label == int(truth), (text, scene)
+    labels = np.array([row[3] for row in train])
+    assert abs(labels.mean() - 0.5) < 0.03
+    for kind in INSTRUCTIONS:
+        assert abs(np.mean([row[3] for row in train if row[2] == kind]) - 0.5) < 0.05, kind
+    by_size = defaultdict(list)
+    for row in train:
+        by_size[len(row[4].objects)].append(row[3])
+    assert all(abs(np.mean(v) - 0.5) < 0.06 for v in by_size.values() if len(v) > 200), by_size
+    # a blind guess: the majority answer of each sentence in training, on held-out scenes
+    majority = {text: round(np.mean([r[3] for r in train if r[1] == text])) for text in {r[1] for r in train}}
+    blind = np.mean([majority.get(r[1], 1) == r[3] for r in test])
+    assert abs(blind - 0.5) < 0.06, blind
+
+    texts = sorted({r[1] for r in train} | {r[1] for r in test})
+
+    def matrices(rows, interact: bool):
+        sentence = np.array([np.eye(len(texts))[texts.index(r[1])] for r in rows])
+        image = np.array([r[0] for r in rows])
+        if interact:
+            return np.einsum("ns,ni->nsi", sentence, image).reshape(len(rows), -1)
+        return np.hstack([image, sentence])
+
+    late = least_squares_accuracy(matrices(train, False), labels, matrices(test, False), [r[3] for r in test])
+    conditional = least_squares_accuracy(matrices(train, True), labels, matrices(test, True), [r[3] for r in test])
+    assert late < 0.62, late
+    assert conditional > 0.97, conditional
+
+
+def test_instruct_source_shares_tabletops_pictures():
+    source = get_source("tabletop-instruct", None, "val", num="4", image_size=48)
+    plain = get_source("tabletop", None, "val", num="4", image_size=48)
+    samples = source.samples()
+    assert [s.key for s in samples] == [f"tabletop-instruct-val-{i:06d}" for i in range(4)]
+    assert set(samples[0].annotations) == {"text", "label", "instruction"}
+    assert source.info()["classes"] == ["no", "yes"] and not source.info()["multi_label"]
+    assert np.array_equal(np.asarray(source.load_image(samples[2])), np.asarray(plain.load_image(plain.samples()[2])))

@@ -16,7 +16,7 @@ from precompute.sources.msvd import MsvdSource
 from precompute.sources.shapes import ShapesSource
 from precompute.sources.shapes_video import ShapesVideoSource
 from precompute.sources.snli_ve import SnliVeSource
-from precompute.sources.tabletop import TabletopSource
+from precompute.sources.tabletop import TabletopInstructSource, TabletopSource
 from precompute.sources.videos import AudioFolderSource, VideoFolderSource
 from precompute.sources.vqav2 import Vqav2Source
 from precompute.sources.wds import WdsSource
@@ -26,7 +26,7 @@ SOURCES: dict[str, type[Source]] = {
     for cls in (
         ShapesSource, ImagesSource, CocoSource, Vqav2Source, Food101Source, MmImdbSource, SnliVeSource,
         VideoFolderSource, AudioFolderSource, MsrvttSource, MsvdSource, AudiocapsSource, ShapesVideoSource, WdsSource,
-        TabletopSource,
+        TabletopSource, TabletopInstructSource,
     )
 }
 

@@ -93,6 +93,14 @@ SEG_CLASSES = ("wall", "floor", "sign", *SHAPES)
 DETECTION_CLASSES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
 BACKGROUND_INSTANCE = 255
 FUSION_CLASSES = tuple(f"{color} {material}" for color in COLORS for material in MATERIALS)
+# MoPE's conditional task (`tabletop-instruct`): the sentence is a yes/no instruction about the scene
+INSTRUCTION_CLASSES = ("no", "yes")
+INSTRUCTIONS = {
+    "present": "is there a {value} shape?",
+    "leftmost": "is the leftmost shape {value}?",
+    "rightmost": "is the rightmost shape {value}?",
+    "leftmost_shape": "is the leftmost shape a {value}?",
+}
 TEMPLATE_WORDS = (
     "a an and on the in of is which there are what color shape shapes how many word sign "
     "nearer than flat or round left right leftmost rightmost side all floor wall tiled front with "
@@ -439,6 +447,33 @@ class TabletopWorld:
         return {"text": template.format(material=MATERIALS[material]),
                 "label": COLORS.index(leftmost.color) * len(MATERIALS) + material}
 
+    def instruction(self, scene: TabletopScene) -> dict:
+        """MoPE's conditional task: a yes/no instruction over the scene, whose answer depends on
+        both. The type (INSTRUCTIONS: is a colour present, the leftmost / rightmost shape's colour,
+        the leftmost shape's outline) and the answer are drawn uniformly and independently, then the
+        value that makes the answer true or false: "no" names an absent colour for `present` and
+        another PRESENT colour (or another outline) for the extremes, so presence alone does not
+        answer them. Every type can take both answers in every scene (two to four colour groups of
+        six colours, three outlines), so the text alone is at chance (each sentence is as often yes
+        as no), and the image alone too (the same scene gets either answer): only reading the image
+        AS the sentence says answers it, which a head over [pooled image; sentence embedding]
+        cannot do. Everything asked is what the captions teach the backbone (colours, outlines, the
+        leftmost and rightmost colour). `instruction` is the type, for per-type accuracy."""
+        rng = self._rng(scene.split, scene.index, "instruction")
+        kind = tuple(INSTRUCTIONS)[int(rng.integers(len(INSTRUCTIONS)))]
+        yes = bool(rng.integers(2))
+        by_x = sorted(scene.objects, key=lambda o: o.x)
+        present = sorted({o.color for o in scene.objects}, key=COLORS.index)
+        if kind == "present":
+            pool = present if yes else [c for c in COLORS if c not in present]
+        elif kind in ("leftmost", "rightmost"):
+            extreme = (by_x[0] if kind == "leftmost" else by_x[-1]).color
+            pool = [extreme] if yes else [c for c in present if c != extreme]
+        else:
+            pool = [by_x[0].shape] if yes else [s for s in SHAPES if s != by_x[0].shape]
+        value = pool[int(rng.integers(len(pool)))]
+        return {"text": INSTRUCTIONS[kind].format(value=value), "label": int(yes), "instruction": kind}
+
     def vocabulary(self) -> list[str]:
         words = set(TEMPLATE_WORDS.split())
         words.update(COLORS, SHAPES, (s + "s" for s in SHAPES), FORMS, SIGN_WORDS, ("yes", "no", "1", "2", "3"))
@@ -515,3 +550,27 @@ class TabletopSource(Source):
             "expert_question_types": list(EXPERT_QUESTION_TYPES),
             "control_question_types": list(CONTROL_QUESTION_TYPES),
         }
+
+
+class TabletopInstructSource(TabletopSource):
+    """The tabletop scenes with MoPE's conditional task instead of everything else: each sample's
+    `text` is a yes/no instruction about its scene and `label` the answer (`TabletopWorld.instruction`),
+    so the complementary modality changes how the image must be read. The images are `tabletop`'s
+    (same seed, split and index: same picture); the material task stays in `tabletop` as the easy leg."""
+
+    name: ClassVar[str] = "tabletop-instruct"
+    description: ClassVar[str] = (
+        "the tabletop scenes with a yes/no instruction each (is there a red shape? is the leftmost "
+        "shape blue? ...): MoPE's task where the sentence changes how the image is read; balanced so "
+        "text or image alone is at chance; no data root (options: num, seed, image_size)"
+    )
+
+    def samples(self) -> list[Sample]:
+        return [Sample(key=f"tabletop-instruct-{self.split}-{index:06d}", media=f"{self.split}/{index}",
+                       annotations=self.world.instruction(self.world.scene(self.split, index)))
+                for index in range(self.num)]
+
+    def info(self) -> dict:
+        base = Source.info(self)
+        return {**base, "num": self.num, "seed": self.world.seed, "image_size": self.world.image_size,
+                "classes": list(INSTRUCTION_CLASSES), "multi_label": False, "instructions": list(INSTRUCTIONS)}

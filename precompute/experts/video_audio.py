@@ -310,8 +310,9 @@ class VitAvgClsExpert(VitClsExpert):
         return read_frames(self.name, self.config, source, sample)
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 [T, H, W, 3] -> [T, 3, S, S], each frame through the ViT's own eval transform."""
-        return torch.stack([self.transform(Image.fromarray(frame)) for frame in frames])
+        """uint8 [T, H, W, 3] -> [T, 3, S, S], each frame as vit-cls preprocesses an image (its transform
+        takes tensors since it resizes them itself)."""
+        return torch.stack([VitClsExpert.preprocess(self, Image.fromarray(frame)) for frame in frames])
 
     def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         per_frame = super().predict(batch.flatten(0, 1), inputs)["cls"]

@@ -22,7 +22,6 @@ from precompute.experts import ALIASES, EXPERTS, TYPE_NAMES, ExpertError, expand
 from precompute.sources import SOURCES, SourceError
 
 
-
 class UsageError(Exception):
     """A command-line value out of its range (argparse checks only that it parses)."""
 
@@ -180,7 +179,6 @@ def print_summary(summaries: list) -> None:
 def command_run(args: argparse.Namespace) -> int:
     check_run_args(args)
     from precompute.engine import InfrastructureError, RunConfig, run_splits  # torch, timm and Ray: only when there is work
-
     from precompute.sources import resolve_split, split_names
 
     experts = expand_experts([e.strip() for e in args.expert.split(",") if e.strip()])

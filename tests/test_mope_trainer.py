@@ -5,8 +5,8 @@ modality with text-cls, text main modality with image-pooled) and an MM-IMDb-lay
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 import shutil
 from pathlib import Path
 

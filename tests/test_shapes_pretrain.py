@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, OPTForCausalLM, PreTrainedTokenizerBase, RobertaForCausalLM
 
+import worldmodels.pretrain
 from precompute.experts.video_audio import TimesformerClsExpert
 from precompute.sources.shapes import ShapesWorld
 from precompute.sources.shapes_video import ShapesVideoSource, ShapesVideoWorld
 from precompute.sources.tabletop import TabletopWorld
-import worldmodels.pretrain
 from worldmodels import cli
+from worldmodels.depth import pretrain_depth
 from worldmodels.gates import Bar, QualityGateError, check_gates
 from worldmodels.lm import encode_texts, pretrain_lm
-from worldmodels.depth import pretrain_depth
 from worldmodels.pretrain import BARS, STANDIN_SEED_OFFSET, bars_for, run_job, run_jobs
 from worldmodels.vit import VitConfig, build_vit, save_vit, vit_transform
 

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache_schema import ArraySpec, CacheError, CacheWriter, FeatureSpec, SplitPlan, SplitReader
+from cache_schema.torch_data import ShardStream
 from precompute.sources.shapes import ShapesSource
 from trainer.checkpoint import load_trainable, trainable_state
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.data import training_examples
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
-from cache_schema.torch_data import ShardStream
 
 LEVELS, WIDTH = 4, 16
 

@@ -27,6 +27,7 @@ from trainer.config import ConfigError
 from trainer.errors import USER_ERRORS
 from trainer.logs import show_messages
 from trainer.methods import METHODS
+
 logger = logging.getLogger(__name__)
 
 

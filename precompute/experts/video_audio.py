@@ -65,10 +65,10 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
 from precompute import decode_media
+from precompute.decode import MediaError
 from precompute.experts import ExpertError
 from precompute.experts.base import PROCESSOR_CONFIG, has_processor_config, pretrained_source
 from precompute.experts.vit_cls import ClsLevelsExpert, VitClsExpert
-from precompute.decode import MediaError
 from precompute.sources import Sample, Source
 
 SAMPLE_RATE = 16000  # what AST was trained on, and what its feature extractor insists on

@@ -146,7 +146,7 @@ class Method(ABC):
         answer list); JSON, saved in checkpoint.json, so evaluating never reads the training split."""
         return {}
 
-    def restore_state(self, state: dict[str, Any]) -> None:
+    def restore_state(self, state: dict[str, Any]) -> None:  # noqa: B027  (optional hook: the default derives nothing)
         """Take back what `derive_state` returned, before `build_model` when evaluating a checkpoint."""
 
     def feature_sources(self, reader: SplitReader, usable: Any) -> dict[str, Any]:

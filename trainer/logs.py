@@ -5,8 +5,8 @@ Messages: Python `logging`, under the `trainer` logger.
 Every module logs to its own `logging.getLogger(__name__)` (`trainer.loop`, `trainer.cli`, ...),
 so a library user routes or silences them like any other library's
 (`logging.getLogger("trainer").setLevel(logging.WARNING)`); with no configuration, Python shows
-only warnings and errors. The command line calls `show_messages`, which prints every record at
-INFO and above as a bare line on stdout: the console reads as it always has.
+only warnings and errors. The command line calls `cache_schema.console.show_messages("trainer", "stdout")`,
+which prints every record at INFO and above as a bare line on stdout: the console reads as it always has.
 
 Numbers (losses, learning rate, eval metrics) and figures: `RunLog`, OUT/log.jsonl and optionally
 TensorBoard (`log_to`).
@@ -15,8 +15,6 @@ TensorBoard (`log_to`).
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,33 +24,6 @@ if TYPE_CHECKING:  # `trainer --help` imports this module: no torch or matplotli
     from matplotlib.figure import Figure
 
     from trainer.config import TrainConfig
-
-CONSOLE = "trainer-console"  # the name of the handler show_messages adds, so it is added once
-
-
-class StdoutHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stdout` is when a record is emitted, not when the handler was made
-    (a caller, or pytest's capture, may have replaced it since)."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
-def show_messages(level: int = logging.INFO) -> None:
-    """Print the trainer's log records, `level` and above, as bare lines on stdout (the CLI's console;
-    also a Ray Train worker's, whose stdout Ray forwards to the driver)."""
-    logger = logging.getLogger("trainer")
-    logger.setLevel(level)
-    if not any(handler.get_name() == CONSOLE for handler in logger.handlers):
-        handler = StdoutHandler()
-        handler.set_name(CONSOLE)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
 
 
 class RunLog:

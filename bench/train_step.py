@@ -57,12 +57,12 @@ from cache_schema.torch_data import CacheDataset
 from precompute.experts import get_expert
 from precompute.experts.base import Expert
 from precompute.sources import get_source
-from vit_models import save_vit_base  # bench/ is on sys.path when a script here runs
 from trainer.config import TrainConfig
 from trainer.data import EpochSampler
 from trainer.loop import autocast, resolve_device
-from trainer.methods.text import encode_batch
 from trainer.methods.epalm_task import EPALMMethod
+from trainer.methods.text import encode_batch
+from vit_models import save_vit_base  # bench/ is on sys.path when a script here runs
 
 EXPERT, SOURCE, SPLIT = "vit-cls", "shapes", "train"
 LEVELS = 6

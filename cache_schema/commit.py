@@ -15,7 +15,6 @@ import numpy as np
 
 from cache_schema.layout import SCHEMA_VERSION, CacheError, read_json, write_json_atomic
 
-
 # Where a shard's seconds went, in pipeline order: decode and preprocess are summed over the decode
 # threads (CPU-side work, in parallel); wait is the forward loop idle for want of decoded samples;
 # forward the batched model calls; write the arrays' packing, compression and storage.

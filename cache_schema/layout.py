@@ -45,7 +45,7 @@ def cache_path(location: str | Path) -> Path:
             path = UPath(location)
             if path.protocol == "file":
                 path = UPath(str(location), auto_mkdir=True)
-            path.fs  # the filesystem's package (s3fs, gcsfs) is needed now, not halfway through a run
+            _ = path.fs  # the filesystem's package (s3fs, gcsfs) is needed now, not halfway through a run
         except (ImportError, ValueError) as e:
             raise CacheError(f"cache {location}: {e}") from e
         return path

@@ -72,9 +72,9 @@ class CacheDataset(Dataset):
         self.sources = sources(reader, usable) if sources is not None else {}
         expand = expand or one_example
         self.examples: list[tuple[int, dict[str, Any]]] = []
-        for index, annotations in enumerate(reader.annotations):
+        for index, sample_annotations in enumerate(reader.annotations):
             if usable[index]:
-                self.examples.extend((index, example) for example in expand(annotations))
+                self.examples.extend((index, example) for example in expand(sample_annotations))
         if max_examples is not None:
             self.examples = self.examples[:max_examples]
 

@@ -20,8 +20,7 @@ import numpy as np
 from zarr.codecs import ZstdCodec
 
 from cache_schema.commit import CommitRecord, content_checksum, keys_digest, vouching_record
-from cache_schema.layout import (CacheError, CacheLayout, is_local, open_group, publish, read_json, remove_tree, write_json_atomic,
-                                 writing)
+from cache_schema.layout import CacheError, CacheLayout, is_local, open_group, publish, read_json, remove_tree, write_json_atomic, writing
 from cache_schema.spec import RAGGED_LENGTH_SUFFIX, TEXT_DTYPE, FeatureSpec
 from cache_schema.wds import FORMATS, shard_tar_path, write_tar_shard
 

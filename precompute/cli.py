@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -18,9 +19,11 @@ import yaml
 
 from cache_schema import PROFILE_STAGES, CacheError, CacheLayout, SpecMismatchError, SplitReader, list_splits, pending_shards, validate_cache
 from cache_schema.commit import gap_category
+from cache_schema.console import show_messages
 from precompute.experts import ALIASES, EXPERTS, TYPE_NAMES, ExpertError, expand_experts, expert_class, scope_options
 from precompute.sources import SOURCES, SourceError
 
+logger = logging.getLogger("precompute.cli")  # not __name__: run as `python -m precompute.cli` that is "__main__"
 
 
 class UsageError(Exception):
@@ -174,13 +177,12 @@ def print_summary(summaries: list) -> None:
               f"{s.samples:>9}{s.invalid:>9}{s.samples_per_s:>11.1f}{len(s.nodes):>7}")
     for s in summaries:
         if s.shards_failed:
-            print(f"{s.expert}: failed shards {s.shards_failed}; see _failures/ in the cache and run again to retry", file=sys.stderr)
+            logger.warning(f"{s.expert}: failed shards {s.shards_failed}; see _failures/ in the cache and run again to retry")
 
 
 def command_run(args: argparse.Namespace) -> int:
     check_run_args(args)
     from precompute.engine import InfrastructureError, RunConfig, run_splits  # torch, timm and Ray: only when there is work
-
     from precompute.sources import resolve_split, split_names
 
     experts = expand_experts([e.strip() for e in args.expert.split(",") if e.strip()])
@@ -206,8 +208,10 @@ def command_run(args: argparse.Namespace) -> int:
         print_summary(summaries)
         # the source's notes and problems, as planning recorded them
         info = SplitReader(args.cache, args.shards, split).header.get("source_info", {})
-        for line in info.get("notes", []) + info.get("problems", []):
-            print(f"{args.shards}: {line}", file=sys.stderr)
+        for line in info.get("notes", []):
+            logger.info(f"{args.shards}: {line}")
+        for line in info.get("problems", []):
+            logger.warning(f"{args.shards}: {line}")
         failed |= bool(info.get("problems")) or any(s.shards_failed for s in summaries)
     return 1 if failed else 0
 
@@ -381,6 +385,7 @@ COMMANDS = {"run": command_run, "preview": command_preview, "status": command_st
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_messages("precompute", "stderr")  # stdout is the command's own output: tables, JSON
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:

@@ -1,5 +1,5 @@
 """Decode video and audio files into what the video and audio experts take: sampled RGB frames, and
-the log-mel filter bank the AST recipe computes from a 16 kHz mono waveform.
+a 16 kHz mono waveform (which transformers' ASTFeatureExtractor turns into AST's log-mel fbank).
 
 Video goes through PyAV and audio through soundfile, in process: no ffmpeg executable is needed and
 a broken file fails as an exception we can record, not as a child process's exit code. Every way a
@@ -31,8 +31,6 @@ clip can be unusable is a `MediaError` whose message is the reason kept in the c
 
 from __future__ import annotations
 
-import functools
-import warnings
 from math import gcd
 from pathlib import Path
 
@@ -45,13 +43,14 @@ from precompute.decode import MediaError, check_file
 SAMPLINGS = ("uniform", "random")
 SILENCE_PEAK = 1e-4
 
-# The AST recipe: Kaldi fbank with 25 ms Hanning windows every 10 ms, no dither, log of the mel
-# energies, then padded or cut to 1024 frames and normalised with AudioSet's mean and std (twice
-# the std, as AST's own dataloader does).
+# The AST recipe, as ASTFeatureExtractor computes it: Kaldi fbank with 25 ms Hanning windows every
+# 10 ms, no dither, log of the mel energies, then padded or cut to the model's frames and normalised
+# with AudioSet's mean and std (twice the std, as AST's own dataloader does).
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 AUDIOSET_MEAN = -4.2677393
 AUDIOSET_STD = 4.5689974
+MASKED = np.float32((0.0 - AUDIOSET_MEAN) / (2 * AUDIOSET_STD))  # raw 0, normalised: what SpecAugment masks with
 
 
 def decode_video(path: Path | str, num_frames: int, seed: int = 0, sampling: str = "uniform") -> np.ndarray:
@@ -165,57 +164,6 @@ def resample(waveform: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return resample_poly(waveform, to_rate // common, from_rate // common).astype(np.float32)
 
 
-def fbank(
-    waveform: np.ndarray, sample_rate: int = 16000, num_mel_bins: int = 128, target_frames: int = 1024
-) -> np.ndarray:
-    """AST's input: Kaldi log-mel fbank of a mono waveform, padded/cut and normalised, [frames, bins].
-
-    The Kaldi fbank is transformers' numpy port of `torchaudio.compliance.kaldi.fbank` (the path
-    `ASTFeatureExtractor` takes without torchaudio): per-frame DC removal, pre-emphasis 0.97,
-    symmetric Hann window, FFT padded to a power of two, power spectrum, triangular filters in
-    Kaldi's mel scale from 20 Hz to Nyquist, log floored at float32 epsilon. Frame sizes follow
-    `sample_rate` as Kaldi's do; `ASTFeatureExtractor` hard-codes 16 kHz's 400/160. AST's own
-    dataloader first subtracts the clip's mean; the per-frame DC removal already does that.
-    """
-    waveform = np.asarray(waveform, dtype=np.float32)
-    if waveform.ndim != 1:
-        raise ValueError(f"fbank takes a mono waveform [samples], got shape {waveform.shape}")
-    frame_length = int(sample_rate * FRAME_LENGTH_MS / 1000)
-    hop_length = int(sample_rate * FRAME_SHIFT_MS / 1000)
-    if waveform.size < frame_length:
-        raise MediaError(
-            f"too short: {waveform.size} samples, fewer than one {FRAME_LENGTH_MS:g} ms frame "
-            f"({frame_length} samples at {sample_rate} Hz)"
-        )
-    fft_length = 1 << (frame_length - 1).bit_length()
-    from transformers.audio_utils import spectrogram  # here: reading a cache must not import transformers
-
-    window, mel_filters = kaldi_window_and_filters(sample_rate, frame_length, fft_length, num_mel_bins)
-    log_mel = spectrogram(
-        waveform,
-        window,
-        frame_length=frame_length,
-        hop_length=hop_length,
-        fft_length=fft_length,
-        power=2.0,
-        center=False,
-        preemphasis=0.97,
-        mel_filters=mel_filters,
-        log_mel="log",
-        mel_floor=float(np.finfo(np.float32).eps),
-        remove_dc_offset=True,
-    ).T
-    padded = np.zeros((target_frames, num_mel_bins), dtype=np.float32)
-    kept = min(target_frames, log_mel.shape[0])
-    padded[:kept] = log_mel[:kept]
-    return normalise_fbank(padded)
-
-
-def normalise_fbank(log_mel: np.ndarray) -> np.ndarray:
-    """AST's input scaling: (x - mean) / (2 std) with AudioSet's statistics."""
-    return (log_mel - AUDIOSET_MEAN) / (AUDIOSET_STD * 2)
-
-
 def mask_fbank(features: np.ndarray, rng: np.random.Generator, freqm: int, timem: int) -> np.ndarray:
     """AST's training-time SpecAugment on a normalised fbank [frames, bins]: one band of up to
     `freqm` mel bins and one span of up to `timem` frames, drawn as torchaudio's
@@ -227,30 +175,5 @@ def mask_fbank(features: np.ndarray, rng: np.random.Generator, freqm: int, timem
         width = rng.random() * max_width
         start = rng.random() * (features.shape[axis] - width)
         along = masked if axis == 0 else masked.T  # a view: writing it writes `masked`
-        along[int(start) : int(start + width)] = normalise_fbank(np.float32(0))
+        along[int(start) : int(start + width)] = MASKED
     return masked
-
-
-@functools.lru_cache(maxsize=8)
-def kaldi_window_and_filters(
-    sample_rate: int, frame_length: int, fft_length: int, num_mel_bins: int
-) -> tuple[np.ndarray, np.ndarray]:
-    from transformers.audio_utils import mel_filter_bank, window_function
-
-    window = window_function(frame_length, "hann", periodic=False)
-    # At 16 kHz with 128 bins, filter 3 is so narrow that no FFT bin falls inside it, so it is
-    # all zeros and its output is the floor. Kaldi's filters (and so AST's training inputs) have
-    # the same empty row; transformers warns about it, and the warning is not news here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
-        mel_filters = mel_filter_bank(
-            num_frequency_bins=fft_length // 2 + 1,
-            num_mel_filters=num_mel_bins,
-            min_frequency=20,
-            max_frequency=sample_rate // 2,
-            sampling_rate=sample_rate,
-            norm=None,
-            mel_scale="kaldi",
-            triangularize_in_mel_space=True,
-        )
-    return window, mel_filters

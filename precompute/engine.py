@@ -22,6 +22,7 @@ down instead of stalling it. Commit records name the Ray node that wrote them.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -41,6 +42,8 @@ from precompute.experts.base import Expert
 from precompute.forward import run_samples, with_input_provenance
 from precompute.sources import Sample, Source, get_source
 from raysession import init_ray
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -376,7 +379,7 @@ def _run_split(name: str, required: tuple[str, ...], config: RunConfig, work: Sp
                                        list(required))] = (shard, actor)
 
     if summary.shards_failed:
-        bar.write(f"{name}: {len(summary.shards_failed)} shard(s) {refusal}")
+        logger.warning(f"{name}: {len(summary.shards_failed)} shard(s) {refusal}")
     while queue or running:
         while queue and idle:
             submit(idle.pop())
@@ -390,7 +393,7 @@ def _run_split(name: str, required: tuple[str, ...], config: RunConfig, work: Sp
                 if not actors or has_room(cpus, gpus):
                     actors.append(start_actor())
                     idle.append(actors[-1])
-                bar.write(f"{name}: a worker died running shard {shard} ({len(actors)} left); the shard goes back in the queue")
+                logger.warning(f"{name}: a worker died running shard {shard} ({len(actors)} left); the shard goes back in the queue")
             else:
                 idle.append(actor)
             if attempts[shard] <= config.retries:
@@ -398,7 +401,7 @@ def _run_split(name: str, required: tuple[str, ...], config: RunConfig, work: Sp
             else:
                 writer.record_failure(plan, spec.name, shard, f"{type(e).__name__}: {e}"[-2000:], attempts[shard])
                 summary.shards_failed.append(shard)
-                bar.write(f"{name}: shard {shard} failed after {attempts[shard]} attempts: {type(e).__name__}")
+                logger.warning(f"{name}: shard {shard} failed after {attempts[shard]} attempts: {type(e).__name__}")
             continue
         idle.append(actor)
         summary.shards_done += 1

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache_schema import PROFILE_STAGES, FeatureSpec, TEXT_DTYPE
+from cache_schema import PROFILE_STAGES, TEXT_DTYPE, FeatureSpec
+from precompute.decode import MediaError
 from precompute.experts import ExpertError
 from precompute.experts.base import Expert
-from precompute.decode import MediaError
 from precompute.sources import Sample, Source
 
 

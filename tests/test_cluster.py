@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from cache_schema import validate_cache
-from precompute.cli import build_parser as precompute_parser
 from devsupport.loopback_cluster import HOST, LoopbackCluster, free_port
+from precompute.cli import build_parser as precompute_parser
 from test_engine import CLI, wait_for_commits
 from trainer.cli import build_parser as trainer_parser
 
@@ -40,7 +40,6 @@ def committed_nodes(commits: Path) -> set[str]:
 def test_the_loopback_harness_is_shared_by_tests_and_bench_and_not_shipped():
     """devsupport/ is found by bench (run as a script) and left out of the installed packages."""
     import tomllib
-
     from setuptools import find_packages
 
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]

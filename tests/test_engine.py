@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -67,14 +68,18 @@ def test_other_model_into_same_feature_is_refused(tmp_path, tiny_vit_dir, ray_lo
     assert SplitReader(tmp_path / "cache", "images", "all").feature("vit-cls").spec.array("cls").shape == (6, 16)
 
 
-def test_a_shard_that_keeps_failing_is_reported_and_the_rest_finish(tmp_path, tiny_vit_dir, ray_local):
+def test_a_shard_that_keeps_failing_is_reported_and_the_rest_finish(tmp_path, tiny_vit_dir, ray_local, caplog):
     cache = tmp_path / "cache"
     # A directory where shard 1's commit record must go: a real storage fault, on every attempt.
     (cache / "shapes/train/_commits/vit-cls/00001.json").mkdir(parents=True)
     config = RunConfig(experts=["vit-cls"], source="shapes", cache=str(cache), models={"vit-cls": str(tiny_vit_dir)},
                        shard_size=5, limit=15, retries=1, source_options={"num": 15})
-    [summary] = run(config, progress=False)
+    with caplog.at_level(logging.INFO, logger="precompute"):
+        [summary] = run(config, progress=False)
     assert summary.shards_failed == [1] and summary.shards_done == 2
+    # a library caller hears of it through logging, under the engine's own logger (routable, silenceable)
+    [record] = [r for r in caplog.records if "shard 1 failed after 2 attempts" in r.getMessage()]
+    assert record.name == "precompute.engine" and record.levelno == logging.WARNING
     failure = json.loads((cache / "shapes/train/_failures/vit-cls/00001.json").read_text())
     assert failure["attempts"] == 2 and "IsADirectoryError" in failure["error"]
     status = subprocess.run(CLI + ["status", "--cache", str(cache), "--json"], capture_output=True, text=True, check=True)

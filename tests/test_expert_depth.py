@@ -15,7 +15,7 @@ from PIL import Image
 
 from precompute.experts import ExpertError, get_expert
 from precompute.experts.depth import DepthPreprocessing
-from precompute.experts.normal import NNET, FROM_DEPTH_REVISION, normals_from_depth
+from precompute.experts.normal import FROM_DEPTH_REVISION, NNET, normals_from_depth
 from tiny_depth import TINY_NORMAL_ENCODER, save_tiny_dpt, save_tiny_normal
 
 R = 40

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from tiny_edge import hed_weights_path, save_tiny_dexined
 
 from precompute.experts import ExpertError, get_expert
 from precompute.experts.edge import HED_BSDS500
+from tiny_edge import hed_weights_path, save_tiny_dexined
 
 RESOLUTION = 64
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from tiny_ocr import font, link_easyocr_models, sign_image
-from tiny_seg import save_tiny_text_encoder
 
 from precompute.experts import ExpertError, get_expert
 from precompute.experts.labels import BACKGROUND_ID
 from precompute.experts.ocrdet import DETECTOR, MAX_WORDS, RECOGNIZER, Word, index_words
+from tiny_ocr import font, link_easyocr_models, sign_image
+from tiny_seg import save_tiny_text_encoder
 
 RESOLUTION = 64  # the shapes world's frame: 30 px type becomes 9 px; CRAFT reads the image at DETECT_SIZE
 DETECT_SIZE = 256

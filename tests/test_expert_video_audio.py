@@ -25,7 +25,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cache_schema import SplitReader
 from conftest import write_images
-from precompute.decode_media import AUDIOSET_MEAN, AUDIOSET_STD, decode_audio, fbank
+from precompute.decode_media import MASKED, decode_audio
 from precompute.experts import ExpertError
 from precompute.experts.video_audio import AstClsExpert, TimesformerClsExpert, VitAvgClsExpert
 from precompute.experts.vit_cls import VitClsExpert
@@ -172,7 +172,9 @@ def test_ast_cls_reads_the_fbank_and_keeps_the_cls_not_the_distillation_token(tm
     expert = loaded(AstClsExpert, ast_dir, levels=2)
     spectrograms = torch.stack([expert.preprocess(expert.read_input(source, s)) for s in samples])
     assert spectrograms.shape == (2, 128, 128) and spectrograms.dtype == torch.float32
-    np.testing.assert_array_equal(spectrograms[0], fbank(decode_audio(samples[0].media), target_frames=128))
+    extractor = ASTFeatureExtractor(max_length=128)  # the AudioSet recipe (its defaults), at the tiny model's size
+    expected = extractor(decode_audio(samples[0].media), sampling_rate=16000, return_tensors="np")["input_values"][0]
+    np.testing.assert_array_equal(spectrograms[0], expected)
 
     cls = expert.predict(spectrograms, {})["cls"]
     assert cls.shape == (2, 2, WIDTH) and cls.dtype == np.float16
@@ -183,6 +185,46 @@ def test_ast_cls_reads_the_fbank_and_keeps_the_cls_not_the_distillation_token(tm
     assert not np.allclose(cls[:, -1], tokens[:, 1].numpy(), atol=1e-2)
     assert expert.spec("ast-cls").params == {"layers": [4, 5], "width": WIDTH, "num_blocks": DEPTH,
                                              "num_mel_bins": 128, "max_length": 128}
+
+
+def noisy_tone(seconds: float, frequency: float = 440.0) -> np.ndarray:
+    t = np.arange(int(16000 * seconds)) / 16000
+    noise = 0.01 * np.random.default_rng(0).standard_normal(t.size)
+    return (0.3 * np.sin(2 * np.pi * frequency * t) + noise).astype(np.float32)
+
+
+def test_ast_input_is_the_kaldi_fbank_padded_or_cut_and_normalised_like_ast(ast_dir):
+    expert = loaded(AstClsExpert, ast_dir, levels=2)
+    features = expert.preprocess(noisy_tone(0.5)).numpy()
+    assert features.shape == (128, 128) and features.dtype == np.float32
+    frames = 1 + (8000 - 400) // 160  # Kaldi's snip_edges count: 48
+    np.testing.assert_allclose(features[frames:], MASKED, rtol=1e-6)  # padding is raw 0, normalised
+    assert not np.allclose(features[frames - 1], MASKED)
+    assert expert.preprocess(noisy_tone(2.0)).shape == (128, 128)  # 198 frames, cut
+    with pytest.raises(MediaError, match="too short: 399 samples"):
+        expert.preprocess(np.ones(399, np.float32))
+
+
+def test_ast_input_puts_a_tone_in_the_mel_bin_centred_on_it(ast_dir):
+    """Kaldi's mel scale is 1127 ln(1 + f/700), 128 bins evenly spaced in it from 20 Hz to 8 kHz."""
+    expert = loaded(AstClsExpert, ast_dir, levels=2)
+    mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)  # noqa: E731
+    centres_mel = mel(20.0) + (np.arange(128) + 1) * (mel(8000.0) - mel(20.0)) / 129
+    for frequency in (440.0, 3000.0):
+        expected = int(np.argmin(np.abs(centres_mel - mel(frequency))))
+        features = expert.preprocess(noisy_tone(1.0, frequency)).numpy()
+        assert abs(int(np.argmax(features[:98].mean(axis=0))) - expected) <= 1
+
+
+def test_a_checkpoint_without_a_feature_extractor_gets_the_audioset_recipe(ast_dir, tmp_path):
+    bare = tmp_path / "bare-ast"
+    bare.mkdir()
+    for path in ast_dir.iterdir():
+        if path.name != "preprocessor_config.json":
+            (bare / path.name).write_bytes(path.read_bytes())
+    waveform = noisy_tone(1.0)
+    own = loaded(AstClsExpert, ast_dir, levels=2).preprocess(waveform)
+    np.testing.assert_array_equal(loaded(AstClsExpert, bare, levels=2).preprocess(waveform), own)
 
 
 def test_ast_cls_views_are_the_clean_cls_plus_seeded_spec_augment_views(tmp_path, ast_dir):
@@ -196,7 +238,8 @@ def test_ast_cls_views_are_the_clean_cls_plus_seeded_spec_augment_views(tmp_path
     inputs = [expert.preprocess(expert.read_input(source, s)) for s in samples]
     assert inputs[0].shape == (4, 128, 128)
     np.testing.assert_array_equal(inputs[0][0], clean.preprocess(clean.read_input(source, samples[0])))
-    masked_value = np.float32((0 - AUDIOSET_MEAN) / (2 * AUDIOSET_STD))
+    masked_value = np.float32(4.2677393 / (2 * 4.5689974))  # raw 0 under AudioSet's mean and std: (0 - mean) / (2 std)
+    assert masked_value == MASKED
     for view in inputs[0][1:]:
         changed = (view != inputs[0][0]).numpy()
         assert changed.any() and (view.numpy()[changed] == masked_value).all()

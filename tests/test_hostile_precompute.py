@@ -25,9 +25,9 @@ import pytest
 
 from cache_schema import CacheError, CacheWriter, ClassTable, SplitPlan, write_table
 from cache_schema.commit import gap_category
+from precompute.cli import main
 from precompute.decode import decode_image
 from precompute.experts import ExpertError, option_value, scope_options
-from precompute.cli import main
 from precompute.sources import MediaError
 from test_cache_schema import make_plan, make_spec, write_all
 

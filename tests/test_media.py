@@ -13,14 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from precompute.decode_media import (
-    AUDIOSET_MEAN,
-    AUDIOSET_STD,
-    decode_audio,
-    decode_video,
-    fbank,
-    frame_indices,
-)
+from precompute.decode_media import decode_audio, decode_video, frame_indices
 from precompute.sources import MediaError, SourceError
 from precompute.sources.audiocaps import AudiocapsSource
 from precompute.sources.msrvtt import MsrvttSource
@@ -206,51 +199,6 @@ def test_silent_empty_and_broken_audio_are_media_errors(tmp_path):
         decode_audio(tmp_path / "empty.flac")
     with pytest.raises(MediaError, match="file not found"):
         decode_audio(tmp_path / "absent.wav")
-
-
-# --- fbank ----------------------------------------------------------------------------------
-
-
-def noisy_tone(seconds: float, frequency: float = 440.0) -> np.ndarray:
-    t = np.arange(int(16000 * seconds)) / 16000
-    noise = 0.01 * np.random.default_rng(0).standard_normal(t.size)
-    return (0.3 * np.sin(2 * np.pi * frequency * t) + noise).astype(np.float32)
-
-
-def test_fbank_pads_to_1024_frames_and_normalises_like_ast():
-    features = fbank(noisy_tone(1.0))
-    assert features.shape == (1024, 128) and features.dtype == np.float32
-    frames = 1 + (16000 - 400) // 160  # Kaldi's snip_edges count: 98
-    padding = (0.0 - AUDIOSET_MEAN) / (2 * AUDIOSET_STD)
-    assert np.allclose(features[frames:], padding)
-    assert not np.allclose(features[frames - 1], padding)
-    assert fbank(noisy_tone(12.0)).shape == (1024, 128)  # 1198 frames, cut
-
-
-@pytest.mark.filterwarnings("ignore:At least one mel filter has all zero values")
-def test_fbank_matches_transformers_ast_feature_extractor():
-    from transformers import ASTFeatureExtractor
-
-    waveform = noisy_tone(10.5)
-    expected = ASTFeatureExtractor()(waveform, sampling_rate=16000, return_tensors="np")["input_values"][0]
-    np.testing.assert_allclose(fbank(waveform), expected, atol=1e-5)
-
-
-def test_fbank_puts_a_tone_in_the_mel_bin_centred_on_it():
-    """Kaldi's mel scale is 1127 ln(1 + f/700), 128 bins evenly spaced in it from 20 Hz to 8 kHz."""
-    mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)  # noqa: E731
-    centres_mel = mel(20.0) + (np.arange(128) + 1) * (mel(8000.0) - mel(20.0)) / 129
-    for frequency in (440.0, 3000.0):
-        expected = int(np.argmin(np.abs(centres_mel - mel(frequency))))
-        features = fbank(noisy_tone(1.0, frequency))
-        assert abs(int(np.argmax(features[:98].mean(axis=0))) - expected) <= 1
-
-
-def test_fbank_refuses_what_it_cannot_frame():
-    with pytest.raises(MediaError, match="too short"):
-        fbank(np.ones(399, np.float32))
-    with pytest.raises(ValueError, match="mono"):
-        fbank(np.ones((2, 16000), np.float32))
 
 
 # --- videos / audio folders -----------------------------------------------------------------

@@ -5,8 +5,8 @@ modality with text-cls, text main modality with image-pooled) and an MM-IMDb-lay
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -122,6 +122,26 @@ def test_frozen_encoder_is_bit_identical_after_training_steps(shapes_cache, tiny
     changed = [name for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trained_before[name])]
     assert any(name.startswith("prompts.static") for name in changed) and any(name.startswith("prompts.experts") for name in changed)
     assert any(name.startswith("prompts.routers") for name in changed) and "head.weight" in changed
+
+
+def test_routing_statistics_are_what_evaluate_returns_not_state_kept_on_the_method(shapes_cache, tiny_vit_dir, tmp_path):
+    """`evaluate` returns the routing statistics of the split it just ran over; `score` over records
+    alone has none, whatever was evaluated before it: the method keeps nothing between calls."""
+    method = get_method(make_config(shapes_cache, tmp_path / "run", tiny_vit_dir))
+    reader = SplitReader(shapes_cache, "shapes", "val")
+    method.check_cache(reader)
+    method.restore_state(method.derive_state(SplitReader(shapes_cache, "shapes", "train")))
+    model = method.build_model(reader).eval()
+    examples = reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=False))
+    attributes = set(vars(method))
+    with torch.no_grad():
+        metrics, predictions = method.evaluate(model, DataLoader(examples, batch_size=16, collate_fn=method.collate))
+        first_eight = torch.utils.data.Subset(examples, range(8))
+        few, _ = method.evaluate(model, DataLoader(first_eight, batch_size=8, collate_fn=method.collate))
+    assert {"routing_entropy", "importance_cv", "expert_importance"} <= set(metrics) and len(predictions) == 32
+    assert few["expert_importance"] != metrics["expert_importance"]  # each call's own split
+    assert method.score(predictions) == {"accuracy": metrics["accuracy"]}  # not the last call's routing
+    assert set(vars(method)) == attributes
 
 
 def test_text_main_modality_prompts_the_text_encoder_with_the_image_embedding(shapes_cache, bert_dir, tmp_path):

@@ -4,6 +4,7 @@ default, `tabletop`, whose ViT learns only what captions say; and `shapes`' ques
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from concurrent.futures.process import BrokenProcessPool
@@ -17,15 +18,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, OPTForCausalLM, PreTrainedTokenizerBase, RobertaForCausalLM
 
+import worldmodels.pretrain
 from precompute.experts.video_audio import TimesformerClsExpert
 from precompute.sources.shapes import ShapesWorld
 from precompute.sources.shapes_video import ShapesVideoSource, ShapesVideoWorld
 from precompute.sources.tabletop import TabletopWorld
-import worldmodels.pretrain
 from worldmodels import cli
+from worldmodels.depth import pretrain_depth
 from worldmodels.gates import Bar, QualityGateError, check_gates
 from worldmodels.lm import encode_texts, pretrain_lm
-from worldmodels.depth import pretrain_depth
 from worldmodels.pretrain import BARS, STANDIN_SEED_OFFSET, bars_for, run_job, run_jobs
 from worldmodels.vit import VitConfig, build_vit, save_vit, vit_transform
 
@@ -97,6 +98,23 @@ def test_a_model_trained_in_a_worker_process_is_the_one_trained_here(pretrained:
                     resolution=64, fast=True, seed=0))
     pooled = pretrained["report"].parent / "depth" / "model.safetensors"
     assert (tmp_path / "depth" / "model.safetensors").read_bytes() == pooled.read_bytes()
+
+
+def test_progress_goes_through_logging_and_the_command_prints_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """Each finished job is a record of the `worldmodels.pretrain` logger (a library caller routes or
+    silences it); the command shows it on stderr, leaving stdout to the JSON of the models' paths.
+    The jobs are trivial (`dict`); run in this process (the spawned workers report the same way)."""
+    monkeypatch.setattr(worldmodels.pretrain, "pretrain_all",
+                        lambda out_dir, **_: {**run_jobs({"first": dict, "second": dict}, workers=1), "out": str(out_dir)})
+    with caplog.at_level(logging.INFO, logger="worldmodels"):
+        assert cli.main(["--out", str(tmp_path / "models")]) == 0
+    done = [r for r in caplog.records if r.name == "worldmodels.pretrain" and ": done (" in r.getMessage()]
+    assert [r.getMessage().strip() for r in done] == ["first: done (1/2)", "second: done (2/2)"]
+    captured = capsys.readouterr()
+    assert "first: done (" in captured.err and "second: done (" in captured.err
+    assert json.loads(captured.out) == {"first": {}, "second": {}, "out": str(tmp_path / "models")}
 
 
 def test_a_worker_that_dies_is_exit_1_naming_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache_schema import ArraySpec, CacheError, CacheWriter, FeatureSpec, SplitPlan, SplitReader
+from cache_schema.torch_data import ShardStream
 from precompute.sources.shapes import ShapesSource
 from trainer.checkpoint import load_trainable, trainable_state
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.data import training_examples
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
-from cache_schema.torch_data import ShardStream
 
 LEVELS, WIDTH = 4, 16
 
@@ -96,6 +96,9 @@ def test_fit_checkpoint_holds_only_trained_tensors_and_eval_reproduces(cache, ti
     again = evaluate_checkpoint(str(cache), checkpoint, None, [], out=tmp_path / "eval")
     assert again == metrics
     assert (tmp_path / "eval" / "predictions-val.jsonl").read_text() == fit_predictions
+    # `trainer predict`: the same records, no metrics
+    assert evaluate_checkpoint(str(cache), checkpoint, None, [], out=tmp_path / "predict", score=False) == {}
+    assert (tmp_path / "predict" / "predictions-val.jsonl").read_text() == fit_predictions
 
 
 def test_resume_after_kill_equals_uninterrupted(cache, tiny_lm_dir, tmp_path):

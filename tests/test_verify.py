@@ -110,12 +110,13 @@ def test_fp16_storage_of_a_bf16_forward_is_within_tolerance(made, capsys, tmp_pa
     """What a GPU run stores: a half-precision forward rounded to float16. Here the same ViT runs in
     bfloat16 through the engine's own path, its output replaces the cache's, and verify (float32
     forward) accepts it although the values differ."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import zarr
 
     from precompute.experts.vit_cls import VitClsExpert
     from precompute.forward import run_samples
     from precompute.sources import get_source
-    from concurrent.futures import ThreadPoolExecutor
 
     class Bf16VitCls(VitClsExpert):
         dtype = torch.bfloat16  # the forward in bfloat16; predict still stores float16

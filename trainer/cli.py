@@ -23,11 +23,12 @@ import os
 import sys
 from pathlib import Path
 
+from cache_schema.console import show_messages
 from trainer.config import ConfigError
 from trainer.errors import USER_ERRORS
-from trainer.logs import show_messages
 from trainer.methods import METHODS
-logger = logging.getLogger(__name__)
+
+logger = logging.getLogger("trainer.cli")  # not __name__: run as `python -m trainer.cli` that is "__main__"
 
 
 def positive_int(text: str) -> int:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import load_config
     from trainer.loop import evaluate_checkpoint, fit
 
-    show_messages()
+    show_messages("trainer", "stdout")
     try:
         if args.command == "fit":
             config = load_config(args.config, args.overrides, cache=args.cache, method=args.method, out=args.out,

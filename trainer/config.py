@@ -37,13 +37,22 @@ def yaml_float(value: Any) -> Any:
     return value
 
 
+# `log_to`'s optional targets -> (the module each imports, what installs it)
+TRACKERS = {
+    "tensorboard": ("tensorboard", "pip install tensorboard` (or expertcache[tensorboard])"),
+    "mlflow": ("mlflow", "pip install mlflow-skinny` (or mlflow, or expertcache[mlflow])"),
+    "wandb": ("wandb", "pip install wandb`"),
+}
+
+
 def log_targets(targets: list[str]) -> list[str]:
-    """`log_to`: jsonl always (resume and the figures read OUT/log.jsonl back); tensorboard only
+    """`log_to`: jsonl always (resume and the figures read OUT/log.jsonl back); a tracker only
     where its package is installed, said now rather than after the model has loaded."""
     if "jsonl" not in targets:
         raise ValueError("jsonl is always written (resume and the figures read it back); add it")
-    if "tensorboard" in targets and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("tensorboard needs its package: pip install tensorboard (or expertcache[tensorboard])")
+    for target in targets:
+        if target in TRACKERS and importlib.util.find_spec(TRACKERS[target][0]) is None:
+            raise ValueError(f"{target} needs `{TRACKERS[target][1]}")
     return list(dict.fromkeys(targets))
 
 
@@ -82,8 +91,9 @@ class TrainConfig:
     shuffle_buffer: Positive = Field(1000, description="examples in the shuffle buffer tar shards stream through (WebDataset caches)")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
     log_every: Positive = Field(10, description="write loss, lr and examples/s every N steps")
-    log_to: Annotated[list[Literal["jsonl", "tensorboard"]], AfterValidator(log_targets)] = Field(
-        default_factory=lambda: ["jsonl"], description="[jsonl] or [jsonl, tensorboard] (adds OUT/tensorboard)")
+    log_to: Annotated[list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]], AfterValidator(log_targets)] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="jsonl, plus any of tensorboard (OUT/tensorboard), mlflow, wandb (where MLFLOW_* / WANDB_* say)")
     max_failures: NonNegative = Field(3, description="--workers / --address: Ray Train restarts after a lost worker")
     model: dict[str, Any] = Field(default_factory=dict, description="the method's own options (model.KEY, below)")
 

@@ -35,11 +35,11 @@ from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cache_schema import CacheLayout
+from cache_schema.console import show_messages
 from raysession import init_ray as start_ray
 from trainer.checkpoint import find_checkpoint, read_info
 from trainer.config import ConfigError, TrainConfig
 from trainer.errors import USER_ERRORS
-from trainer.logs import show_messages
 from trainer.loop import build_run, open_splits, train
 
 RUN_NAME = "train"  # OUT/ray/train: Ray Train's run; a new `trainer fit` with the same OUT continues it
@@ -193,7 +193,7 @@ def report(checkpoint: Path | None, metrics: dict[str, Any]) -> None:
 
 def train_worker(params: dict[str, Any]) -> None:
     """One rank, in a Ray Train worker process."""
-    show_messages()  # rank 0's messages reach the driver's console through the worker's stdout
+    show_messages("trainer", "stdout")  # rank 0's messages reach the driver's console through the worker's stdout
     if os.path.isdir(params["cwd"]):
         os.chdir(params["cwd"])  # a relative model path means what it meant to `trainer fit`
     torch.set_num_threads(params["threads"])

@@ -62,17 +62,14 @@ def eval_loader(method: Method, reader: SplitReader, config: TrainConfig) -> Dat
 
 
 @torch.no_grad()
-def predict(method: Method, model: torch.nn.Module, loader: DataLoader, device: torch.device) -> list[dict[str, Any]]:
+def evaluate(method: Method, model: torch.nn.Module, loader: DataLoader, device: torch.device,
+             score: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, predictions) in eval mode under autocast; score=False: predictions only, metrics {}."""
     model.eval()
     with autocast(device):
-        predictions = method.predict(model, loader)
+        metrics, predictions = method.evaluate(model, loader) if score else ({}, method.predict(model, loader))
     model.train()
-    return predictions
-
-
-def evaluate(method: Method, model: torch.nn.Module, loader: DataLoader, device: torch.device):
-    predictions = predict(method, model, loader, device)
-    return method.score(predictions), predictions
+    return metrics, predictions
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> LambdaLR:
@@ -330,7 +327,6 @@ def evaluate_checkpoint(cache: str, checkpoint: Path, split: str | None, overrid
                         score: bool = True) -> dict[str, float]:
     """Score a split (writes metrics.json + predictions), or with score=False only predict (unlabelled splits)."""
     method, model, reader, config = load_for_eval(cache, checkpoint, split, overrides)
-    predictions = predict(method, model, eval_loader(method, reader, config), resolve_device(config.device))
-    metrics = method.score(predictions) if score else {}
+    metrics, predictions = evaluate(method, model, eval_loader(method, reader, config), resolve_device(config.device), score)
     write_results(out or checkpoint, config.eval_split, metrics, predictions)
     return metrics

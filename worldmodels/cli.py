@@ -15,6 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import NoReturn
 
+from cache_schema.console import show_messages
 from worldmodels import WORLDS
 
 PROG = "pretrain-shapes"
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from worldmodels.gates import QualityGateError
     from worldmodels.pretrain import pretrain_all
+
+    show_messages("worldmodels", "stderr")  # stdout is the command's own output: the models' paths, JSON
 
     try:
         paths = pretrain_all(out, seed=args.seed, image_size=args.image_size, fast=args.fast, world=args.world,

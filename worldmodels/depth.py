@@ -34,7 +34,8 @@ from precompute.experts.labels import frame_image, minmax_uint8
 from precompute.sources.shapes import ShapesWorld
 from precompute.sources.tabletop import TabletopWorld
 from worldmodels.gates import Bar
-from worldmodels.loop import STANDIN_BETAS, save_standin, train as train_loop
+from worldmodels.loop import STANDIN_BETAS, save_standin
+from worldmodels.loop import train as train_loop
 
 TARGET_SHIFT = 1.0  # the network predicts TARGET_SHIFT + inverse depth (see above)
 

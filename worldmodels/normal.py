@@ -29,7 +29,8 @@ from precompute.experts.labels import frame_image
 from precompute.experts.normal import IMAGENET_MEAN, IMAGENET_STD, NNET
 from precompute.sources.tabletop import TabletopWorld
 from worldmodels.gates import Bar
-from worldmodels.loop import EVAL_RESULTS, STANDIN_BETAS, train as train_loop
+from worldmodels.loop import EVAL_RESULTS, STANDIN_BETAS
+from worldmodels.loop import train as train_loop
 
 CHECKPOINT = "normal.pt"
 ENCODER_DIR = "encoder"

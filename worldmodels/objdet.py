@@ -57,7 +57,8 @@ from transformers.models.rt_detr.modeling_rt_detr import RTDetrObjectDetectionOu
 from precompute.sources.shapes import DETECTION_CLASSES, ShapesWorld
 from precompute.sources.tabletop import TabletopWorld
 from worldmodels.gates import Bar
-from worldmodels.loop import STANDIN_BETAS, one_thread, save_standin, train as train_loop
+from worldmodels.loop import STANDIN_BETAS, one_thread, save_standin
+from worldmodels.loop import train as train_loop
 
 MATCH_IOU = 0.5
 THRESHOLD = 0.5  # the objdet expert's default score threshold

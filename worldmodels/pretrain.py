@@ -10,7 +10,7 @@ precompute experts and the trainer load them by path like published checkpoints.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,6 +25,8 @@ from precompute.sources.tabletop import TabletopWorld
 from worldmodels import WORLDS, captions_vit, depth, lm, normal, objdet, ocr, seg, timesformer, vit
 from worldmodels.gates import Bar, QualityGateError, check_gates
 from worldmodels.loop import EVAL_RESULTS, one_thread
+
+logger = logging.getLogger(__name__)
 
 # The stand-ins learn from scenes of the world drawn with another seed: as real experts come from
 # other datasets, they never see the scenes the cache is computed over (those of `seed`).
@@ -82,17 +84,22 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, dict
     """Each job's metrics, by name. `workers` > 1 runs the jobs in that many spawned processes, one
     thread each, longest first: the models are independent and single-threaded, so on a 2-core
     machine two at a time halve the wall time where one process with two threads would not."""
-    if workers <= 1:
-        return {name: run_job(job) for name, job in jobs.items()}
-    order = sorted(jobs, key=lambda name: -MINUTES.get(name, 1.0))
     results: dict[str, dict] = {}
+
+    def done(name: str, metrics: dict) -> None:
+        results[name] = metrics
+        # on its own line: the progress bars end theirs with a carriage return, not a newline
+        logger.info(f"\n{name}: done ({len(results)}/{len(jobs)})")
+
+    if workers <= 1:
+        for name, job in jobs.items():
+            done(name, run_job(job))
+        return results
+    order = sorted(jobs, key=lambda name: -MINUTES.get(name, 1.0))
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(run_job, jobs[name]): name for name in order}
         for future in as_completed(futures):
-            name = futures[future]
-            results[name] = future.result()
-            # on its own line: the workers' progress bars end theirs with a carriage return, not a newline
-            print(f"\n{name}: done ({len(results)}/{len(jobs)})", file=sys.stderr, flush=True)
+            done(futures[future], future.result())
     return {name: results[name] for name in jobs}
 
 

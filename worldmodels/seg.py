@@ -33,7 +33,8 @@ from precompute.experts.seg import semantic_map
 from precompute.sources.shapes import SEG_CLASSES, ShapesWorld
 from precompute.sources.tabletop import TabletopWorld
 from worldmodels.gates import Bar
-from worldmodels.loop import STANDIN_BETAS, one_thread, save_standin, train as train_loop
+from worldmodels.loop import STANDIN_BETAS, one_thread, save_standin
+from worldmodels.loop import train as train_loop
 
 
 @dataclass(frozen=True)

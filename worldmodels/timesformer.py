@@ -33,7 +33,8 @@ from transformers import TimesformerConfig, TimesformerModel, VideoMAEImageProce
 from precompute.sources.shapes import COLORS, MAX_OBJECTS, ShapesWorld, paint_per_patch
 from precompute.sources.shapes_video import DIRECTIONS, ShapesVideoSource
 from worldmodels.gates import Bar
-from worldmodels.loop import STANDIN_BETAS, save_standin, train as train_loop
+from worldmodels.loop import STANDIN_BETAS, save_standin
+from worldmodels.loop import train as train_loop
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from precompute.experts import ExpertError
 from precompute.experts.base import PROCESSOR_CONFIG, has_processor_config, pretrained_source
 from precompute.experts.labels import LabelExpert, minmax_uint8, resize_maps
 
-
 # PIL resampling codes, as image processor configs store them, -> torch interpolation modes.
 RESAMPLE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 

@@ -23,9 +23,9 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
+from precompute.decode import MediaError
 from precompute.experts import ExpertError
 from precompute.experts.base import Expert, pretrained_source
-from precompute.decode import MediaError
 from precompute.sources import Sample, Source
 
 

@@ -21,7 +21,7 @@ audio (AST, AudioSet), so the trainer reads any of them unchanged.
   `config.num_frames`, so another count runs without error and attends across the wrong tokens.
   The expert sets the loaded model's `config.num_frames` to the count it feeds, which makes the
   transformers model compute what the original does.
-- AST reads `decode_media.fbank` (the AST recipe: Kaldi log-mel, AudioSet mean/std) at the
+- AST reads transformers' `ASTFeatureExtractor` (the AST recipe: Kaldi log-mel, AudioSet mean/std) at the
   checkpoint's max_length x num_mel_bins (1024 x 128); a checkpoint whose feature extractor
   normalises otherwise (AST's Speech Commands models) is refused, not fed wrong inputs. Its sequence starts with [CLS] and then a
   distillation token (DeiT); its pooler averages the two, but eP-ALM takes position 0, the [CLS],
@@ -50,7 +50,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import (
     ASTFeatureExtractor,
     ASTModel,
@@ -65,10 +64,10 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
 from precompute import decode_media
-from precompute.experts import ExpertError
-from precompute.experts.base import PROCESSOR_CONFIG, has_processor_config, pretrained_source
-from precompute.experts.vit_cls import ClsLevelsExpert, VitClsExpert
 from precompute.decode import MediaError
+from precompute.experts import ExpertError
+from precompute.experts.base import PIXELS, PROCESSOR_CONFIG, has_processor_config, pretrained_source
+from precompute.experts.vit_cls import ClsLevelsExpert, VitClsExpert
 from precompute.sources import Sample, Source
 
 SAMPLE_RATE = 16000  # what AST was trained on, and what its feature extractor insists on
@@ -220,25 +219,31 @@ class AstClsExpert(EncoderClsExpert):
 
     def load(self) -> None:
         self.load_encoder()
-        if has_processor_config(self.model_source):
-            self.check_feature_extractor()
+        self.extractor = self.feature_extractor()
 
-    def check_feature_extractor(self) -> None:
-        """`fbank` computes the AudioSet recipe; a checkpoint trained on other statistics is refused."""
-        try:
-            with warnings.catch_warnings():  # the empty mel filter decode_media.fbank explains
-                warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
-                extractor = ASTFeatureExtractor.from_pretrained(self.model_source)
-        except (OSError, ValueError) as e:
-            raise ExpertError(f"{self.name}: {self.model_ref}: unreadable {PROCESSOR_CONFIG}: {e}") from e
+    def feature_extractor(self) -> ASTFeatureExtractor:
+        """transformers' ASTFeatureExtractor with the AudioSet recipe at the checkpoint's size: the
+        checkpoint's own (refused if it was trained on other statistics, as AST's Speech Commands
+        models were), or, for a checkpoint saved without one, made from the recipe."""
         config = self.model.config
         recipe = {"sampling_rate": SAMPLE_RATE, "num_mel_bins": config.num_mel_bins, "max_length": config.max_length,
                   "do_normalize": True, "mean": decode_media.AUDIOSET_MEAN, "std": decode_media.AUDIOSET_STD}
+        # At 16 kHz with 128 bins, filter 3 is so narrow that no FFT bin falls inside it: Kaldi's
+        # filters (and so AST's training inputs) have the same empty row, and transformers warns.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
+            if not has_processor_config(self.model_source):
+                return ASTFeatureExtractor(**recipe)
+            try:
+                extractor = ASTFeatureExtractor.from_pretrained(self.model_source)
+            except (OSError, ValueError) as e:
+                raise ExpertError(f"{self.name}: {self.model_ref}: unreadable {PROCESSOR_CONFIG}: {e}") from e
         differing = {k: getattr(extractor, k, None) for k, v in recipe.items()
                      if not np.isclose(float(getattr(extractor, k, np.nan)), float(v))}
         if differing:
             raise ExpertError(f"{self.name}: the feature extractor of {self.model_ref} differs from the AudioSet fbank "
                               f"recipe this expert computes ({recipe}) in {differing}")
+        return extractor
 
     def spec(self, feature: str) -> FeatureSpec:
         config = self.model.config
@@ -267,9 +272,11 @@ class AstClsExpert(EncoderClsExpert):
     def preprocess(self, waveform: np.ndarray) -> torch.Tensor:
         """float32 mono [samples] at 16 kHz -> float32 [max_length, num_mel_bins], or with views
         [1 + views, max_length, num_mel_bins]: the clean fbank, then the masked ones."""
-        config = self.model.config
-        features = decode_media.fbank(waveform, SAMPLE_RATE, num_mel_bins=config.num_mel_bins,
-                                      target_frames=config.max_length)
+        frame = int(SAMPLE_RATE * decode_media.FRAME_LENGTH_MS / 1000)
+        if waveform.size < frame:  # the extractor would return padding alone, a spectrogram of nothing
+            raise MediaError(f"too short: {waveform.size} samples, fewer than one {decode_media.FRAME_LENGTH_MS:g} ms frame "
+                             f"({frame} samples at {SAMPLE_RATE} Hz)")
+        features = self.extractor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0]
         if not self.config["views"]:
             return torch.from_numpy(features)
         digest = hashlib.blake2b(np.ascontiguousarray(waveform, np.float32).tobytes(), digest_size=8).digest()
@@ -300,7 +307,7 @@ class VitAvgClsExpert(VitClsExpert):
         per_frame = super().spec(feature)
         return replace(
             per_frame,
-            preprocess_hash=config_hash({"data_config": self.data_config, "frames": frame_sampling(self.config),
+            preprocess_hash=config_hash({"data_config": self.data_config, "pixels": PIXELS, "frames": frame_sampling(self.config),
                                          "pooling": "float32 mean over frames of the float16 per-frame [CLS]"}),
             params={**per_frame.params, "num_frames": self.config["num_frames"], "sampling": self.config["sampling"],
                     "frame_pooling": "mean"},
@@ -310,9 +317,9 @@ class VitAvgClsExpert(VitClsExpert):
         return read_frames(self.name, self.config, source, sample)
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 [T, H, W, 3] -> [T, 3, S, S], each frame as vit-cls preprocesses an image (its transform
-        takes tensors since it resizes them itself)."""
-        return torch.stack([VitClsExpert.preprocess(self, Image.fromarray(frame)) for frame in frames])
+        """uint8 [T, H, W, 3] -> [T, 3, S, S], each frame through the ViT's own eval transform (on uint8
+        tensors, as vit-cls resizes images)."""
+        return torch.stack([self.transform(torch.from_numpy(frame).permute(2, 0, 1)) for frame in frames])
 
     def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         per_frame = super().predict(batch.flatten(0, 1), inputs)["cls"]

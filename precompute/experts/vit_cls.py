@@ -7,12 +7,12 @@ normalised space as the encoder's own output. Stored float16 as [N, K, D].
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import resolve_data_config
-
-from typing import Any
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash
 from precompute.experts import ExpertError

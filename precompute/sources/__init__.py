@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from precompute.decode import MediaError  # what a source's load_image raises, decoding's own error
-from precompute.sources.base import Sample, Source, SourceError
 from precompute.sources.audiocaps import AudiocapsSource
+from precompute.sources.base import Sample, Source, SourceError
 from precompute.sources.coco import CocoSource
 from precompute.sources.food101 import Food101Source
 from precompute.sources.images import ImagesSource

@@ -131,10 +131,17 @@ class Method(ABC):
     def score(self, predictions: list[dict[str, Any]]) -> dict[str, Any]:
         """The method's metrics over `predict`'s records (numbers, or lists of numbers)."""
 
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The metrics and the records they were scored from. A method whose metrics include numbers
+        over the whole split that no per-example record carries (MoPE's routing) overrides this, and
+        returns them here rather than keeping them on itself between `predict` and `score`."""
+        predictions = self.predict(model, loader)
+        return self.score(predictions), predictions
+
     def figures(self, history: list[dict[str, Any]]) -> dict[str, Figure]:
         """The method's figures by name, drawn from all of the run's eval records so far
         (`{"step", "eval": metrics}`, oldest first); called after every evaluation during `fit`,
-        which writes each to OUT/<name>.png (and TensorBoard, with `log_to: [..., tensorboard]`)."""
+        which writes each to OUT/<name>.png (and to the trackers `log_to` names)."""
         return {}
 
     @abstractmethod
@@ -146,7 +153,7 @@ class Method(ABC):
         answer list); JSON, saved in checkpoint.json, so evaluating never reads the training split."""
         return {}
 
-    def restore_state(self, state: dict[str, Any]) -> None:
+    def restore_state(self, state: dict[str, Any]) -> None:  # noqa: B027  (optional hook: the default derives nothing)
         """Take back what `derive_state` returned, before `build_model` when evaluating a checkpoint."""
 
     def feature_sources(self, reader: SplitReader, usable: Any) -> dict[str, Any]:

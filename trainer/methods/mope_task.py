@@ -83,7 +83,6 @@ class MoPEMethod(Method):
         self.main_feature, self.complementary = self.options.main_feature, self.options.complementary
         self.classes: list[str] = []
         self.multi_label = False
-        self.routing: dict[str, Any] = {}
 
     # ---- what the cache must hold ----------------------------------------------------------------
 
@@ -203,6 +202,16 @@ class MoPEMethod(Method):
         return self._forward(model, batch, labels=True).loss
 
     def predict(self, model: nn.Module, loader: DataLoader) -> list[dict[str, Any]]:
+        return self._predict(model, loader)[0]
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """`score`'s metrics and the routing statistics over the whole split (entropy, each expert's
+        importance and its spread), which no per-example record carries."""
+        predictions, routing = self._predict(model, loader)
+        return {**self.score(predictions), **routing}, predictions
+
+    def _predict(self, model: nn.Module, loader: DataLoader) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The records, and the routing statistics over all of them ({} without dynamic prompts)."""
         predictions, routing = [], []
         for batch in loader:
             output = self._forward(model, batch, labels=False)
@@ -217,8 +226,7 @@ class MoPEMethod(Method):
                 else:
                     record = {"prediction": int(row.argmax())}
                 predictions.append({**item, **record, "prediction_names": self._names(record["prediction"])})
-        self.routing = routing_statistics(list(torch.cat(routing, dim=1))) if routing else {}
-        return predictions
+        return predictions, routing_statistics(list(torch.cat(routing, dim=1))) if routing else {}
 
     def _names(self, prediction: int | list[int]) -> str | list[str]:
         return [self.classes[i] for i in prediction] if isinstance(prediction, list) else self.classes[prediction]
@@ -234,7 +242,7 @@ class MoPEMethod(Method):
         else:
             metrics = {"accuracy": accuracy(np.array([r["prediction"] for r in predictions]),
                                             np.array([r["label"] for r in predictions]))}
-        return {**metrics, **self.routing}
+        return metrics
 
     def figures(self, history: list[dict[str, Any]]) -> dict[str, Figure]:
         """`importance` (OUT/importance.png): each expert's share of the routing mass at every evaluation."""

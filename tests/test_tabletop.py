@@ -164,7 +164,7 @@ def test_instruction_task_needs_the_sentence_to_read_the_image():
     select among the same facts (their product) answers every question."""
     world = TabletopWorld(seed=0)
     train, test = instruction_features(world, "train", 3000), instruction_features(world, "val", 1000)
-    for image, text, kind, label, scene in train[:300]:
+    for _image, text, kind, label, scene in train[:300]:
         by_x = sorted(scene.objects, key=lambda o: o.x)
         value = re.match(INSTRUCTIONS[kind].replace("?", r"\?").replace("{value}", "(.+)"), text).group(1)
         truth = {"present": any(o.color == value for o in scene.objects), "leftmost": by_x[0].color == value,

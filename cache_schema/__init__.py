@@ -10,7 +10,7 @@ from cache_schema.commit import PROFILE_STAGES, CommitRecord, keys_digest
 from cache_schema.layout import SCHEMA_VERSION, CacheError, CacheLayout
 from cache_schema.models import load_timm_model
 from cache_schema.reader import Cache, FeatureReader, SplitReader, list_splits, open_cache
-from cache_schema.spec import TEXT_DTYPE, ArraySpec, FeatureSpec, SpecMismatchError, config_hash, model_revision
+from cache_schema.spec import TEXT_DTYPE, VIEWS_ARRAY, ArraySpec, FeatureSpec, SpecMismatchError, config_hash, model_revision
 from cache_schema.tables import ClassTable, read_table, write_table
 from cache_schema.validate import PendingShards, ShardProblem, pending_shards, validate_cache
 from cache_schema.writer import CacheWriter, SplitPlan
@@ -19,6 +19,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "PROFILE_STAGES",
     "TEXT_DTYPE",
+    "VIEWS_ARRAY",
     "ArraySpec",
     "Cache",
     "CacheError",

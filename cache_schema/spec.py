@@ -47,6 +47,9 @@ def model_revision(model: str, revision: str | None = None) -> tuple[str, str]:
 
 RAGGED_LENGTH_SUFFIX = "_length"
 TEXT_DTYPE = "str"
+# A feature's augmented views (an expert's `views=V`): [V, *clean shape] per sample beside its one clean
+# array, which a trainer may read in the clean one's place while training (precompute/experts/views.py).
+VIEWS_ARRAY = "views"
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,9 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_rest_finish(tmp_path, ti
         (["--expert", "rgb", "--shards", "shapes", "--expert-opt", "resolution=abc"],
          "expert 'rgb' option 'resolution' takes an integer (default 224), got 'abc'"),
         (["--expert", "rgb", "--shards", "shapes", "--expert-opt", "levels=2"], "no expert in this run (rgb) takes option 'levels'"),
+        (["--expert", "vit-cls", "--shards", "shapes", "--expert-opt", "views=-1"], "vit-cls: views must be at least 0, got -1"),
+        (["--expert", "image-pooled", "--shards", "shapes", "--expert-opt", "views=2.5"],
+         "expert 'image-pooled' option 'views' takes an integer (default 0), got '2.5'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):

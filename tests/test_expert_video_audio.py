@@ -1,9 +1,11 @@
 """`timesformer-cls`, `ast-cls` and `vit-avg-cls` on tiny real transformers / timm models saved to disk
-and loaded by path, over tiny clips written here with PyAV and soundfile."""
+and loaded by path, over tiny clips written here with PyAV and soundfile; and every expert's
+augmented views (`views=V`: ast-cls, timesformer-cls, vit-cls, image-pooled)."""
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +25,17 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from cache_schema import SplitReader
+from cache_schema import SplitReader, validate_cache
 from conftest import write_images
 from precompute.decode_media import MASKED, decode_audio
 from precompute.experts import ExpertError
+from precompute.experts.image_pooled import ImagePooledExpert
 from precompute.experts.video_audio import AstClsExpert, TimesformerClsExpert, VitAvgClsExpert
+from precompute.experts.views import EPALM_IMAGE_OPS, EpalmImageRandAugment
 from precompute.experts.vit_cls import VitClsExpert
 from precompute.sources import MediaError
 from precompute.sources.images import ImagesSource
+from precompute.sources.shapes import ShapesSource
 from precompute.sources.videos import AudioFolderSource, VideoFolderSource
 from test_media import frame_numbers, write_tone, write_video
 
@@ -152,6 +157,35 @@ def test_another_frame_count_interpolates_time_embeddings_as_the_original_timesf
     assert not np.allclose(unpatched.numpy(), reference.numpy(), atol=1e-2)
 
 
+def test_timesformer_views_are_one_seeded_draw_per_clip_shared_by_its_frames(tmp_path, timesformer_dir):
+    """`views=2`: the clean clip first, as without views; then two augmented clips, each one crop /
+    flip / RandAugment draw applied to every frame (a clip of one repeated frame stays one repeated
+    frame), the same on a rerun; the encoder's [CLS] of each, stored as `views` [V, K, D]."""
+    source = video_folder(tmp_path / "videos")
+    samples = source.samples()
+    clean = loaded(TimesformerClsExpert, timesformer_dir, num_frames=TRAINED_FRAMES, levels=2)
+    expert = loaded(TimesformerClsExpert, timesformer_dir, num_frames=TRAINED_FRAMES, levels=2, views=2)
+    inputs = [expert.preprocess(expert.read_input(source, s)) for s in samples]
+    assert inputs[0].shape == (3, TRAINED_FRAMES, 3, SIDE, SIDE)
+    torch.testing.assert_close(inputs[0][0], clean.preprocess(clean.read_input(source, samples[0])), rtol=0, atol=0)
+    torch.testing.assert_close(expert.preprocess(expert.read_input(source, samples[0])), inputs[0], rtol=0, atol=0)
+    assert not torch.equal(inputs[0][1], inputs[0][0]) and not torch.equal(inputs[0][1], inputs[0][2])
+
+    still = np.repeat(expert.read_input(source, samples[0])[:1], TRAINED_FRAMES, axis=0)
+    for view in expert.preprocess(still)[1:]:
+        assert all(torch.equal(frame, view[0]) for frame in view[1:])  # one draw for all the frames
+
+    arrays = expert.predict(torch.stack(inputs), {})
+    np.testing.assert_array_equal(arrays["cls"], features(clean, source, samples))
+    assert arrays["views"].shape == (2, 2, 2, WIDTH) and arrays["views"].dtype == np.float16
+    np.testing.assert_array_equal(arrays["views"][:, 1], clean.predict(torch.stack([x[2] for x in inputs]), {})["cls"])
+    spec = expert.spec("timesformer-cls")
+    assert [(a.name, a.shape) for a in spec.arrays] == [("cls", (2, WIDTH)), ("views", (2, 2, WIDTH))]
+    assert spec.params["views"] == 2 and spec.preprocess_hash != clean.spec("timesformer-cls").preprocess_hash
+    with pytest.raises(ExpertError, match="timesformer-cls: views must be at least 0, got -1"):
+        TimesformerClsExpert(model=str(timesformer_dir), views=-1)
+
+
 def test_a_short_clip_repeats_frames_and_still_gives_features(tmp_path, timesformer_dir):
     source = video_folder(tmp_path / "videos")
     short = next(s for s in source.samples() if s.key == "short")
@@ -266,6 +300,50 @@ def test_ast_cls_views_are_the_clean_cls_plus_seeded_spec_augment_views(tmp_path
 def test_a_checkpoint_normalised_otherwise_is_refused(tmp_path):
     with pytest.raises(ExpertError, match="differs from the AudioSet fbank recipe.*'mean': -6.8"):
         loaded(AstClsExpert, save_tiny_ast(tmp_path / "speech", mean=-6.8, std=5.6))
+
+
+# --- vit-cls and image-pooled views ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("expert_class, array", [(VitClsExpert, "cls"), (ImagePooledExpert, "pooled")])
+def test_image_views_are_seeded_epalm_augmentations_beside_the_clean_feature(tiny_vit_dir, expert_class, array):
+    """`views=3`: the clean input first, exactly as without views; then three augmented ones (eP-ALM's
+    crop / flip / RandAugment), each different, the same on a rerun and in any thread, seeded by the
+    image (another image gets other draws) and the view's index (views=2 is the first two of views=3)."""
+    source = ShapesSource(None, "val", num=3, image_size=48)
+    images = [source.load_image_tensor(sample) for sample in source.samples()]
+    clean = loaded(expert_class, tiny_vit_dir)
+    expert = loaded(expert_class, tiny_vit_dir, views=3)
+    inputs = [expert.preprocess(image) for image in images]
+    assert inputs[0].shape == (4, 3, 32, 32)
+    torch.testing.assert_close(inputs[0][0], clean.preprocess(images[0]), rtol=0, atol=0)
+    views = inputs[0][1:]
+    assert all(not torch.equal(view, inputs[0][0]) for view in views)
+    assert all(not torch.equal(views[i], views[j]) for i in range(3) for j in range(i))
+    with ThreadPoolExecutor(4) as pool:  # decode threads draw side by side: the same bytes as one by one
+        for again, first in zip(pool.map(expert.preprocess, images * 3), inputs * 3):
+            torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert not torch.equal(inputs[1][1], inputs[0][1])
+    two = loaded(expert_class, tiny_vit_dir, views=2)
+    torch.testing.assert_close(two.preprocess(images[0]), inputs[0][:3], rtol=0, atol=0)
+
+    arrays = expert.predict(torch.stack(inputs), {})
+    np.testing.assert_array_equal(arrays[array], clean.predict(torch.stack([clean.preprocess(i) for i in images]), {})[array])
+    shape = clean.spec(expert_class.name).array(array).shape
+    assert arrays["views"].shape == (3, 3, *shape) and arrays["views"].dtype == np.float16
+    assert not np.array_equal(arrays["views"][:, 0], arrays[array])
+    assert not np.array_equal(arrays["views"][:, 0], arrays["views"][:, 1])
+    spec = expert.spec(expert_class.name)
+    assert [(a.name, a.shape) for a in spec.arrays] == [(array, shape), ("views", (3, *shape))]
+    assert spec.params["views"] == 3 and "views" not in clean.spec(expert_class.name).params
+    assert spec.preprocess_hash != clean.spec(expert_class.name).preprocess_hash
+    with pytest.raises(ExpertError, match=f"{expert_class.name}: views must be at least 0, got -1"):
+        expert_class(model=str(tiny_vit_dir), views=-1)
+
+
+def test_the_image_randaugment_draws_from_the_authors_ten_ops():
+    """eP-ALM's RandomAugment(2, 7, augs=[...]) ops, all of them torchvision's (a rename there fails here)."""
+    assert sorted(EpalmImageRandAugment._AUGMENTATION_SPACE) == sorted(EPALM_IMAGE_OPS)
 
 
 # --- vit-avg-cls ----------------------------------------------------------------------------
@@ -384,3 +462,34 @@ def test_broken_and_silent_clips_are_gaps_through_the_engine(tmp_path, timesform
     for key in (key for key, ok in usable.items() if ok):
         cls = feature.get_by_key(key)["cls"]
         assert cls.shape == (6, WIDTH) and cls.dtype == np.float16 and np.isfinite(cls).all() and cls.any()
+
+
+def test_image_views_through_the_engine_are_stored_beside_the_clean_feature_and_rerun_byte_identical(
+        tmp_path, tiny_vit_dir, ray_local):
+    """`--expert-opt views=2` on vit-cls: `views` [N, 2, K, D] float16 in the cache, next to the clean
+    `cls` a run without views writes (the same bytes); a second run into another cache writes the same
+    checksums, and the cache validates."""
+    from precompute.engine import RunConfig, run
+
+    def precompute(cache: Path, **options) -> SplitReader:
+        config = RunConfig(experts=["vit-cls"], source="shapes", split="val", cache=str(cache), shard_size=4,
+                           batch_size=2, workers=1, models={"vit-cls": str(tiny_vit_dir)},
+                           source_options={"num": 6, "image_size": 32}, expert_options={"vit-cls": options})
+        [summary] = run(config, progress=False)
+        assert (summary.samples, summary.invalid, summary.shards_failed) == (6, 0, [])
+        return SplitReader(cache, "shapes", "val")
+
+    views, again, plain = (precompute(tmp_path / name, **options)
+                           for name, options in (("views", {"views": 2}), ("again", {"views": 2}), ("plain", {})))
+    stored = views.feature("vit-cls")
+    assert [(a.name, a.shape, a.dtype) for a in stored.spec.arrays] == [("cls", (6, 32), "float16"),
+                                                                       ("views", (2, 6, 32), "float16")]
+    assert stored.read("views").shape == (6, 2, 6, 32)
+    np.testing.assert_array_equal(stored.read("cls"), plain.feature("vit-cls").read("cls"))
+    assert not np.array_equal(stored.read("views")[:, 0], stored.read("cls"))
+    records = [sorted((cache / "shapes" / "val" / "_commits" / "vit-cls").glob("*.json"))
+               for cache in (tmp_path / "views", tmp_path / "again")]
+    assert [json.loads(r.read_text())["checksum"] for r in records[0]] == \
+        [json.loads(r.read_text())["checksum"] for r in records[1]]
+    np.testing.assert_array_equal(again.feature("vit-cls").read("views"), stored.read("views"))
+    assert validate_cache(tmp_path / "views")[1] == []

@@ -83,6 +83,7 @@ BAD_MODEL_VALUES = [  # method, override(s), what the one line says: a wrong typ
     ("epalm", ["model.num_levels=0"], "model.num_levels: should be greater than or equal to 1, got 0"),
     ("epalm", ["model.num_level=2"], "model.num_level: unknown key (known: lm, lm_revision, variant,"),
     ("epalm", ["model.lm=null"], "model.lm: should be a valid string, got None"),
+    ("epalm", ["model.views=3"], "model.views: should be a valid boolean, got 3"),
     ("prismer", ["model.expert_lr=fast"], "model.expert_lr: should be a valid number, got 'fast'"),
     ("prismer", ["model.augment.flip=sometimes"], "model.augment.flip: should be a valid boolean, got 'sometimes'"),
     ("prismer", ["model.augment.randaugment_magnitude=30"],
@@ -95,6 +96,9 @@ BAD_MODEL_VALUES = [  # method, override(s), what the one line says: a wrong typ
     ("mope", ["model.routing=top2"], "model.routing: should be 'dense' or 'top1', got 'top2'"),
     ("mope", ["model.prompts=[static,deep]"], "model.prompts: should be 'static', 'dynamic' or 'mapped', got 'deep'"),
     ("mope", ["model.num_experts_typo=3"], "model.num_experts_typo: unknown key (known: prompts,"),
+    ("mope", ["model.views=2"], "model.views: should be a valid boolean, got 2"),
+    ("mope", ["model.views=true", "model.complementary=null"],
+     "model: views=true reads the complementary embedding's cached views, but complementary is null"),
 ]
 
 

@@ -22,6 +22,7 @@ from precompute.engine import RunConfig, run
 from precompute.sources.mmimdb import GENRES
 from precompute.sources.shapes import MATERIAL_TEMPLATES, MATERIALS
 from trainer.config import ConfigError, TrainConfig
+from trainer.data import pick_view, train_batches, training_examples
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
 
@@ -40,7 +41,8 @@ def precompute(cache: Path, source: str, split: str, experts: str, models: dict[
                               models={k: str(v) for k, v in models.items()}, shard_size=32, batch_size=16,
                               source_options=source_options,
                               expert_options={"rgb": {"resolution": 32}, "text-cls": {"max_length": MAX_LENGTH},
-                                              "text-tokens": {"max_length": MAX_LENGTH}}), progress=False)
+                                              "text-tokens": {"max_length": MAX_LENGTH}, "image-pooled": {"views": 2}}),
+              progress=False)
     assert all(not s.shards_failed for s in summaries)
 
 
@@ -147,6 +149,31 @@ def test_routing_statistics_are_what_evaluate_returns_not_state_kept_on_the_meth
 def test_text_main_modality_prompts_the_text_encoder_with_the_image_embedding(shapes_cache, bert_dir, tmp_path):
     metrics = fit(make_config(shapes_cache, tmp_path / "run", bert_dir, modality="text", eval_every=0), progress=False)
     assert "accuracy" in metrics and "routing_entropy" in metrics
+
+
+def test_text_main_modality_trains_on_the_image_embeddings_cached_views(shapes_cache, bert_dir, tmp_path):
+    """`model.views=true` with image-pooled views=2 (the fixture's): each epoch, each sample's
+    complementary embedding is its clean one or one of its 2 views, `pick_view`'s draw; evaluation
+    reads the clean one; and it trains."""
+    config = make_config(shapes_cache, tmp_path / "run", bert_dir, modality="text", eval_every=0, views=True)
+    method = get_method(config)
+    reader = SplitReader(shapes_cache, "shapes", "train")
+    method.check_cache(reader)
+    stored = reader.feature("image-pooled")
+    state = {"epoch": 0, "batch_in_epoch": 0}
+    views = set()
+    for batch in train_batches(training_examples(reader, method, config), method, config, state):
+        if state["epoch"] == 2:
+            break
+        for item, embedding in zip(batch["items"], batch["complementary"]):
+            view = pick_view(config.seed, item["key"], state["epoch"], 3)
+            row = stored.get_by_key(item["key"])
+            torch.testing.assert_close(embedding, torch.from_numpy(row["pooled"] if view == 0 else row["views"][view - 1]).float())
+            views.add(view)
+    assert views == {0, 1, 2}
+    assert "complementary" in method.feature_fields() and method.feature_fields()["complementary"] == "image-pooled/pooled"
+    metrics = fit(config, progress=False)
+    assert "accuracy" in metrics
 
 
 @pytest.mark.parametrize("variant, model", [

@@ -19,19 +19,22 @@ from cache_schema.torch_data import ShardStream
 from precompute.sources.shapes import ShapesSource
 from trainer.checkpoint import load_trainable, trainable_state
 from trainer.config import ConfigError, TrainConfig, load_config
-from trainer.data import training_examples
+from trainer.data import eval_examples, pick_view, train_batches, training_examples
 from trainer.loop import evaluate_checkpoint, fit
 from trainer.methods import MethodError, get_method
 
 LEVELS, WIDTH = 4, 16
 
 
-def write_shapes_cache(root: Path | str, split: str, num: int, invalid: set[int] = frozenset(), format: str = "zarr") -> None:
-    """Shapes annotations + a `vit-cls` feature written straight through the cache contract (no Ray)."""
+def write_shapes_cache(root: Path | str, split: str, num: int, invalid: set[int] = frozenset(), format: str = "zarr",
+                       views: int = 0) -> None:
+    """Shapes annotations + a `vit-cls` feature written straight through the cache contract (no Ray);
+    with `views`, as many augmented views per sample beside it (random, like the clean tokens)."""
     samples = ShapesSource(None, split, num=num).samples()
     plan = SplitPlan("shapes", split, [s.key for s in samples], [s.annotations for s in samples], shard_size=16)
-    spec = FeatureSpec("vit-cls", "vit-cls", "test-vit", "r0", "p0", (ArraySpec("cls", "float16", (LEVELS, WIDTH)),),
-                       {"layers": [2, 3, 4, 5]})
+    arrays = (ArraySpec("cls", "float16", (LEVELS, WIDTH)),) + ((ArraySpec("views", "float16", (views, LEVELS, WIDTH)),)
+                                                                if views else ())
+    spec = FeatureSpec("vit-cls", "vit-cls", "test-vit", "r0", "p0", arrays, {"layers": [2, 3, 4, 5]})
     writer = CacheWriter(root, format=format)
     writer.prepare_split(plan)
     writer.prepare_feature(plan, spec)
@@ -41,8 +44,11 @@ def write_shapes_cache(root: Path | str, split: str, num: int, invalid: set[int]
         cls = rng.standard_normal((stop - start, LEVELS, WIDTH)).astype(np.float16)
         valid = np.array([i not in invalid for i in range(start, stop)])
         cls[~valid] = 0
+        stored = {"cls": cls}
+        if views:
+            stored["views"] = rng.standard_normal((stop - start, views, LEVELS, WIDTH)).astype(np.float16)
         invalid_keys = {plan.keys[i]: "corrupt" for i in range(start, stop) if i in invalid}
-        writer.write_shard("shapes", split, spec, shard, start, plan.shard_keys(shard), {"cls": cls}, valid,
+        writer.write_shard("shapes", split, spec, shard, start, plan.shard_keys(shard), stored, valid,
                            invalid_keys, 0.1, "cpu")
 
 
@@ -184,6 +190,62 @@ def test_missing_feature_and_misfit_spec_fail_before_training(cache, tiny_lm_dir
     result = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--cache", str(tmp_path / "nowhere"),
                              f"model.lm={tiny_lm_dir}"], capture_output=True, text=True)
     assert result.returncode == 2 and "no cache.json" in result.stderr
+
+
+@pytest.mark.parametrize("format", ["zarr", "wds"])
+def test_views_one_seeded_draw_per_sample_and_epoch_and_evaluation_reads_the_clean_feature(tiny_lm_dir, tmp_path, format):
+    """`model.views=true` over a cache with 3 views: every epoch has as many examples as without views;
+    each sample trains on one of its clean [CLS] stack and 3 views, `pick_view(seed, key, epoch, 4)`,
+    the same for all its questions, whatever the order (Zarr's sampler or the WebDataset stream); a
+    rerun draws the same, another seed or epoch draws otherwise; evaluation never reads the views."""
+    cache = tmp_path / "cache"
+    write_shapes_cache(cache, "train", 24, invalid={3}, format=format, views=3)
+    write_shapes_cache(cache, "val", 8, format=format)
+    reader = SplitReader(cache, "shapes", "train")
+    stored = {"cls": reader.feature("vit-cls").read("cls"), "views": reader.feature("vit-cls").read("views")}
+
+    def epochs(seed: int, views: bool = True) -> list[list[dict]]:
+        config = make_config(cache, tmp_path / "run", tiny_lm_dir, seed=seed, batch_size=8,
+                             model={"lm": str(tiny_lm_dir), "num_levels": 2, "views": views})
+        method = get_method(config)
+        train_set = training_examples(reader, method, config)
+        state = {"epoch": 0, "batch_in_epoch": 0}
+        seen: list[list[dict]] = [[], []]
+        for batch in train_batches(train_set, method, config, state):
+            if state["epoch"] == 2:
+                break
+            for item, visual in zip(batch["items"], batch["visual"]):
+                seen[state["epoch"]].append({**item, "visual": visual})
+        return seen
+
+    plain, drawn = epochs(0, views=False), epochs(0)
+    assert [len(epoch) for epoch in drawn] == [len(epoch) for epoch in plain] and len(drawn[0]) >= 48
+    for epoch, items in enumerate(drawn):
+        per_sample: dict[str, set[int]] = {}
+        for item in items:
+            index = reader.keys.index(item["key"])
+            assert item["view"] == pick_view(0, item["key"], epoch, 4)
+            expected = stored["cls"][index] if item["view"] == 0 else stored["views"][index, item["view"] - 1]
+            torch.testing.assert_close(item["visual"], torch.from_numpy(expected).float())
+            per_sample.setdefault(item["key"], set()).add(item["view"])
+        assert all(len(views) == 1 for views in per_sample.values())
+    first = {item["key"]: item["view"] for item in drawn[0]}
+    second = {item["key"]: item["view"] for item in drawn[1]}
+    assert set(first.values()) == {0, 1, 2, 3} and first != second
+    assert [[item["view"] for item in epoch] for epoch in epochs(0)] == [[item["view"] for item in epoch] for epoch in drawn]
+    assert {item["key"]: item["view"] for item in epochs(1)[0]} != first
+
+    method = get_method(make_config(cache, tmp_path / "run", tiny_lm_dir, model={"lm": str(tiny_lm_dir), "views": True}))
+    evaluation = eval_examples(SplitReader(cache, "shapes", "val"), method, make_config(cache, tmp_path, tiny_lm_dir))
+    assert set(method.feature_fields()) == {"visual"} and all("visual.views" not in evaluation[i] for i in range(3))
+
+
+def test_views_on_a_cache_without_them_are_refused_naming_the_feature(cache, tiny_lm_dir, tmp_path):
+    config = make_config(cache, tmp_path / "run", tiny_lm_dir, model={"lm": str(tiny_lm_dir), "num_levels": 2, "views": True})
+    with pytest.raises(MethodError, match="epalm: model.views=true, but shapes/train caches no augmented views of "
+                                          "'vit-cls' \\(precompute it with --expert-opt views=N\\)"):
+        fit(config, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_file_and_overrides(tmp_path):

@@ -5,6 +5,7 @@ TimeSformer, AST and OPT loaded by path."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from precompute.engine import RunConfig, run
 from test_expert_video_audio import save_tiny_ast, save_tiny_timesformer
 from test_media import write_csv, write_json, write_tone, write_video
 from trainer.config import TrainConfig
+from trainer.data import check_views, train_batches, training_examples
 from trainer.loop import fit
 from trainer.methods import MethodError, get_method
 
@@ -74,9 +76,9 @@ CAPTIONS = ["a red circle", "a blue square"]
 
 
 def test_epalm_trains_on_cached_augmented_audio_views(tmp_path, tiny_lm_dir, ray_local):
-    """`ast-cls` with views=2 -> `model.views=true`: every training caption once per view (clean +
-    2), the view's own [CLS] stack in the batch; evaluation reads the clean one. A cache without views
-    is refused by name."""
+    """`ast-cls` with views=2 -> `model.views=true`: an epoch has as many examples as without views,
+    each clip's captions read one of its clean [CLS] stack and its 2 masked ones (trainer/data.py's
+    seeded draw); evaluation reads the clean one. A cache without views is refused by name."""
     root, cache, plain = tmp_path / "audiocaps", tmp_path / "cache", tmp_path / "plain"
     write_audiocaps(root, {"train": 4, "val": 2})
     model = save_tiny_ast(tmp_path / "ast")
@@ -92,16 +94,18 @@ def test_epalm_trains_on_cached_augmented_audio_views(tmp_path, tiny_lm_dir, ray
 
     method = get_method(config)
     reader = SplitReader(cache, "audiocaps", "train")
-    method.check_cache(reader)
-    method.restore_state(method.derive_state(reader))  # the number of cached views
-    examples = reader.torch_dataset(method.feature_fields(), lambda a: method.expand(a, train=True))
-    assert len(examples) == 3 * 4 and sorted(e["view"] for _, e in examples.examples) == [0] * 4 + [1] * 4 + [2] * 4
-    items = [examples[i] for i in range(len(examples))]
-    batch = method.collate(items)
-    for item, visual in zip(items, batch["visual"]):
-        expected = item["visual"] if item["view"] == 0 else item["views"][item["view"] - 1]
-        torch.testing.assert_close(visual, torch.from_numpy(expected).float())
-    assert not torch.equal(batch["visual"][0], batch["visual"][4])  # clean and first view of the same clip differ
+    train_set = training_examples(reader, method, config)
+    assert len(train_set) == 4  # one caption per clip, whatever the number of views
+    stored = reader.feature("ast-cls")
+    state = {"epoch": 0, "batch_in_epoch": 0}
+    views = set()
+    for batch in itertools.islice(train_batches(train_set, method, config, state), 8):  # 8 epochs of one batch
+        for item, visual in zip(batch["items"], batch["visual"]):
+            row = stored.get_by_key(item["key"])
+            expected = row["cls"] if item["view"] == 0 else row["views"][item["view"] - 1]
+            torch.testing.assert_close(visual, torch.from_numpy(expected).float())
+            views.add(item["view"])
+    assert views == {0, 1, 2}
     assert {len(method.expand(a, train=False)) for a in reader.annotations} == {1}  # evaluation: clean only
 
     metrics = fit(config, progress=False)
@@ -110,4 +114,4 @@ def test_epalm_trains_on_cached_augmented_audio_views(tmp_path, tiny_lm_dir, ray
     run(RunConfig(experts=["ast-cls"], source="audiocaps", split="train", cache=str(plain), data_root=str(root),
                   models={"ast-cls": str(model)}, shard_size=4, expert_options={"ast-cls": {"levels": 2}}), progress=False)
     with pytest.raises(MethodError, match="caches no augmented views of 'ast-cls'.*--expert-opt views=N"):
-        get_method(config).check_cache(SplitReader(plain, "audiocaps", "train"))
+        check_views(SplitReader(plain, "audiocaps", "train"), get_method(config))

@@ -30,7 +30,7 @@ from cache_schema import Cache, CacheError, SplitReader, open_cache
 from cache_schema.torch_data import CacheDataset, ShardStream
 from trainer.checkpoint import check_resume, find_checkpoint, load_trainable, read_info, save_checkpoint
 from trainer.config import TrainConfig, load_config
-from trainer.data import eval_examples, train_batches, training_examples
+from trainer.data import check_views, eval_examples, train_batches, training_examples
 from trainer.logs import RunLog
 from trainer.methods import MethodError, get_method
 from trainer.methods.base import Method
@@ -111,6 +111,7 @@ def open_splits(config: TrainConfig) -> tuple[Method, str, SplitReader, SplitRea
     source = resolve_source(config, cache)
     train_reader = cache.split(config.train_split, source)
     method.check_cache(train_reader)
+    check_views(train_reader, method)
     eval_reader = None
     if config.eval_split and f"{source}/{config.eval_split}" in cache.splits:
         eval_reader = cache.split(config.eval_split, source)

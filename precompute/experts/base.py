@@ -110,7 +110,7 @@ def uint8_tensor(image: torch.Tensor | Image.Image) -> torch.Tensor:
     return pil_to_tensor(image)
 
 
-def timm_tensor_transform(data_config: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+def timm_tensor_transform(data_config: dict[str, Any], resize: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """timm's own eval transform for `data_config` (resize, crop, normalise) over the uint8 [3, H, W]
     tensors of `Source.load_image_tensor`, so decoding and resizing stay in libjpeg-turbo and
     torch's uint8 kernels, which release the GIL (Pillow's resize holds most of a sample's time).
@@ -120,7 +120,8 @@ def timm_tensor_transform(data_config: dict[str, Any]) -> Callable[[torch.Tensor
     tensors, takes 5x longer: it resizes in float); crop and normalise stay as they are. Against the same
     transform of the same image through Pillow, resized pixels differ by at most two uint8 levels,
     on under 1% of values (tests/test_decode_tensor.py holds the bound), so features made this way
-    carry their own preprocessing hash (`PIXELS`).
+    carry their own preprocessing hash (`PIXELS`). With `resize=False`, only the conversion and
+    normalisation: for images an augmentation has already cropped to the model's input size.
     """
     from timm.data import create_transform
     from torchvision.transforms import Compose, ConvertImageDtype, Resize, ToTensor, v2
@@ -132,7 +133,10 @@ def timm_tensor_transform(data_config: dict[str, Any]) -> Callable[[torch.Tensor
             return v2.Resize(step.size, step.interpolation, step.max_size, step.antialias)
         return step
 
-    return Compose([on_tensors(step) for step in create_transform(**data_config, is_training=False).transforms])
+    steps = [on_tensors(step) for step in create_transform(**data_config, is_training=False).transforms]
+    if not resize:
+        steps = steps[next(i for i, step in enumerate(steps) if isinstance(step, ConvertImageDtype)):]
+    return Compose(steps)
 
 
 def has_processor_config(source: str) -> bool:

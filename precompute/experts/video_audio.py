@@ -26,15 +26,12 @@ audio (AST, AudioSet), so the trainer reads any of them unchanged.
   normalises otherwise (AST's Speech Commands models) is refused, not fed wrong inputs. Its sequence starts with [CLS] and then a
   distillation token (DeiT); its pooler averages the two, but eP-ALM takes position 0, the [CLS],
   and so do we.
-- Augmented audio views. AST trains with SpecAugment (a random frequency band and time span
-  masked each time a clip is seen); a cache stores features, so whatever masking went into them is
-  fixed. `views=V` (default 0) stores, besides the clean [CLS] stack, V masked ones per clip
-  (array "views", [N, V, K, D]; `freqm` 48 / `timem` 192, AST's AudioSet settings), which the
-  trainer can draw on (`model.views=true` in eP-ALM). The trade-off: V views cost V+1 forward
-  passes and V+1 times the storage, and give V+1 fixed augmentations instead of a fresh one per
-  epoch; that helps against overfitting a small dataset, but is not the endless variety of
-  online masking. The masks are seeded by the clip's content and `seed`, so a re-run or resumed
-  run writes the same bytes.
+- Augmented views (precompute/experts/views.py). `views=V` (default 0) stores, besides the clean
+  [CLS] stack, V augmented ones per clip (array "views", [N, V, K, D]), which the trainer draws on
+  (`model.views=true` in eP-ALM). AST's are SpecAugment masks (`freqm` 48 / `timem` 192, AST's
+  AudioSet settings); TimeSformer's are eP-ALM's video recipe, one crop, flip and RandAugment draw
+  per clip view, shared by its frames. Both are seeded by the clip's content and `seed`, so a
+  re-run or resumed run writes the same bytes.
 - `vit-avg-cls` is the baseline that ignores time: the `vit-cls` of each frame (same timm model,
   transform and levels), averaged over the frames in float32. It averages the per-frame float16
   rows, so it equals the mean of what `vit-cls` would store for the frames as images.
@@ -42,7 +39,6 @@ audio (AST, AudioSet), so the trainer reads any of them unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -62,11 +58,21 @@ from transformers import (
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from cache_schema import ArraySpec, FeatureSpec, config_hash, model_revision
+from cache_schema import FeatureSpec, config_hash, model_revision
 from precompute import decode_media
 from precompute.decode import MediaError
 from precompute.experts import ExpertError
 from precompute.experts.base import PIXELS, PROCESSOR_CONFIG, has_processor_config, pretrained_source
+from precompute.experts.views import (
+    VIDEO_RECIPE,
+    VIEWS_HELP,
+    augmentation,
+    check_views,
+    content_digest,
+    draw_views,
+    predict_views,
+    views_spec,
+)
 from precompute.experts.vit_cls import ClsLevelsExpert, VitClsExpert
 from precompute.sources import Sample, Source
 
@@ -147,12 +153,13 @@ class TimesformerClsExpert(EncoderClsExpert):
                    "num_frames sampled frames, float16 [N, K, D] (eP-ALM's video side)")
     default_model = "facebook/timesformer-base-finetuned-k600"
     model_class = TimesformerModel
-    options = {"levels": 6, **FRAME_OPTIONS}
-    option_help = FRAME_HELP
+    options = {"levels": 6, **FRAME_OPTIONS, "views": 0}
+    option_help = {**FRAME_HELP, "views": VIEWS_HELP, "seed": "seed of sampling=random and of the views' draws"}
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)
         check_frame_options(self.name, self.config)
+        check_views(self.name, self.config["views"])
 
     def load(self) -> None:
         self.load_encoder()
@@ -171,9 +178,10 @@ class TimesformerClsExpert(EncoderClsExpert):
             self.processor = VideoMAEImageProcessor(size={"shortest_edge": side},
                                                     crop_size={"height": side, "width": side},
                                                     image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
+        self.augment = augmentation(VIDEO_RECIPE, (config.image_size, config.image_size))
         expected = (config.num_frames, config.num_channels, config.image_size, config.image_size)
         made = tuple(self.preprocess(np.zeros((config.num_frames, 3 * config.image_size, 2 * config.image_size, 3),
-                                              np.uint8)).shape)
+                                              np.uint8)).shape[-4:])
         if made != expected:
             raise ExpertError(f"{self.name}: the image processor of {self.model_ref} makes frames {made[1:]}, but the "
                               f"model's layers assume {expected[1:]} (config.image_size); a processor that does not "
@@ -183,19 +191,39 @@ class TimesformerClsExpert(EncoderClsExpert):
         pixels = {k: v for k, v in self.processor.to_dict().items() if k in PROCESSOR_FIELDS}
         time_embeddings = ("as trained" if self.config["num_frames"] == self.trained_num_frames
                            else f"nearest-interpolated from {self.trained_num_frames}")
-        return self.cls_spec(
-            feature,
-            {"frames": frame_sampling(self.config), "image_processor": pixels, "time_embeddings": time_embeddings},
+        preprocessing = {"frames": frame_sampling(self.config), "image_processor": pixels,
+                         "time_embeddings": time_embeddings}
+        views = self.config["views"]
+        if views:
+            preprocessing["views"] = {"views": views, "seed": self.config["seed"], "recipe": VIDEO_RECIPE,
+                                      "rule": "precompute/experts/views.py: draw_views over the frame stack, seeded by "
+                                              "seed + frames digest + view; then the image processor without resize or crop"}
+        spec = self.cls_spec(
+            feature, preprocessing,
             self.model.config.hidden_size, num_frames=self.config["num_frames"], sampling=self.config["sampling"],
             trained_num_frames=self.trained_num_frames, image_processor=self.processor_origin,
         )
+        return views_spec(spec, views)
 
     def read_input(self, source: Source, sample: Sample) -> np.ndarray:
         return read_frames(self.name, self.config, source, sample)
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 [T, H, W, 3] -> float32 [T, 3, S, S], as the image processor prepares one video."""
-        return self.processor(list(frames), return_tensors="pt")["pixel_values"][0]
+        """uint8 [T, H, W, 3] -> float32 [T, 3, S, S], as the image processor prepares one video; with
+        views [1 + views, T, 3, S, S]: the clean clip, then the augmented ones (already cropped to S,
+        so the processor only rescales and normalises them)."""
+        clean = self.processor(list(frames), return_tensors="pt")["pixel_values"][0]
+        if not self.config["views"]:
+            return clean
+        stack = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        drawn = draw_views(stack, self.augment, self.config["views"], self.config["seed"])
+        views = [self.processor(list(view.permute(0, 2, 3, 1).numpy()), do_resize=False, do_center_crop=False,
+                                return_tensors="pt")["pixel_values"][0] for view in drawn]
+        return torch.stack([clean, *views])
+
+    def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        encode = super().predict
+        return predict_views(lambda pixels: encode(pixels, inputs), batch, "cls", self.config["views"])
 
 
 class AstClsExpert(EncoderClsExpert):
@@ -206,14 +234,15 @@ class AstClsExpert(EncoderClsExpert):
     model_class = ASTModel
     options = {"levels": 6, "views": 0, "freqm": 48, "timem": 192, "seed": 0}
     option_help = {"levels": FRAME_HELP["levels"],
-                   "views": "SpecAugment-masked copies stored per clip beside the clean [CLS] (0: none)",
+                   "views": VIEWS_HELP + ": SpecAugment masks",
                    "freqm": "widest masked band of mel bins (AST's AudioSet setting)",
                    "timem": "widest masked span of frames (AST's AudioSet setting)",
                    "seed": "seed of the masks (with each clip's digest: a rerun writes the same bytes)"}
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)
-        for option in ("views", "freqm", "timem"):
+        check_views(self.name, self.config["views"])
+        for option in ("freqm", "timem"):
             if self.config[option] < 0:
                 raise ExpertError(f"{self.name}: {option} must be at least 0, got {self.config[option]}")
 
@@ -259,9 +288,8 @@ class AstClsExpert(EncoderClsExpert):
                    "seed": self.config["seed"], "rule": "decode_media.mask_fbank, rng seeded by seed + clip digest"}
         spec = self.cls_spec(feature, {"audio": audio, "fbank": fbank, "token": 0, "spec_augment": masking},
                              config.hidden_size, num_mel_bins=config.num_mel_bins, max_length=config.max_length,
-                             views=views, freqm=self.config["freqm"], timem=self.config["timem"])
-        clean = spec.array("cls")
-        return replace(spec, arrays=(clean, ArraySpec("views", clean.dtype, (views, *clean.shape))))
+                             freqm=self.config["freqm"], timem=self.config["timem"])
+        return views_spec(spec, views)
 
     def read_input(self, source: Source, sample: Sample) -> np.ndarray:
         load_audio = getattr(source, "load_audio", None)
@@ -279,17 +307,14 @@ class AstClsExpert(EncoderClsExpert):
         features = self.extractor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0]
         if not self.config["views"]:
             return torch.from_numpy(features)
-        digest = hashlib.blake2b(np.ascontiguousarray(waveform, np.float32).tobytes(), digest_size=8).digest()
-        rng = np.random.default_rng([self.config["seed"], int.from_bytes(digest, "little")])
+        rng = np.random.default_rng([self.config["seed"], content_digest(np.asarray(waveform, np.float32))])
         views = [decode_media.mask_fbank(features, rng, self.config["freqm"], self.config["timem"])
                  for _ in range(self.config["views"])]
         return torch.from_numpy(np.stack([features, *views]))
 
     def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        if not self.config["views"]:
-            return super().predict(batch, inputs)
-        cls = super().predict(batch.flatten(0, 1), inputs)["cls"].reshape(*batch.shape[:2], len(self.layers), -1)
-        return {"cls": cls[:, 0], "views": cls[:, 1:]}
+        encode = super().predict
+        return predict_views(lambda spectrograms: encode(spectrograms, inputs), batch, "cls", self.config["views"])
 
 
 class VitAvgClsExpert(VitClsExpert):
@@ -307,7 +332,8 @@ class VitAvgClsExpert(VitClsExpert):
         per_frame = super().spec(feature)
         return replace(
             per_frame,
-            preprocess_hash=config_hash({"data_config": self.data_config, "pixels": PIXELS, "frames": frame_sampling(self.config),
+            preprocess_hash=config_hash({"data_config": self.data_config, "pixels": PIXELS,
+                                         "frames": frame_sampling(self.config),
                                          "pooling": "float32 mean over frames of the float16 per-frame [CLS]"}),
             params={**per_frame.params, "num_frames": self.config["num_frames"], "sampling": self.config["sampling"],
                     "frame_pooling": "mean"},
@@ -317,9 +343,10 @@ class VitAvgClsExpert(VitClsExpert):
         return read_frames(self.name, self.config, source, sample)
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 [T, H, W, 3] -> [T, 3, S, S], each frame through the ViT's own eval transform (on uint8
-        tensors, as vit-cls resizes images)."""
-        return torch.stack([self.transform(torch.from_numpy(frame).permute(2, 0, 1)) for frame in frames])
+        """uint8 [T, H, W, 3] -> [T, 3, S, S], each frame through the ViT's own eval transform, as
+        `vit-cls` prepares an image (on its uint8 tensor)."""
+        as_image = super().preprocess
+        return torch.stack([as_image(frame) for frame in torch.from_numpy(frames).permute(0, 3, 1, 2)])
 
     def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         per_frame = super().predict(batch.flatten(0, 1), inputs)["cls"]

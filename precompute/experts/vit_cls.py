@@ -2,7 +2,8 @@
 
 eP-ALM feeds the [CLS] of encoder levels 7-12 of ViT-B into a frozen OPT. Each token is taken
 after the encoder's final LayerNorm (as the authors do), so every level lives in the same
-normalised space as the encoder's own output. Stored float16 as [N, K, D].
+normalised space as the encoder's own output. Stored float16 as [N, K, D]; with `views=V`, also V
+augmented views per image as `views` [N, V, K, D] (eP-ALM's training recipe; precompute/experts/views.py).
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from timm.data import resolve_data_config
 
 from cache_schema import ArraySpec, FeatureSpec, config_hash
 from precompute.experts import ExpertError
-from precompute.experts.base import PIXELS, Expert, timm_tensor_transform, uint8_tensor
+from precompute.experts.base import Expert
+from precompute.experts.views import VIEW_SEED_HELP, VIEWS_HELP, TimmImageViews, predict_views, views_spec
 from precompute.sources import Sample, Source
 
 
@@ -47,27 +47,29 @@ class ClsLevelsExpert(Expert):
         )
 
 
-class VitClsExpert(ClsLevelsExpert):
+class VitClsExpert(TimmImageViews, ClsLevelsExpert):
     name = "vit-cls"
     description = "per-layer [CLS] of a frozen timm ViT after its final LayerNorm, float16 [N, K, D] (eP-ALM)"
     default_model = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    options = {"levels": 6, "views": 0, "seed": 0}
+    option_help = {**ClsLevelsExpert.option_help, "views": VIEWS_HELP, "seed": VIEW_SEED_HELP}
+
     def load(self) -> None:
         self.model = self.load_frozen_timm()
         self.select_levels(len(self.model.blocks))
-        self.data_config = resolve_data_config({}, model=self.model)
-        self.transform = timm_tensor_transform(self.data_config)
+        self.load_transforms(self.model)
 
     def spec(self, feature: str) -> FeatureSpec:
-        return self.cls_spec(feature, {"data_config": self.data_config, "pixels": PIXELS}, self.model.embed_dim)
+        return views_spec(self.cls_spec(feature, self.preprocessing(), self.model.embed_dim), self.views)
 
     def read_input(self, source: Source, sample: Sample) -> torch.Tensor:
         return source.load_image_tensor(sample)
 
-    def preprocess(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
-        return self.transform(uint8_tensor(image))
+    def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return predict_views(self.cls_levels, batch, "cls", self.views)
 
     @torch.inference_mode()
-    def predict(self, batch: torch.Tensor, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def cls_levels(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         model = self.model
         hidden_states = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(batch.to(self.device, self.dtype)))))
         cls_per_level = []

@@ -156,6 +156,13 @@ class Method(ABC):
     def restore_state(self, state: dict[str, Any]) -> None:  # noqa: B027  (optional hook: the default derives nothing)
         """Take back what `derive_state` returned, before `build_model` when evaluating a checkpoint."""
 
+    def view_fields(self) -> dict[str, str]:
+        """Batch field -> the cached feature whose augmented views (`--expert-opt views=V`) training may
+        read in that field's place, as the method's `model.views` says: each epoch reads, per sample,
+        one of the clean array and its V views, a seeded draw (trainer/data.py: pick_view). Evaluation
+        reads `feature_fields` alone, the clean features. Default: none."""
+        return {}
+
     def feature_sources(self, reader: SplitReader, usable: Any) -> dict[str, Any]:
         """Batch field -> int array [num_samples]: the sample each sample reads that field from, for
         fields that do not come from the sample itself (a control that swaps inputs between samples);

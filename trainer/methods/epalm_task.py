@@ -5,9 +5,9 @@ read (`model.feature`, default `vit-cls`), how annotations become examples, and 
 metrics (official VQA accuracy for open-ended answers; BLEU/CIDEr for captions).
 
 `model.*` config keys are `EPALMOptions`' fields: the model's (`EPALMConfig`) and the task's
-(`trainer config --method epalm` lists them). With `views` each training example appears once
-with the clean [CLS] stack and once with each cached augmented view, so an epoch sees every view
-once; evaluation reads the clean one.
+(`trainer config --method epalm` lists them). With `views` each epoch trains every example on one
+of its sample's clean [CLS] stack and cached augmented views, a seeded draw per sample and epoch
+(trainer/data.py); evaluation reads the clean one.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ class EPALMOptions(EPALMConfig):
     max_new_tokens: Positive | None = Field(None, description="most tokens generated; null: 10 for vqa, 24 for caption")
     max_length: Positive = Field(64, description="tokens per example (prompt + target), longer ones are cut")
     caption_prompt: str = Field("", description="the text a caption is generated after")
-    views: bool = Field(False, description="train on the feature's cached augmented views too (each once per epoch)")
+    views: bool = Field(False, description="train on the feature's cached augmented views too (--expert-opt views=V): "
+                                           "each epoch, per sample, one of the clean [CLS] stack and its V views, "
+                                           "a seeded draw; evaluation reads the clean one")
     prompt_lr: PositiveFloat | None = Field(None, description="a fixed learning rate for the soft prompt (no warmup, "
                                                               "no decay; the paper: 1e-5 beside the rest's 2e-5 peak); "
                                                               "null: the run's lr and schedule")
@@ -70,16 +72,13 @@ class EPALMMethod(Method):
         self.tokenizer.padding_side = "left"
 
     def feature_fields(self) -> dict[str, str]:
-        arrays = {"visual": f"{self.options.feature}/cls"}
-        if self.options.views:
-            arrays["views"] = f"{self.options.feature}/views"
-        return arrays
+        return {"visual": f"{self.options.feature}/cls"}
+
+    def view_fields(self) -> dict[str, str]:
+        return {"visual": self.options.feature} if self.options.views else {}
 
     def check_cache(self, reader: SplitReader) -> None:
         spec = reader.spec(self.options.feature)
-        if self.options.views and "views" not in {array.name for array in spec.arrays}:
-            raise MethodError(f"epalm: model.views=true, but {reader.source}/{reader.split} caches no augmented "
-                              f"views of {self.options.feature!r} (precompute it with --expert-opt views=N)")
         levels, width = spec.array("cls").shape
         problems = []
         if self.options.visual_dim not in (None, width):
@@ -91,15 +90,6 @@ class EPALMMethod(Method):
                 f"epalm: cached feature {self.options.feature!r} (model {spec.model_id}, layers "
                 f"{spec.params.get('layers')}) does not fit the config: " + "; ".join(problems)
             )
-
-    def derive_state(self, train_reader: SplitReader) -> dict[str, Any]:
-        """With `views`: how many augmented views the training split caches (each is one more example)."""
-        if not self.options.views:
-            return {}
-        return {"num_views": train_reader.spec(self.options.feature).array("views").shape[0]}
-
-    def restore_state(self, state: dict[str, Any]) -> None:
-        self.num_views = state.get("num_views", 0)
 
     def build_model(self, reader: SplitReader) -> nn.Module:
         config = self.options.config_for_model(visual_dim=reader.spec(self.options.feature).array("cls").shape[1])
@@ -138,17 +128,13 @@ class EPALMMethod(Method):
             if not train:
                 return [{"prompt": prompt, "references": captions}] if captions else []
             examples = [{"prompt": prompt, "target": " " + c} for c in captions]
-        if train and self.options.views:
-            return [{**example, "view": view} for view in range(1 + self.num_views) for example in examples]
         return examples
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         targets = [item["target"] for item in items] if all("target" in item for item in items) else None
         batch = encode_batch(self.tokenizer, [item["prompt"] for item in items], targets, self.options.max_length)
-        # view 0 is the clean [CLS] stack, view v > 0 the v-th cached augmented one
-        visual = [item["visual"] if item.get("view", 0) == 0 else item["views"][item["view"] - 1] for item in items]
-        batch["visual"] = torch.stack([torch.from_numpy(v).float() for v in visual])
-        batch["items"] = [{k: v for k, v in item.items() if k not in ("visual", "views")} for item in items]
+        batch["visual"] = torch.stack([torch.from_numpy(item["visual"]).float() for item in items])
+        batch["items"] = [{k: v for k, v in item.items() if k != "visual"} for item in items]
         return batch
 
     def _visual(self, model: EPALM, batch: dict[str, Any]) -> torch.Tensor | None:

@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cache_schema import SplitReader, load_timm_model, model_revision
+from cache_schema import VIEWS_ARRAY, SplitReader, load_timm_model, model_revision
 from trainer.config import describe
 from trainer.eval.classification import accuracy, f1_scores
 from trainer.methods.base import Method, MethodError, check_model_ref, load_frozen
@@ -54,6 +54,9 @@ class MoPEOptions(PromptConfig):
     main_feature: str = Field(MODALITIES["image"][1], description=f"the cached main input (text: {MODALITIES['text'][1]})")
     complementary: str | None = Field(MODALITIES["image"][2], description="the cached embedding of the other modality "
                                       f"(text: {MODALITIES['text'][2]}); null: none (single-modality prompt tuning)")
+    views: bool = Field(False, description="train on the complementary embedding's cached augmented views too "
+                                           "(image-pooled --expert-opt views=V): each epoch, per sample, one of the "
+                                           "clean embedding and its V views, a seeded draw; evaluation reads the clean one")
 
     @model_validator(mode="before")
     @classmethod
@@ -63,6 +66,12 @@ class MoPEOptions(PromptConfig):
             defaults = dict(zip(("encoder", "main_feature", "complementary"), MODALITIES[data["modality"]]))
             return defaults | data
         return data
+
+    @model_validator(mode="after")
+    def views_need_a_complementary(self) -> MoPEOptions:
+        if self.views and self.complementary is None:
+            raise ValueError("views=true reads the complementary embedding's cached views, but complementary is null")
+        return self
 
     def config_for_model(self, num_classes: int, multi_label: bool, complementary_dim: int | None) -> MoPEConfig:
         """The model's config: these prompts with what the cache decides."""
@@ -95,6 +104,9 @@ class MoPEMethod(Method):
             fields_["complementary"] = f"{self.complementary}/{self.complementary_array}"
         return fields_
 
+    def view_fields(self) -> dict[str, str]:
+        return {"complementary": self.complementary} if self.options.views else {}
+
     def check_cache(self, reader: SplitReader) -> None:
         have = reader.feature_names
         for name in [self.main_feature, self.complementary]:
@@ -102,7 +114,7 @@ class MoPEMethod(Method):
                 raise MethodError(f"mope: the cache has no {name!r} feature for {reader.source}/{reader.split} "
                                   f"(it has: {', '.join(have) or 'none'}); precompute it with `--expert {name}`")
         if self.complementary:
-            arrays = reader.spec(self.complementary).arrays
+            arrays = [array for array in reader.spec(self.complementary).arrays if array.name != VIEWS_ARRAY]
             if len(arrays) != 1 or len(arrays[0].shape) != 1:
                 raise MethodError(f"mope: model.complementary={self.complementary!r} must hold one embedding per sample "
                                   f"([D]); it holds {[(a.name, a.shape) for a in arrays]}")
@@ -135,7 +147,8 @@ class MoPEMethod(Method):
 
     def build_model(self, reader: SplitReader) -> nn.Module:
         encoder = self._load_encoder().eval()
-        complementary_dim = reader.spec(self.complementary).arrays[0].shape[0] if self.complementary else None
+        complementary_dim = (reader.spec(self.complementary).array(self.complementary_array).shape[0]
+                             if self.complementary else None)
         try:
             config = self.options.config_for_model(len(self.classes), self.multi_label, complementary_dim)
         except ValidationError as e:

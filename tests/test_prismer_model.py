@@ -62,17 +62,38 @@ def open_gates(model: Prismer, value: float = 0.5) -> Prismer:
     return model
 
 
-def test_vision_tokens_are_the_rgb_tokens_whatever_the_experts(tiny_roberta_dir):
-    """The latents travel through the ViT but the decoder reads the [CLS] + patch tokens only."""
+def test_the_decoder_reads_the_rgb_tokens_then_the_latents_whatever_the_experts(tiny_roberta_dir):
+    """The latents travel through the ViT beside the [CLS] + patch tokens; the decoder reads both
+    (the latents through its own zero-started reader), or the RGB tokens only when told not to."""
     rgb = torch.randn(2, 3, IMAGE, IMAGE)
     grid_tokens = (IMAGE // 8) ** 2
     for experts in ([], SIX_EXPERTS[:1], SIX_EXPERTS[:3], SIX_EXPERTS):
         model = open_gates(tiny_prismer(tiny_roberta_dir, experts)).eval()
-        tokens = model.vision(rgb, expert_inputs(experts, 2))
-        assert tokens.shape == (2, 1 + grid_tokens, WIDTH)
+        tokens, latents = model.vision(rgb, expert_inputs(experts, 2))
+        assert tokens.shape == (2, 1 + grid_tokens, WIDTH) and latents.shape == (2, 8, WIDTH)
+        assert model.encode_image(rgb, expert_inputs(experts, 2)).shape == (2, 1 + grid_tokens + 8, WIDTH)
         assert model.vision.resampler is not None and len(model.vision.readouts) == 2
+    rgb_only = tiny_prismer(tiny_roberta_dir, SIX_EXPERTS, decoder_reads_latents=False)
+    assert rgb_only.encode_image(rgb, expert_inputs(SIX_EXPERTS, 2)).shape == (2, 1 + grid_tokens, WIDTH)
+    assert not any(".latent_reader." in name for name, _ in rgb_only.named_parameters())
     bare = tiny_prismer(tiny_roberta_dir, [], baseline_latents=False)
     assert bare.vision.resampler is None and bare.vision.readouts is None
+    assert bare.vision(rgb, {})[1] is None and bare.encode_image(rgb, {}).shape == (2, 1 + grid_tokens, WIDTH)
+
+
+def test_through_the_decoders_reader_alone_the_answer_depends_on_the_expert_labels(tiny_roberta_dir):
+    """With the ViT's read-outs shut (the RGB tokens are the frozen ViT's), an open decoder reader
+    still carries the labels to the logits: the release's route, the decoder reading the latents."""
+    model = tiny_prismer(tiny_roberta_dir).eval()
+    with torch.no_grad():
+        for layer in model.lm.roberta.encoder.layer:
+            layer.crossattention.latent_reader.readout.weight.copy_(torch.eye(WIDTH))
+        rgb, ids = torch.randn(2, 3, IMAGE, IMAGE), torch.randint(4, 20, (2, 6))
+        first = model(rgb, expert_inputs(SIX_EXPERTS, 2, seed=0), ids, torch.ones_like(ids)).logits
+        second = model(rgb, expert_inputs(SIX_EXPERTS, 2, seed=1), ids, torch.ones_like(ids)).logits
+        assert torch.allclose(model.vision(rgb, expert_inputs(SIX_EXPERTS, 2))[0], tiny_vit().eval().forward_features(rgb),
+                              atol=1e-6)
+    assert not torch.allclose(first, second, atol=1e-4)
 
 
 def shared_weights_from(source: Prismer, target: Prismer) -> None:
@@ -95,7 +116,7 @@ def test_with_and_without_experts_start_as_the_same_pretrained_model(tiny_robert
             getattr(baseline, mode)(), getattr(with_experts, mode)()
             reference = baseline(rgb, {}, ids, torch.ones_like(ids)).logits
             assert torch.equal(with_experts(rgb, labels, ids, torch.ones_like(ids)).logits, reference)
-        assert torch.allclose(with_experts.vision(rgb, labels), tiny_vit().eval().forward_features(rgb), atol=1e-6)
+        assert torch.allclose(with_experts.vision(rgb, labels)[0], tiny_vit().eval().forward_features(rgb), atol=1e-6)
         # the latents do differ between the arms: only the zero read-out keeps them out
         assert not torch.allclose(with_experts.vision.latents(2, labels, rgb.new_zeros(2, 1, WIDTH)),
                                   baseline.vision.latents(2, {}, rgb.new_zeros(2, 1, WIDTH)))
@@ -104,15 +125,17 @@ def test_with_and_without_experts_start_as_the_same_pretrained_model(tiny_robert
     loss = with_experts(rgb, labels, ids, torch.ones_like(ids), labels=ids).loss
     loss.backward()
     assert all(readout.weight.grad.abs().max() > 0 for readout in with_experts.vision.readouts)
+    readers = [layer.crossattention.latent_reader.readout for layer in with_experts.lm.roberta.encoder.layer]
+    assert all(reader.weight.grad.abs().max() > 0 for reader in readers)
     optimizer.step()
     assert all(readout.weight.abs().max() > 0 for readout in with_experts.vision.readouts)
     with torch.no_grad():
         with_experts.eval(), baseline.eval()
-        after = with_experts.vision(rgb, labels)
-        before = baseline.vision(rgb, {})
+        after = with_experts.vision(rgb, labels)[0]
+        before = baseline.vision(rgb, {})[0]
         assert not torch.allclose(after, before, atol=1e-4)
         # and what moved it is the expert input: other labels now give other tokens
-        assert not torch.allclose(after, with_experts.vision(rgb, expert_inputs(SIX_EXPERTS, 2, seed=1)), atol=1e-6)
+        assert not torch.allclose(after, with_experts.vision(rgb, expert_inputs(SIX_EXPERTS, 2, seed=1))[0], atol=1e-6)
 
 
 def test_trainable_budget_differs_between_the_arms_by_the_expert_stems_only(tiny_roberta_dir):
@@ -130,7 +153,7 @@ def test_adaptors_start_as_the_identity(tiny_roberta_dir):
     model = tiny_prismer(tiny_roberta_dir, experts=[]).eval()
     rgb = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
-        assert torch.allclose(model.vision(rgb, {}), tiny_vit().eval().forward_features(rgb), atol=1e-6)
+        assert torch.allclose(model.vision(rgb, {})[0], tiny_vit().eval().forward_features(rgb), atol=1e-6)
 
 
 def test_id_maps_become_each_pixels_vector_and_nothing_is_zero():

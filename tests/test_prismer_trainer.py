@@ -172,7 +172,7 @@ def test_no_experts_is_the_rgb_only_baseline_with_the_same_latents(cache, tiny_v
 
 
 def test_expert_lr_gives_the_expert_side_its_own_rate(cache, tiny_vit_dir, tiny_roberta_dir, tmp_path):
-    """model.expert_lr: stems, resampler, read-outs and instance embeddings in one group at that rate,
+    """model.expert_lr: stems, resampler, read-outs, the decoder's latent readers and instance embeddings in one group at that rate,
     every other trained part at `lr`; together exactly the trainable parameters. A bad value is refused."""
     method = get_method(make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir, expert_lr=5e-3))
     model = method.build_model(SplitReader(cache, "shapes", "train"))
@@ -180,7 +180,9 @@ def test_expert_lr_gives_the_expert_side_its_own_rate(cache, tiny_vit_dir, tiny_
     assert (rest["lr"], expert_side["lr"]) == (1e-3, 5e-3)
     expert_ids = {id(p) for p in expert_side["params"]}
     assert expert_ids == {id(p) for p in [*model.vision.stems.parameters(), *model.vision.resampler.parameters(),
-                                          *model.vision.readouts.parameters(), model.vision.instance_embedding]}
+                                          *model.vision.readouts.parameters(), model.vision.instance_embedding,
+                                          *(p for layer in model.lm.roberta.encoder.layer
+                                            for p in layer.crossattention.latent_reader.parameters())]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert expert_ids | {id(p) for p in rest["params"]} == trainable and not expert_ids & {id(p) for p in rest["params"]}
     assert len(get_method(make_config(cache, tmp_path, tiny_vit_dir, tiny_roberta_dir)).param_groups(model)) == 1

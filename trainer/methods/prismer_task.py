@@ -189,8 +189,11 @@ class PrismerMethod(Method):
             return super().param_groups(model)
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         prefixes = ("vision.stems.", "vision.resampler.", "vision.readouts.", "vision.instance_embedding")
-        expert_side = [p for name, p in trainable if name.startswith(prefixes)]
-        rest = [p for name, p in trainable if not name.startswith(prefixes)]
+        def expert_part(name: str) -> bool:
+            return name.startswith(prefixes) or ".latent_reader." in name
+
+        expert_side = [p for name, p in trainable if expert_part(name)]
+        rest = [p for name, p in trainable if not expert_part(name)]
         return [{"params": rest, "lr": self.config.lr}, {"params": expert_side, "lr": self.options.expert_lr}]
 
     def derive_state(self, train_reader: SplitReader) -> dict[str, Any]:

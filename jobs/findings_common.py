@@ -7,7 +7,7 @@ ordinary `trainer fit` + `trainer eval` into OUT/findings-runs/<paper>/<arm>/see
 eval metrics exist is skipped (the job resumes where it stopped), and one made with another config,
 overrides or split is refused. jobs/findings_prismer.py, findings_epalm.py and findings_mope.py
 import this; `python3 jobs/findings_common.py arms PAPER` prints a paper's arms (jobs/findings.sh
-routes `--arms` with it).
+routes `--arms` with it), `quick-arms PAPER` the ones `--quick` runs.
 """
 
 from __future__ import annotations
@@ -196,11 +196,14 @@ def write_atomic(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
-def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_for: Any, render: Any) -> int:
+def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_for: Any, render: Any,
+              figures: Any = None) -> int:
     """The job of one paper whose arms are `arms_for(OUT)`: name -> {"config": Path, "overrides":
     [...]} or {"same_as": another arm} (the same configuration: its rows are copied under this name,
     said in the table). `rows_for(arm, seed, run_dir, made, split)` reads one finished run's rows; `render(rows,
-    runs, meta)` the markdown. Writes FINDINGS/<paper>.json and .md; exit 2 on bad input, 1 if a run fails."""
+    runs, meta)` the markdown; `figures(OUT, FINDINGS, rows)`, if given, draws the paper's plots into
+    FINDINGS and returns their paths. Writes FINDINGS/<paper>.json and .md; exit 2 on bad input, 1 if a
+    run fails."""
     import argparse
     import os
 
@@ -245,30 +248,34 @@ def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_
         findings = Path(args.findings)
         write_atomic(findings / f"{paper}.json", json.dumps({"rows": rows, "runs": runs}, indent=1) + "\n")
         write_atomic(findings / f"{paper}.md", render(rows, runs, meta) + "\n")
+        drawn = figures(out, findings, rows) if figures is not None else []
     except BadInput as e:
         print(f"findings: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         print(f"findings: {e}", file=sys.stderr)
         return 1
-    print(f"findings: wrote {findings / f'{paper}.json'} and {findings / f'{paper}.md'}")
+    for path in [findings / f"{paper}.json", findings / f"{paper}.md", *drawn]:
+        print(f"findings: wrote {path}")
     return 0
 
 
-def paper_arms(paper: str) -> list[str]:
-    """A paper's arms, from its findings module (jobs/findings_<paper>.py's ARMS)."""
+def paper_arms(paper: str, quick: bool = False) -> list[str]:
+    """A paper's arms, from its findings module (jobs/findings_<paper>.py's ARMS); with `quick` the
+    ones `--quick` runs (its QUICK_ARMS, one arm of each kind, where it names them; else all)."""
     if paper not in PAPERS:
         raise BadInput(f"unknown paper {paper!r}; known: {', '.join(PAPERS)}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    return list(importlib.import_module(f"findings_{paper}").ARMS)
+    module = importlib.import_module(f"findings_{paper}")
+    return list(getattr(module, "QUICK_ARMS", module.ARMS) if quick else module.ARMS)
 
 
-if __name__ == "__main__":  # `arms PAPER`: the paper's arms, comma-separated (for jobs/findings.sh)
-    if len(sys.argv) != 3 or sys.argv[1] != "arms":
-        print("usage: findings_common.py arms PAPER", file=sys.stderr)
+if __name__ == "__main__":  # `arms|quick-arms PAPER`: the paper's arms, comma-separated (for jobs/findings.sh)
+    if len(sys.argv) != 3 or sys.argv[1] not in ("arms", "quick-arms"):
+        print("usage: findings_common.py arms|quick-arms PAPER", file=sys.stderr)
         sys.exit(2)
     try:
-        print(",".join(paper_arms(sys.argv[2])))
+        print(",".join(paper_arms(sys.argv[2], quick=sys.argv[1] == "quick-arms")))
     except BadInput as e:
         print(f"findings: {e}", file=sys.stderr)
         sys.exit(2)

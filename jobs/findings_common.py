@@ -141,6 +141,16 @@ def fingerprint(config: Path, overrides: list[str]) -> str:
     return hashlib.sha256((config.read_text() + "\n".join(overrides)).encode()).hexdigest()[:16]
 
 
+def one_torch_thread() -> None:
+    """Train and evaluate every arm on one torch thread. The worlds' models are tiny, so a second
+    thread buys little on idle cores, and on a 2-core machine shared with any other process two
+    spinning OpenMP threads crawl: an eP-ALM fit at batch 32 ran 230 examples/s on one thread and
+    8-18 on two beside another job, with the same losses (see the README's findings section)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def run_trainer(arguments: list[str], what: str) -> None:
     """One `trainer` command (its own CLI entry point, in this process: torch and the models' code
     load once for the whole job); a failure is exit 1 naming the run (exit 2 if the trainer called
@@ -219,6 +229,7 @@ def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_
                         help="a trainer config override for every arm (repeatable), e.g. --set max_steps=20")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    one_torch_thread()
     try:
         out = Path(args.out).expanduser().resolve()
         for needed in (out / "models", out / "cache"):

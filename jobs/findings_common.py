@@ -194,6 +194,26 @@ def train_arm(out: Path, paper: str, arm: str, seed: int, config: Path, override
     return made
 
 
+def train_all(jobs: dict[tuple[str, int], tuple], workers: int) -> dict[tuple[str, int], dict[str, Any]]:
+    """`train_arm(*arguments)` of every job, by its key. Each run trains on one torch thread
+    (`one_torch_thread`); `workers` > 1 runs that many side by side in spawned processes, so a
+    2-core machine trains two arms at once. A failed run stops the job (its error is raised)."""
+    if workers <= 1 or len(jobs) <= 1:
+        one_torch_thread()
+        return {key: train_arm(*arguments) for key, arguments in jobs.items()}
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
+                             initializer=one_torch_thread) as pool:
+        futures = {key: pool.submit(train_arm, *arguments) for key, arguments in jobs.items()}
+        try:
+            return {key: future.result() for key, future in futures.items()}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the runs not yet started
+            raise
+
+
 def read_predictions(path: Path) -> list[dict[str, Any]]:
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -225,11 +245,13 @@ def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_
     parser.add_argument("--arms", default=",".join(names), help=f"comma-separated arms (default all: {','.join(names)})")
     parser.add_argument("--split", default="test", help="the held-out split every arm is scored on (default test)")
     parser.add_argument("--findings", default="findings", help=f"where {paper}.json / {paper}.md go (default ./findings)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="runs trained side by side, one process and one torch thread each (default: the usable "
+                             f"CPUs, {len(os.sched_getaffinity(0))} here); the numbers are the same for any number")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a trainer config override for every arm (repeatable), e.g. --set max_steps=20")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    one_torch_thread()
     try:
         out = Path(args.out).expanduser().resolve()
         for needed in (out / "models", out / "cache"):
@@ -240,15 +262,23 @@ def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_
         chosen = parse_arms(args.arms, arms)
         if not chosen:
             raise BadInput("--arms: no arm given")
-        rows: list[dict[str, Any]] = []
-        runs: list[dict[str, Any]] = []
+        if args.workers < 1:
+            raise BadInput(f"--workers must be >= 1, got {args.workers}")
+        jobs = {}  # (arm that is run, seed) -> train_arm's arguments, each once
         for arm in chosen:
-            spec = arms[arm]
-            source = spec.get("same_as", arm)
+            source = arms[arm].get("same_as", arm)
             overrides = [*arms[source]["overrides"], *args.set]
             config = arms[source]["config"]
             for seed in seeds:
-                made = train_arm(out, paper, source, seed, config, overrides, args.split, fingerprint(config, overrides))
+                jobs[(source, seed)] = (out, paper, source, seed, config, overrides, args.split,
+                                        fingerprint(config, overrides))
+        made_by = train_all(jobs, args.workers)
+        rows: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = []
+        for arm in chosen:
+            source = arms[arm].get("same_as", arm)
+            for seed in seeds:
+                made = made_by[(source, seed)]
                 run_dir = out / "findings-runs" / paper / source / f"seed{seed}"
                 rows += [{**row, "arm": arm} for row in rows_for(source, seed, run_dir, made, args.split)]
                 runs.append({"arm": arm, **{k: made.get(k) for k in ("seed", "trainable_parameters", "steps", "seconds",

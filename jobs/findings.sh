@@ -28,7 +28,7 @@ SHARED=()   # for every paper
 PRISMER=()  # Prismer's own options
 while [ $# -gt 0 ]; do
   case "$1" in
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     --out) OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#*=}"; shift ;;
     --paper) PAPERS="$2"; shift 2 ;;

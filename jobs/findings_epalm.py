@@ -19,7 +19,9 @@ The world's sizes are not the paper's: its ViT has 6 blocks (ViT-B: 12) and its 
     inject_input   the last level prepended to the input only (the paper's worst row)
     lin / pt / default / ada   the variants (no extra adapters; ada: adapters instead of the prompt), 3 levels
     video_timesformer / video_vit_avg   shapes-video direction questions from the TimeSformer's [CLS]
-                   or the per-frame ViT [CLS] averaged over the same 4 frames (one frame cannot answer)
+                   or the per-frame ViT [CLS] averaged over the same 4 frames (one frame cannot answer);
+                   their own table, with the group `direction` (the which-way and the is-it-moving-X
+                   questions pooled; `number`, the count, needs no motion)
 The levels/injection arms keep the main job's default variant + adapters (the tiny LM needs both).
 Writes FINDINGS/epalm.json and FINDINGS/epalm.md (format: jobs/findings_common.py).
 """
@@ -37,6 +39,8 @@ from findings_common import read_predictions
 CONFIGS = Path(__file__).resolve().parent / "configs"
 IMAGE, VIDEO = CONFIGS / "epalm_tabletop.yaml", CONFIGS / "epalm_shapes_video.yaml"
 POOLED = ("overall", "expert", "control")
+VIDEO_ARMS = ("video_timesformer", "video_vit_avg")
+DIRECTION_TYPES = ("other", "yes/no")  # shapes-video's which-way and is-it-moving-X questions
 
 
 def arms(out: Path) -> dict[str, dict[str, Any]]:
@@ -63,6 +67,9 @@ def arms(out: Path) -> dict[str, dict[str, Any]]:
 
 
 ARMS = list(arms(Path(".")))
+# `--quick`: one arm of each kind (extraction, injection, the variants, both video features, the alias)
+QUICK_ARMS = ["levels_last6", "levels_last1", "levels_all", "inject_late", "inject_input", "lin", "pt", "default",
+              "ada", *VIDEO_ARMS]
 
 
 def rows_for(arm: str, seed: int, run_dir: Path, made: dict[str, Any], split: str) -> list[dict[str, Any]]:
@@ -71,8 +78,14 @@ def rows_for(arm: str, seed: int, run_dir: Path, made: dict[str, Any], split: st
 
     config = load_config(run_dir / "checkpoint" / "config.yaml", [])
     info = SplitReader(config.cache, config.source, split).header.get("source_info") or {}
-    return common.group_rows(read_predictions(run_dir / "eval" / f"predictions-{split}.jsonl"), arm, seed,
-                             info.get("expert_question_types") or (), info.get("control_question_types") or ())
+    predictions = read_predictions(run_dir / "eval" / f"predictions-{split}.jsonl")
+    rows = common.group_rows(predictions, arm, seed, info.get("expert_question_types") or (),
+                             info.get("control_question_types") or ())
+    if arm in VIDEO_ARMS:
+        direction = [r for r in predictions if r.get("answer_type") in DIRECTION_TYPES]
+        rows += [{**row, "group": "direction"} for row in common.group_rows(direction, arm, seed)
+                 if row["group"] == "overall"]
+    return rows
 
 
 def render(rows: list[dict[str, Any]], runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -82,11 +95,21 @@ def render(rows: list[dict[str, Any]], runs: list[dict[str, Any]], meta: dict[st
              "cells are mean ± std over seeds (sample std, n − 1). The world's ViT has 6 blocks and its OPT 6 layers, "
              "so `last6` is the last half of the ViT's levels (3) and late injection the LM's last 3 layers "
              "(jobs/findings_epalm.py). " + (aliases + "." if aliases else ""),
-             *([f"Overrides for every arm: {' '.join(meta['overrides'])}."] if meta["overrides"] else []), "",
-             common.markdown_table(rows, "vqa_accuracy", ARMS, POOLED), ""]
-    if any(r["arm"] == "levels_last6" for r in rows):
+             *([f"Overrides for every arm: {' '.join(meta['overrides'])}."] if meta["overrides"] else []), ""]
+    image = [r for r in rows if r["arm"] not in VIDEO_ARMS]
+    video = [r for r in rows if r["arm"] in VIDEO_ARMS]
+    if image:
+        parts += ["Extraction, injection and variants (`tabletop`):", "",
+                  common.markdown_table(image, "vqa_accuracy", ARMS, POOLED), ""]
+    if any(r["arm"] == "levels_last6" for r in image):
         parts += ["Difference from `levels_last6` (the paper's choice), paired by seed: mean (min..max).", "",
-                  common.difference_table(rows, "levels_last6", ARMS, POOLED), ""]
+                  common.difference_table(image, "levels_last6", ARMS, POOLED), ""]
+    if video:
+        parts += ["Video (Table 14's analogue, `shapes-video`; `direction`: the questions one frame cannot answer):", "",
+                  common.markdown_table(video, "vqa_accuracy", VIDEO_ARMS, ("overall", "direction")), ""]
+    if len({r["arm"] for r in video}) == 2:
+        parts += ["Difference from `video_timesformer`, paired by seed: mean (min..max).", "",
+                  common.difference_table(video, "video_timesformer", VIDEO_ARMS, ("overall", "direction")), ""]
     budget = {run["arm"]: run.get("trainable_parameters") for run in runs}
     parts += ["Trainable parameters: " + ", ".join(f"{a} {n:,}" for a, n in budget.items() if n) + ".", ""]
     return "\n".join(parts)

@@ -10,7 +10,8 @@ is a yes/no instruction about the scene: the text changes how the image must be 
 chance. Every arm starts from jobs/configs/mope_tabletop.yaml (source overridden) and is scored once,
 on --split: `accuracy` overall and per instruction type; with dynamic prompts also `importance_cv`
 (the routing's coefficient of variation of expert importance, mean over layers, on --split), and
-every arm `step_time_ms` (fit wall time / steps, model loading included).
+every arm `step_time_ms` (training wall time per step, from the run's logged examples/s: loading and
+evaluation left out).
 
 Arms:
     mope               static + dynamic + mapped, k = 16, l = 6 (the paper's default)
@@ -47,6 +48,10 @@ COMBINATIONS = ["+".join(c) for n in (1, 2, 3) for c in combinations(KINDS, n)]
 SAME = {"static": "p_image_only", "static+mapped": "p_sequentialfuse", "static+dynamic+mapped": "mope"}
 LENGTHS = {4: 10, 8: 18, 16: 34}  # (k + 1) * 6 + 1 == 3 * l + 1
 IMPORTANCE_ARMS = ("mope", "mope_no_importance")
+# `--quick`: one arm of each kind (every baseline, a prompt combination, the aliases, a scaling row of
+# each sort, the routing pair), so every code path runs in minutes
+QUICK_ARMS = ["mope", "p_sequentialfuse", "p_lateconcat", "p_image_only", "p_text_only", "prompts_dynamic",
+              "prompts_static+mapped", "experts_k2", "experts_k16", "length_l10", "mope_no_importance"]
 
 
 def text_encoder() -> str:
@@ -106,10 +111,24 @@ def rows_for(arm: str, seed: int, run_dir: Path, made: dict[str, Any], split: st
     if "importance_cv" in metrics:
         rows.append({"arm": arm, "seed": seed, "group": "overall", "metric": "importance_cv",
                      "value": float(metrics["importance_cv"])})
-    if made.get("fit_seconds") and made.get("steps"):
-        rows.append({"arm": arm, "seed": seed, "group": "overall", "metric": "step_time_ms",
-                     "value": 1000.0 * made["fit_seconds"] / made["steps"]})
+    step_ms = step_time_ms(run_dir / "log.jsonl", config.batch_size * config.grad_accum)
+    if step_ms is not None:
+        rows.append({"arm": arm, "seed": seed, "group": "overall", "metric": "step_time_ms", "value": step_ms})
     return rows
+
+
+def step_time_ms(log: Path, batch: int) -> float | None:
+    """Mean wall time of one training step, from the training records' examples/s (each covers the
+    steps since the one before; the trainer leaves evaluation out of it): Fig. 4's cost, without the
+    model loading and evaluation a fit's wall time holds. None if the run logged no rate."""
+    steps = seconds = 0.0
+    last = 0
+    for line in log.read_text().splitlines() if log.exists() else []:
+        record = json.loads(line) if line.strip() else {}
+        if record.get("examples_per_s"):
+            window = record["step"] - last
+            steps, seconds, last = steps + window, seconds + window * batch / record["examples_per_s"], record["step"]
+    return 1000.0 * seconds / steps if steps else None
 
 
 def importance_heatmaps(out: Path, findings: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -137,7 +156,7 @@ def importance_heatmaps(out: Path, findings: Path, rows: list[dict[str, Any]]) -
         axis.set_yticks(range(len(points)), [str(step) for step, _ in points], fontsize=6)
         axis.set_xlabel("expert")
         axis.set_ylabel("step")
-        axis.set_title(f"{arm}: expert importance over training (seed {seeds[0]}, mean over layers)")
+        axis.set_title(f"{arm}: expert importance over training (seed {seeds[0]}, mean over layers)", fontsize=9)
         figure.colorbar(image, ax=axis, label="share of routing mass")
         figure.tight_layout()
         path = findings / f"mope-importance-{arm}.png"
@@ -162,22 +181,14 @@ def render(rows: list[dict[str, Any]], runs: list[dict[str, Any]], meta: dict[st
                   common.difference_table(rows, "p_sequentialfuse", ARMS, ("overall",), metric="accuracy"), ""]
     for metric, what in (("importance_cv", "Routing: coefficient of variation of expert importance on the split "
                                            "(0: every expert used alike)"),
-                         ("step_time_ms", "Step time, ms (fit wall time / steps, model loading included)")):
+                         ("step_time_ms", "Step time, ms (training wall time per step; loading and evaluation left out)")):
         if any(r["metric"] == metric for r in rows):
             parts += [what + ".", "", common.markdown_table(rows, metric, ARMS, ("overall",)), ""]
     return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    code = common.run_paper("mope", args, __doc__, arms, rows_for, render)
-    if code == 0:
-        out = Path(args[args.index("--out") + 1] if "--out" in args else "./findings-out").expanduser().resolve()
-        findings = Path(args[args.index("--findings") + 1] if "--findings" in args else "findings")
-        rows = json.loads((findings / "mope.json").read_text())["rows"]
-        for path in importance_heatmaps(out, findings, rows):
-            print(f"findings: wrote {path}")
-    return code
+    return common.run_paper("mope", argv, __doc__, arms, rows_for, render, importance_heatmaps)
 
 
 if __name__ == "__main__":

@@ -369,6 +369,8 @@ def test_pretrain_shapes_exits_1_with_one_line_per_miss(monkeypatch: pytest.Monk
     (["--out", "FILE"], "exists and is not a directory"),
     (["--out", "X", "--seed", "one"], "invalid int value"),
     (["--out", "X", "--workers", "0"], "--workers must be >= 1"),
+    (["--out", "X", "--models", "vit,sonar"], "--models: expected names of vit, lm"),
+    (["--out", "X", "--models", "normal", "--world", "shapes"], "--models: expected names of"),
 ])
 def test_pretrain_shapes_refuses_bad_input_in_one_line_writing_nothing(
         argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -379,6 +381,15 @@ def test_pretrain_shapes_refuses_bad_input_in_one_line_writing_nothing(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("pretrain-shapes: error: ")
     assert message in err and sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_models_makes_only_the_named_models_and_gates_only_them(tmp_path: Path) -> None:
+    """A job that needs one model (the findings' MoPE: the ViT) pretrains it alone: only its
+    directory, metrics and gate; the others' gates are not recorded as misses."""
+    assert cli.main(["--out", str(tmp_path), "--fast", "--workers", "1", "--models", "depth"]) == 0
+    report = json.loads((tmp_path / "pretrain.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["depth", "pretrain.json"]
+    assert set(report["gates"]) == {"depth"} and "depth" in report and "vit" not in report
 
 
 def test_fast_run_records_every_gate_as_not_applied(pretrained: dict[str, Path]) -> None:

@@ -238,8 +238,10 @@ def train(run: Run, model: torch.nn.Module, checkpoint: Path | None, rank: int =
             window_start, window_examples = time.perf_counter(), 0
         if (leader and run.eval_reader is not None and config.eval_every and state["step"] % config.eval_every == 0
                 and state["step"] < run.total_steps):
+            evaluating = time.perf_counter()
             metrics, _ = evaluate(method, run.model, eval_loader(method, run.eval_reader, config), device)
             log.figures(method.figures(log.eval(state["step"], metrics)), state["step"])
+            window_start += time.perf_counter() - evaluating  # examples_per_s is the training's rate
         if state["step"] % config.save_every == 0 and state["step"] < run.total_steps:
             path = save()
             if on_save is not None:

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes training models side by side, one thread each; the models are independent "
                              f"and the bytes are the same for any number (default: the usable CPUs, {default_workers()} here)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated models to make, of vit, lm, roberta, depth, seg, objdet, normal (tabletop "
+                             "only), timesformer, ocr (the OCR expert's check) (default: all; pretrain.json then holds "
+                             "only these)")
     parser.add_argument("--fast", action="store_true",
                         help="a few seconds of training, for tests: models near chance, gates recorded as not applied")
     return parser
@@ -71,13 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {out} exists and is not a directory")
 
     from worldmodels.gates import QualityGateError
-    from worldmodels.pretrain import pretrain_all
+    from worldmodels.pretrain import model_names, pretrain_all
+
+    only = None
+    if args.models is not None:
+        only = [name.strip() for name in args.models.split(",") if name.strip()]
+        unknown = [name for name in only if name not in model_names(args.world)]
+        if not only or unknown:
+            parser.error(f"--models: expected names of {', '.join(model_names(args.world))}, got {args.models!r}")
 
     show_messages("worldmodels", "stderr")  # stdout is the command's own output: the models' paths, JSON
 
     try:
         paths = pretrain_all(out, seed=args.seed, image_size=args.image_size, fast=args.fast, world=args.world,
-                             workers=args.workers)
+                             workers=args.workers, only=only)
     except QualityGateError as e:
         for line in e.lines:
             print(f"{PROG}: {line}", file=sys.stderr)

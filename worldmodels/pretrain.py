@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import partial
 from multiprocessing import get_context
@@ -103,8 +103,14 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int) -> dict[str, dict
     return {name: results[name] for name in jobs}
 
 
+def model_names(world: str) -> list[str]:
+    """The models (and the OCR check) `pretrain_all` makes for `world`, in its order."""
+    names = ["vit", "lm", "roberta", "depth", "seg", "objdet", "normal", "timesformer", "ocr"]
+    return names if world == "tabletop" else [name for name in names if name != "normal"]
+
+
 def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool = False,
-                 world: str = "tabletop", workers: int = 1) -> dict[str, str]:
+                 world: str = "tabletop", workers: int = 1, only: Collection[str] | None = None) -> dict[str, str]:
     """out_dir/{vit,lm,roberta,depth,seg,objdet,timesformer} and out_dir/pretrain.json (every
     model's held-out metrics and a "gates" section: metric, value, bar, passed per model).
 
@@ -120,7 +126,9 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
     (out_dir/ocr/eval_results.json) and gated on word accuracy.
 
     The models are independent: `workers` processes train them side by side, each on one thread,
-    with the same bytes as one after another (`run_jobs`).
+    with the same bytes as one after another (`run_jobs`). `only` names the ones to make (of
+    `model_names(world)`; default all): a job that needs the ViT alone need not wait for the
+    TimeSformer; pretrain.json then holds those models' metrics and gates alone.
 
     Raises `QualityGateError` (one line per miss) after writing every model and pretrain.json when
     a default run leaves a model under its bar. `fast` takes seconds (for tests) and yields models
@@ -132,12 +140,15 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
     """
     if world not in WORLDS:
         raise ValueError(f"world must be one of {WORLDS}, got {world!r}")
+    unknown = sorted(set(only or ()) - set(model_names(world)))
+    if unknown:
+        raise ValueError(f"no model {', '.join(unknown)} for the {world} world; known: {', '.join(model_names(world))}")
     out_dir = Path(out_dir)
     world_class = TabletopWorld if world == "tabletop" else ShapesWorld
     world_name, world = world, world_class(seed=seed, image_size=image_size)
     standin_world = world_class(seed=seed + STANDIN_SEED_OFFSET, image_size=image_size)
     worlds = (world, ShapesVideoWorld(seed=seed, image_size=image_size))
-    bars = bars_for(world_name)
+    bars = {name: bar for name, bar in bars_for(world_name).items() if only is None or name in only}
     started = time.perf_counter()
     jobs: dict[str, Callable[[], Any]] = {}
     if world_name == "tabletop":
@@ -165,9 +176,11 @@ def pretrain_all(out_dir: Path, seed: int = 0, image_size: int = 64, fast: bool 
     # the video encoder's world is shapes-video, the video leg's source, at the run's seed
     jobs["timesformer"] = partial(timesformer.pretrain_timesformer, out_dir / "timesformer",
                                   ShapesWorld(seed=seed, image_size=image_size), resolution=image_size, fast=fast, seed=seed)
-    models = list(jobs)
     if not fast:  # fast runs skip the 10-s OCR check: their gates are not applied anyway
         jobs["ocr"] = partial(ocr.evaluate_ocr, out_dir / "ocr", standin_world)
+    if only is not None:
+        jobs = {name: job for name, job in jobs.items() if name in only}
+    models = [name for name in jobs if name != "ocr"]
     metrics = run_jobs(jobs, workers)
     gates, failures = check_gates(metrics, bars, out_dir, applied=not fast)
     report = {

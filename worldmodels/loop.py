@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 EVAL_RESULTS = "eval_results.json"  # written beside each model, as the HF Trainer names it
 # torch AdamW's default betas, which the label-expert and video stand-ins were tuned with (the ViT
@@ -73,8 +72,7 @@ def train(
     desc: str = "train",
 ) -> float:
     """nanoGPT's loop: AdamW with no weight decay on biases and norms (parameters with fewer than
-    2 dimensions), transformers' linear warmup from 0 over `warmup_steps` then cosine decay to 10%
-    of `learning_rate` at `steps`, gradients clipped to
+    2 dimensions), linear warmup then cosine decay to 10% of `learning_rate`, gradients clipped to
     `grad_clip`; shuffled epochs of full batches from a private generator seeded with `seed`.
 
     `batch_loss(indices)` is the model's own loss on those items of data the caller holds.
@@ -87,19 +85,20 @@ def train(
         {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
-    # the trainer's schedule too (trainer/loop.py): linear warmup from 0, then cosine to 10% of the peak
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, steps, min_lr_rate=0.1)
     batches = random_batches(num_items, batch_size, seed)
     model.train()
     smoothed = float("nan")
     progress = tqdm(range(steps), desc=desc, leave=False)
-    for _ in progress:
+    for step in progress:
+        warmup = min(1.0, (step + 1) / max(1, warmup_steps))
+        decay = 0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate * min(warmup, decay)
         loss = batch_loss(next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
         optimizer.step()
-        schedule.step()
         smoothed = loss.item() if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss.item()
         progress.set_postfix(loss=f"{smoothed:.3f}")
     model.eval()

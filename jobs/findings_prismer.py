@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                                      [*job["overrides"], *arm_overrides(arm)], args.split, job["fingerprint"])
                     runs.append({k: made.get(k) for k in ("arm", "seed", "trainable_parameters", "steps", "seconds")})
                     evaluation = job["out"] / "findings-runs" / "prismer" / arm / f"seed{seed}" / "eval"
-                    rows += group_rows(read_predictions(evaluation / f"predictions-{args.split}.jsonl"), arm, seed,
+                    rows += common.group_rows(read_predictions(evaluation / f"predictions-{args.split}.jsonl"), arm, seed,
                                        expert_types, control_types)
         probe_note = ""
         if not args.no_probe:

@@ -226,6 +226,16 @@ def write_atomic(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
+def write_findings(findings: Path, paper: str, rows: list[dict[str, Any]], runs: list[dict[str, Any]],
+                   markdown: str) -> list[Path]:
+    """FINDINGS/<paper>.json (the shared rows format, plus the runs) and FINDINGS/<paper>.md: the one
+    place every paper's job writes its outputs, so the format other tools read cannot drift."""
+    paths = [findings / f"{paper}.json", findings / f"{paper}.md"]
+    write_atomic(paths[0], json.dumps({"rows": rows, "runs": runs}, indent=1) + "\n")
+    write_atomic(paths[1], markdown + "\n")
+    return paths
+
+
 def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_for: Any, render: Any,
               figures: Any = None) -> int:
     """The job of one paper whose arms are `arms_for(OUT)`: name -> {"config": Path, "overrides":
@@ -287,8 +297,7 @@ def run_paper(paper: str, argv: list[str] | None, doc: str, arms_for: Any, rows_
         meta = {"split": args.split, "aliases": {a: arms[a]["same_as"] for a in chosen if "same_as" in arms[a]},
                 "overrides": args.set}
         findings = Path(args.findings)
-        write_atomic(findings / f"{paper}.json", json.dumps({"rows": rows, "runs": runs}, indent=1) + "\n")
-        write_atomic(findings / f"{paper}.md", render(rows, runs, meta) + "\n")
+        write_findings(findings, paper, rows, runs, render(rows, runs, meta))
         drawn = figures(out, findings, rows) if figures is not None else []
     except BadInput as e:
         print(f"findings: {e}", file=sys.stderr)

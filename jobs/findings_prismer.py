@@ -346,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += probes
         meta = {"source": config.source, "split": args.split, "config": Path(args.config).name,
                 "expert_types": expert_types, "control_types": control_types, "probe_note": probe_note}
-        write_atomic(findings / "prismer.json", json.dumps({"rows": rows, "runs": runs}, indent=1) + "\n")
-        write_atomic(findings / "prismer.md", render_markdown(rows, runs, meta) + "\n")
+        common.write_findings(findings, "prismer", rows, runs, render_markdown(rows, runs, meta))
     except BadInput as e:
         print(f"findings: {e}", file=sys.stderr)
         return 2

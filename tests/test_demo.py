@@ -72,3 +72,22 @@ def test_main_job_epalm_prismer_mope_and_video(tmp_path):
 def test_demo_rejects_unknown_arguments():
     result = subprocess.run(["bash", str(ROOT / "jobs" / "demo.sh"), "--bogus"], capture_output=True, text=True)
     assert result.returncode == 2 and "--bogus" in result.stderr
+
+
+def test_demo_help_states_the_five_steps_and_its_own_environment():
+    result = subprocess.run(["bash", str(ROOT / "jobs" / "demo.sh"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
+    for step in ("1. pretrain", "2. `precompute run`", "3. validate", "4. `trainer fit`", "5. `trainer eval`"):
+        assert step in result.stdout.replace("  ", " "), step
+    assert ".venv beside this checkout" in result.stdout and "jobs/install.sh" in result.stdout
+
+
+def test_readme_opens_with_the_main_job_and_the_test_command_that_ci_runs():
+    """The README's first two commands are the ones a newcomer runs: the main job, then the tests
+    exactly as .ci/run runs them (a CI that ran something else could pass while they fail)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    demo, tests = [line.split("#")[0].strip() for line in block.splitlines()[:2]]
+    assert demo == "bash jobs/demo.sh"
+    assert tests.startswith("bash jobs/install.sh") and tests.endswith("python3 -m pytest")
+    assert tests == (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -248,10 +248,12 @@ def test_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, tiny_v
     cache = tmp_path / "cache"
     process = subprocess.Popen(run_args(cache, tiny_vit_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_commits(cache / "shapes/train/_commits/vit-cls", 2, process)
-    workers = subprocess.run(["pgrep", "-f", "ray::ShardWorker"], capture_output=True, text=True).stdout.split()
-    assert workers, "no ShardWorker process found"
-    for pid in workers:
-        os.kill(int(pid), signal.SIGKILL)
+    # this run's own workers only: a name match over the machine would kill any other Ray's too
+    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
+               if "ray::ShardWorker" in " ".join(child.cmdline())]
+    assert workers, "no ShardWorker process found below the run"
+    for worker in workers:
+        worker.kill()
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert out.strip().splitlines()[-1].split()[1:5] == ["30", "0", "30", "0"]

@@ -300,3 +300,12 @@ def test_fast_objdet_standin_writes_a_checkpoint_objdet_loads(models, tmp_path):
     assert expert.names == list(DETECTION_CLASSES) and expert.input_size == 64
     out = expert.predict(torch.stack([expert.preprocess(world.render(world.scene("val", 0)))]), depth_inputs(1, 64))
     assert out["instances"].shape == (1, 1, 64, 64) and len(out["classes"][0]) >= 1
+
+
+def test_a_text_encoder_path_that_is_not_there_is_named_not_looked_up_on_the_hub():
+    """seg-coco's, objdet's and ocrdet's `text_encoder` option: a missing directory is that, in one line
+    (it was "Repo id must be in the form 'repo_name' ..." from the hub client)."""
+    from precompute.experts.class_embed import TextEmbedder
+
+    with pytest.raises(ExpertError, match=r"^text encoder: /no/such/minilm: no such model directory$"):
+        TextEmbedder("/no/such/minilm")

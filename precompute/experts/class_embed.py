@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWith
 
 from cache_schema import ClassTable, config_hash, model_revision
 from precompute.experts import ExpertError
+from precompute.experts.base import pretrained_source
 from precompute.experts.vocab import BASIS_VOCABULARY
 
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-large-patch14"
@@ -42,13 +43,14 @@ class TextEmbedder:
 
     def __init__(self, model_ref: str = DEFAULT_TEXT_ENCODER, device: str | torch.device = "cpu", dim: int = EMBEDDING_DIM):
         self.model_ref, self.device, self.dim = model_ref, torch.device(device), dim
+        source = pretrained_source("text encoder", model_ref)  # a missing path is named, not looked up on the hub
         try:
-            config = AutoConfig.from_pretrained(model_ref)
-            self.tokenizer = AutoTokenizer.from_pretrained(model_ref)
+            config = AutoConfig.from_pretrained(source)
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
             if config.model_type == "clip":
-                self.model = CLIPTextModelWithProjection.from_pretrained(model_ref)
+                self.model = CLIPTextModelWithProjection.from_pretrained(source)
             else:
-                self.model = AutoModel.from_pretrained(model_ref)
+                self.model = AutoModel.from_pretrained(source)
         except (OSError, ValueError) as e:
             raise ExpertError(f"text encoder {model_ref!r} could not be loaded: {e}") from e
         self.model.eval().requires_grad_(False).to(self.device)

@@ -143,17 +143,21 @@ def save_tiny_bert(path: Path, words: list[str], layers: int = 2, hidden: int = 
     return path
 
 
+# The main job's test file: first in the suite, and at full CPU priority (the two hooks below).
+MAIN_JOB_FILE = "test_demo.py"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Longest first, whole files kept together and in their own order: the main job's file, then
     the files with other slow tests, then the rest.
 
     pytest-xdist (`-n 2 --dist loadfile --no-loadscope-reorder`, pyproject.toml) hands out files in
-    this order, so the main job (~30 minutes) starts at once on one worker while the other works
+    this order, so the main job (~40 minutes beside the rest) starts at once on one worker while the other works
     through everything else, rather than starting last. xdist gives a worker another file only when
     at most two of its tests are pending; tests/test_demo.py holds four, so nothing queues behind
     the main job."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: 0 if item.path.name == "test_demo.py" else 1 if item.path in slow_files else 2)
+    items.sort(key=lambda item: 0 if item.path.name == MAIN_JOB_FILE else 1 if item.path in slow_files else 2)
 
 
 # The niceness of every test but the main job's (see below).
@@ -163,8 +167,8 @@ BESIDE_THE_MAIN_JOB = 5
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Every test but the main job's runs at a lower CPU priority, and so does what it starts.
 
-    The main job (~30 minutes) is the suite's critical path: under `-n 2` the other worker's tests
+    The main job (~40 minutes beside the rest) is the suite's critical path: under `-n 2` the other worker's tests
     should fill the CPU it leaves idle, not slow it down. Niceness only goes up, and the main job is
     the first test of its worker, so one setting per process is all it takes."""
-    if item.path.name != "test_demo.py" and os.getpriority(os.PRIO_PROCESS, 0) < BESIDE_THE_MAIN_JOB:
+    if item.path.name != MAIN_JOB_FILE and os.getpriority(os.PRIO_PROCESS, 0) < BESIDE_THE_MAIN_JOB:
         os.setpriority(os.PRIO_PROCESS, 0, BESIDE_THE_MAIN_JOB)

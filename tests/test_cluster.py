@@ -21,7 +21,7 @@ import yaml
 from cache_schema import validate_cache
 from devsupport.loopback_cluster import HOST, LoopbackCluster, free_port
 from precompute.cli import build_parser as precompute_parser
-from test_engine import CLI, wait_for_commits
+from test_engine import CLI, summary_row, wait_for_commits
 from trainer.cli import build_parser as trainer_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_precompute_spreads_over_two_nodes_and_survives_losing_one(tmp_path, tin
     assert process.returncode == 0, err[-3000:]
     assert committed_before < 150, "the run finished before a node could be lost; make it longer"
     assert "a worker died running shard" in out + err
-    summary = out.strip().splitlines()[-1].split()
+    summary = summary_row(out)
     assert summary[1:5] == ["150", "0", "150", "0"] and summary[-1] == "2", out[-2000:]
     assert len(committed_nodes(commits)) == 2
     assert validate_cache(cache) == (150, [])
@@ -136,7 +136,7 @@ def test_slurm_script_runs_precompute_on_a_cluster_over_its_nodes(tmp_path, tiny
             capture_output=True, text=True, env=env, timeout=540)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         assert "2 node(s)" in result.stdout
-        summary = result.stdout.strip().splitlines()[-1].split()
+        summary = summary_row(result.stdout)
         assert summary[1:5] == ["20", "0", "20", "0"] and summary[-1] == "2", result.stdout[-2000:]
         assert validate_cache(cache) == (20, [])
         leftover = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()

@@ -61,9 +61,9 @@ def test_main_job_epalm_prismer_mope_and_video(tmp_path):
     assert summary["epalm_video_accuracy"] - summary["blind_video_accuracy"] >= 20, summary
     assert (out / "runs" / "mope" / "importance.png").stat().st_size > 10_000
     validate = subprocess.run(["precompute", "validate", "--cache", str(out / "cache")], capture_output=True, text=True)
-    # shapes: vit-cls + Prismer's 7 label features + text-cls + text-tokens; shapes-video: timesformer-cls;
-    # 10 shards each (train 8, val 1, test 1)
-    assert validate.returncode == 0 and "110 committed shards checked, 0 problems" in validate.stdout
+    # shapes: vit-cls + Prismer's 7 label features + text-cls + text-tokens, 20 shards each (train 16, val 2,
+    # test 2); shapes-video: timesformer-cls, 10 shards (train 8, val 1, test 1)
+    assert validate.returncode == 0 and "210 committed shards checked, 0 problems" in validate.stdout
     assert (out / "preview-shapes-test-000011.png").stat().st_size > 10_000
     assert "eP-ALM" in result.stdout and "blind baseline" in result.stdout and "Prismer with experts" in result.stdout
     assert "MoPE" in result.stdout and "Video QA accuracy" in result.stdout

@@ -87,7 +87,9 @@ def check_labels(cache: Path, source: str, split: str, count: int) -> SplitReade
 
 @pytest.mark.slow
 def test_prismer_on_shapes_end_to_end(tmp_path, prismer_models, ray_local):
-    """All of Prismer's experts in dependency order; valid, deterministic, previewable."""
+    """All of Prismer's experts in dependency order through the engine; valid and previewable. Each expert's
+    determinism is tested in its own test_expert_* file, and a rerun's bytes through the engine in
+    test_engine's kill -9 test, so this runs the experts once."""
     cache = tmp_path / "cache"
     args = prismer_args(cache, prismer_models, "--shards", "shapes", "--split", "val", "--source-opt", "num=6")
     assert main(args) == 0
@@ -100,14 +102,6 @@ def test_prismer_on_shapes_end_to_end(tmp_path, prismer_models, ray_local):
     np.testing.assert_array_equal(rgb, expected)
     pillows = np.asarray(image.resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC))
     assert np.abs(rgb.astype(int) - pillows).max() <= 1
-
-    again = tmp_path / "again"
-    assert main(prismer_args(again, prismer_models, "--shards", "shapes", "--split", "val", "--source-opt", "num=6")) == 0
-    for feature in LABELS:
-        for shard in range(2):
-            first, second = (json.loads((c / "shapes" / "val" / "_commits" / feature / f"{shard:05d}.json").read_text())
-                             for c in (cache, again))
-            assert first["checksum"] == second["checksum"], (feature, shard)
 
     png = tmp_path / "preview.png"
     assert main(["preview", "--cache", str(cache), "--key", "shapes-val-000001", "--out", str(png)]) == 0

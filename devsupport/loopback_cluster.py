@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from devsupport.processes import kill_tree, mentioning
+
 HOST = "127.0.0.2"
 
 
@@ -116,5 +118,5 @@ class LoopbackCluster:
             except subprocess.TimeoutExpired:
                 pass
             self.kill(index)
-        subprocess.run(["pkill", "-9", "-f", self.temp_dir], capture_output=True)  # anything the trees left behind
+        kill_tree(mentioning(self.temp_dir))  # anything the trees left behind
         shutil.rmtree(self.temp_dir, ignore_errors=True)

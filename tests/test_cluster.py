@@ -20,6 +20,7 @@ import yaml
 
 from cache_schema import validate_cache
 from devsupport.loopback_cluster import HOST, LoopbackCluster, free_port
+from devsupport.processes import kill_tree, mentioning
 from precompute.cli import build_parser as precompute_parser
 from test_engine import CLI, summary_row, wait_for_commits
 from trainer.cli import build_parser as trainer_parser
@@ -139,10 +140,9 @@ def test_slurm_script_runs_precompute_on_a_cluster_over_its_nodes(tmp_path, tiny
         summary = summary_row(result.stdout)
         assert summary[1:5] == ["20", "0", "20", "0"] and summary[-1] == "2", result.stdout[-2000:]
         assert validate_cache(cache) == (20, [])
-        leftover = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
-        assert not leftover, "the script left Ray processes running"
+        assert not mentioning(ray_tmp), "the script left Ray processes running"
     finally:
-        subprocess.run(["pkill", "-9", "-f", ray_tmp], capture_output=True)
+        kill_tree(mentioning(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

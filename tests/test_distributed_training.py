@@ -7,12 +7,10 @@ refused before Ray starts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from devsupport.loopback_cluster import free_port
+from devsupport.processes import descendants, kill_tree, mentioning, title
 from test_cluster import ROOT, slurm_shims
 from test_trainer import write_shapes_cache
 from trainer.config import load_config
@@ -58,23 +57,6 @@ def single_process(out: Path, overrides: list[str]) -> None:
 
 def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r}
-
-
-def descendants(root: int) -> list[int]:
-    """PIDs below `root` in the process tree (Ray's raylet and its workers included)."""
-    return [child.pid for child in psutil.Process(root).children(recursive=True)]
-
-
-def process_title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def started_in(ray_tmp: str) -> list[int]:
-    """PIDs of the processes of the Ray cluster whose files are under `ray_tmp` (this test's own)."""
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and ray_tmp in process_title(int(entry))]
 
 
 def test_ranks_split_every_global_batch_and_resume_mid_epoch():
@@ -139,16 +121,14 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(cache, tiny_lm_dir, tm
         while time.time() < deadline and process.poll() is None and len(workers) != 2:
             time.sleep(0.05)
             if (out / "checkpoint" / "checkpoint.json").exists():
-                workers = [pid for pid in descendants(process.pid) if "RayTrainWorker" in process_title(pid)]
-        assert len(workers) == 2, [process_title(pid) for pid in descendants(process.pid)]
-        os.kill(workers[-1], signal.SIGKILL)
+                workers = descendants(process.pid, named="RayTrainWorker")
+        assert len(workers) == 2, [title(child) for child in descendants(process.pid)]
+        workers[-1].kill()
         killed_after = json.loads((out / "checkpoint" / "checkpoint.json").read_text())["step"]
         output, _ = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
-            for pid in [process.pid, *descendants(process.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_tree([psutil.Process(process.pid), *descendants(process.pid)])
     assert process.returncode == 0, output[-4000:]
     assert killed_after < 300
     resumed = [int(step) for step in re.findall(r"resuming from \S+ at step (\d+)", output)]
@@ -184,11 +164,9 @@ def test_slurm_script_trains_on_a_ray_cluster_over_its_nodes(cache, tiny_lm_dir,
         assert "2 node(s)" in result.stdout and "world_size=2" in result.stdout + result.stderr
         assert json.loads((out / "checkpoint" / "checkpoint.json").read_text())["step"] == 12
         assert "vqa_accuracy" in json.loads((out / "eval" / "metrics.json").read_text())
-        assert not started_in(ray_tmp), "the script left Ray processes running"
+        assert not mentioning(ray_tmp), "the script left Ray processes running"
     finally:
-        for pid in started_in(ray_tmp):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(mentioning(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
 
 from cache_schema import SpecMismatchError, SplitReader, validate_cache
 from conftest import save_tiny_vit, write_images
+from devsupport.processes import descendants
 from precompute.engine import RunConfig, run
 
 CLI = [sys.executable, "-m", "precompute.cli"]
@@ -257,8 +257,7 @@ def test_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, tiny_v
     process = subprocess.Popen(run_args(cache, tiny_vit_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_commits(cache / "shapes/train/_commits/vit-cls", 2, process)
     # this run's own workers only: a name match over the machine would kill any other Ray's too
-    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
-               if "ray::ShardWorker" in " ".join(child.cmdline())]
+    workers = descendants(process.pid, named="ray::ShardWorker")
     assert workers, "no ShardWorker process found below the run"
     for worker in workers:
         worker.kill()

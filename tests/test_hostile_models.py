@@ -8,8 +8,8 @@ naming the dead process, and the same command afterwards completes the run.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +23,8 @@ import pytest
 
 from cache_schema import validate_cache
 from conftest import save_tiny_bert
-from precompute.experts import ExpertError
+from devsupport.processes import kill_tree, title
+from precompute.experts import ExpertError, get_expert
 from precompute.experts.base import check_model_files
 
 CLI = [sys.executable, "-m", "precompute.cli"]
@@ -85,6 +86,26 @@ def test_a_model_that_cannot_load_is_refused_before_ray_starts(model_copy, tmp_p
     assert time.perf_counter() - started < 60
 
 
+@pytest.mark.parametrize("expert", ["seg-coco", "objdet", "ocrdet"])
+def test_a_text_encoder_that_is_not_there_is_refused_by_the_check(tmp_path, expert):
+    """The class-name / word embedder these experts load beside their own model is checked the same way."""
+    missing = tmp_path / "no-such-encoder"
+    with pytest.raises(ExpertError, match=re.escape(f"{expert} text_encoder: {missing}: no such model file or directory")):
+        get_expert(expert, text_encoder=str(missing)).check_model()
+
+
+def test_a_text_encoder_that_is_not_there_exits_2_before_ray_starts(tmp_path):
+    cache, ray_tmp = tmp_path / "cache", tmp_path / "ray"
+    missing = tmp_path / "no-such-encoder"
+    result = subprocess.run(CLI + ["run", "--expert", "ocrdet", "--shards", "shapes", "--cache", str(cache), "--limit", "4",
+                                   "--expert-opt", f"text_encoder={missing}", "--no-progress"],
+                            capture_output=True, text=True, timeout=120, env=ray_env(ray_tmp))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"precompute run: error: ocrdet text_encoder: {missing}: no such model file or directory"], result.stderr
+    assert not cache.exists() and not ray_tmp.exists()
+
+
 def test_transformers_model_files_are_checked_the_same_way(tmp_path):
     """A `save_pretrained` directory (tiny BERT): its JSON files and weights, as for timm's."""
     model = save_tiny_bert(tmp_path / "bert", ["a", "red", "square"])
@@ -100,12 +121,6 @@ def test_transformers_model_files_are_checked_the_same_way(tmp_path):
 
 
 INIT_TITLE = "ray::ShardWorker.__init__"  # Ray's process title for an actor running its constructor
-
-
-def title(process: psutil.Process) -> str:
-    with contextlib.suppress(psutil.Error):
-        return " ".join(process.cmdline())
-    return ""
 
 
 def stop_while_loading(root: psutil.Process, process: subprocess.Popen, timeout: float = 120) -> psutil.Process:
@@ -147,9 +162,7 @@ def test_a_worker_killed_while_loading_is_an_infrastructure_failure_and_a_rerun_
         actor.send_signal(signal.SIGKILL)
         out, err = process.communicate(timeout=120)
     finally:
-        for member in [root, *members]:
-            with contextlib.suppress(psutil.Error):
-                member.kill()  # only this run's own processes (psutil checks pid and start time)
+        kill_tree([root, *members])
     assert "Traceback" not in err, err
     assert process.returncode == 1, err
     last = err.strip().splitlines()[-1]

@@ -155,6 +155,8 @@ class Expert(ABC):
     options: ClassVar[dict[str, Any]] = {}
     # option -> one line saying what it changes, for `precompute experts` (a test holds every option to one)
     option_help: ClassVar[dict[str, str]] = {}
+    # options that name a second model (a hub id or a path), checked before Ray starts like the expert's own
+    model_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         unknown = set(options) - set(self.options)
@@ -188,8 +190,11 @@ class Expert(ABC):
         """Load weights (once per actor)."""
 
     def check_model(self) -> None:
-        """Refuse, in the driver and without loading it, a model that cannot load (`check_model_files`)."""
+        """Refuse, in the driver and without loading it, a model that cannot load (`check_model_files`):
+        the expert's own and each one an option in `model_options` names."""
         check_model_files(self.name, self.model_ref)
+        for option in self.model_options:
+            check_model_files(f"{self.name} {option}", str(self.config[option]))
 
     def load_frozen_timm(self) -> torch.nn.Module:
         """`model_ref` as a frozen timm model on this expert's device and dtype; sets the provenance

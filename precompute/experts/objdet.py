@@ -94,6 +94,7 @@ class ObjDetExpert(LabelExpert):
         "text_encoder": "text model that embeds the class names into the class table",
         "classes": "comma-separated names to detect: required by, and only for, OWLv2 checkpoints",
     }
+    model_options: ClassVar[tuple[str, ...]] = ("text_encoder",)
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)

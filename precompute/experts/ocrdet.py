@@ -171,6 +171,7 @@ class OcrDetExpert(LabelExpert):
         "min_confidence": "least recogniser confidence for a word to be kept, 0 to 1",
         "text_encoder": "text model whose projection embeds each word (64-d)",
     }
+    model_options: ClassVar[tuple[str, ...]] = ("text_encoder",)
 
     def __init__(self, model: str | None = None, device: str = "cpu", **options: Any):
         super().__init__(model=model, device=device, **options)

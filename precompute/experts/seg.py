@@ -87,6 +87,7 @@ class Mask2FormerSegExpert(LabelExpert):
         "input_size": "square side Mask2Former sees; 0: the processor config's fixed size if any, else 480",
         "text_encoder": "text model that embeds the class names into the class table",
     }
+    model_options: ClassVar[tuple[str, ...]] = ("text_encoder",)
 
     def load(self) -> None:
         ref = pretrained_source(self.name, self.model_ref)

@@ -27,7 +27,7 @@ def clean_clone(dest: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(5400)  # 42 min on a 2-core machine beside the rest of the suite (-n 2); the default 900 s is too tight
+@pytest.mark.timeout(5400)  # 35 min on a 2-core machine beside the rest of the suite; the default 900 s is too tight
 def test_main_job_epalm_prismer_mope_and_video(tmp_path):
     """The whole story from an empty directory: validated cache, summary.json, eP-ALM reading the
     image (held-out scenes) at least 20 points better than the same LM and prompt without it,

